@@ -1,0 +1,39 @@
+//! `tollgate-gateway --config gateway.toml`: loads the settings and runs the gateway until
+//! SIGTERM.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use tollgate_gateway::GatewaySettings;
+use tollgate_runtime::shutdown::Shutdown;
+
+#[derive(Parser)]
+#[command(name = "tollgate-gateway", about = "Tollgate API gateway")]
+struct Args {
+    /// Settings file (TOML); every field can be overridden by `TOLLGATE_<SECTION>__<FIELD>`.
+    #[arg(long, env = "TOLLGATE_CONFIG")]
+    config: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tollgate_runtime::init_logging();
+    let args = Args::parse();
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("tollgate-gateway: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let settings: GatewaySettings = tollgate_runtime::load(&args.config)?;
+    let token = std::env::var(tollgate_gateway::settings::ADMIN_TOKEN_ENV).ok();
+    tollgate_gateway::run(settings, token, Shutdown::on_signals())
+        .await
+        .context("gateway")
+}

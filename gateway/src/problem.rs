@@ -1,0 +1,51 @@
+//! RFC 9457 problem details: the one place a gateway error becomes an HTTP response.
+//!
+//! In: a [`Problem`] (status, type slug, title, safe detail). Out: an `application/problem+json`
+//! response. Details are written for the client: internal error text never goes here.
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Response, StatusCode};
+use serde::Serialize;
+
+/// Base of the `type` URIs; each problem type has a page in the docs.
+const TYPE_BASE: &str = "https://tollgate.dev/problems/";
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Problem {
+    #[serde(skip)]
+    pub status: StatusCode,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub title: &'static str,
+    #[serde(rename = "status")]
+    pub status_code: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+impl Problem {
+    pub fn new(status: StatusCode, slug: &str, title: &'static str) -> Self {
+        Self {
+            status,
+            kind: format!("{TYPE_BASE}{slug}"),
+            title,
+            status_code: status.as_u16(),
+            detail: None,
+        }
+    }
+
+    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+
+    pub fn into_response(self) -> Response<Full<Bytes>> {
+        let body = serde_json::to_vec(&self).expect("a problem always serializes");
+        Response::builder()
+            .status(self.status)
+            .header(hyper::header::CONTENT_TYPE, "application/problem+json")
+            .body(Full::new(Bytes::from(body)))
+            .expect("static response parts are valid")
+    }
+}

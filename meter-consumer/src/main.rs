@@ -1,0 +1,38 @@
+//! `tollgate-meter-consumer --config gateway.toml`: loads the settings and runs the meter-consumer until
+//! SIGTERM.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use tollgate_meter_consumer::MeterSettings;
+use tollgate_runtime::shutdown::Shutdown;
+
+#[derive(Parser)]
+#[command(name = "tollgate-meter-consumer", about = "Tollgate meter-consumer: usage events into ClickHouse")]
+struct Args {
+    /// Settings file (TOML); every field can be overridden by `TOLLGATE_<SECTION>__<FIELD>`.
+    #[arg(long, env = "TOLLGATE_CONFIG")]
+    config: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tollgate_runtime::init_logging();
+    let args = Args::parse();
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("tollgate-meter-consumer: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let settings: MeterSettings = tollgate_runtime::load(&args.config)?;
+    tollgate_meter_consumer::run(settings, Shutdown::on_signals())
+        .await
+        .context("meter-consumer")
+}

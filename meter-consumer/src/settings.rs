@@ -1,0 +1,141 @@
+//! meter-consumer's settings (`config/meter-consumer.toml`), parsed and validated without IO.
+
+use serde::Deserialize;
+use tollgate_runtime::clickhouse::ClickhouseSettings;
+use tollgate_runtime::kafka::KafkaSettings;
+use tollgate_runtime::settings::{in_range, socket_addr, Invalid, Validate};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeterSettings {
+    pub kafka: KafkaSettings,
+    #[serde(default)]
+    pub topics: TopicSettings,
+    pub clickhouse: ClickhouseSettings,
+    #[serde(default)]
+    pub batch: BatchSettings,
+    pub admin: AdminSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicSettings {
+    /// Consumer group id; every instance of one deployment shares it.
+    #[serde(default = "default_group")]
+    pub group: String,
+    /// Usage events to meter.
+    #[serde(default = "default_usage")]
+    pub usage: String,
+    /// Where undecodable usage records go, with the reason in headers.
+    #[serde(default = "default_dlq")]
+    pub dlq: String,
+    /// Consumer and key records, mirrored into ClickHouse.
+    #[serde(default = "default_keys")]
+    pub keys: String,
+}
+
+impl Default for TopicSettings {
+    fn default() -> Self {
+        Self {
+            group: default_group(),
+            usage: default_usage(),
+            dlq: default_dlq(),
+            keys: default_keys(),
+        }
+    }
+}
+
+fn default_group() -> String {
+    "tollgate-meter".to_owned()
+}
+fn default_usage() -> String {
+    "tollgate.usage.v1".to_owned()
+}
+fn default_dlq() -> String {
+    "tollgate.usage.v1.dlq".to_owned()
+}
+fn default_keys() -> String {
+    "tollgate.keys".to_owned()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchSettings {
+    /// Rows per partition batch before it is written.
+    #[serde(default = "default_max_rows")]
+    pub max_rows: u64,
+    /// Longest a row waits in a batch before it is written.
+    #[serde(default = "default_max_wait_ms")]
+    pub max_wait_ms: u64,
+}
+
+impl Default for BatchSettings {
+    fn default() -> Self {
+        Self {
+            max_rows: default_max_rows(),
+            max_wait_ms: default_max_wait_ms(),
+        }
+    }
+}
+
+fn default_max_rows() -> u64 {
+    50_000
+}
+fn default_max_wait_ms() -> u64 {
+    1_000
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSettings {
+    /// Health, readiness and metrics listener, `ip:port`.
+    pub listen: String,
+}
+
+impl Validate for MeterSettings {
+    fn validate(&self) -> Result<(), Invalid> {
+        self.kafka.validate("kafka")?;
+        self.clickhouse.validate("clickhouse")?;
+        in_range("batch.max_rows", self.batch.max_rows, 1, 1_000_000)?;
+        in_range("batch.max_wait_ms", self.batch.max_wait_ms, 10, 600_000)?;
+        socket_addr("admin.listen", &self.admin.listen)?;
+        if self.topics.group.trim().is_empty() {
+            return Err(Invalid::new("topics.group", &self.topics.group, "a non-empty group id"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tollgate_runtime::settings::from_str_with_env;
+
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../config/meter-consumer.toml");
+
+    fn load(text: &str) -> Result<MeterSettings, String> {
+        from_str_with_env(text, "meter-consumer.toml", Vec::new()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn example_config_is_valid() {
+        let s = load(EXAMPLE).unwrap();
+        assert_eq!(s.topics.usage, "tollgate.usage.v1");
+        assert_eq!(s.clickhouse.url, "http://127.0.0.1:8123");
+    }
+
+    #[test]
+    fn rejects_zero_batch_and_bad_clickhouse_url() {
+        let err = load(&format!("{EXAMPLE}\n[batch]\nmax_rows = 0\n")).unwrap_err();
+        assert!(err.contains("setting `batch.max_rows`: found \"0\""), "{err}");
+        let err = load(&EXAMPLE.replace("http://127.0.0.1:8123", "127.0.0.1:8123")).unwrap_err();
+        assert!(err.contains("setting `clickhouse.url`"), "{err}");
+    }
+
+    #[test]
+    fn rejects_bad_database_name() {
+        let err = load(&EXAMPLE.replace("database = \"tollgate\"", "database = \"x; DROP\"")).unwrap_err();
+        assert!(err.contains("setting `clickhouse.database`"), "{err}");
+    }
+}

@@ -1,0 +1,181 @@
+use serde::Deserialize;
+
+use super::*;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Sample {
+    kafka: KafkaPart,
+    public: PublicPart,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KafkaPart {
+    brokers: String,
+    #[serde(default = "default_timeout")]
+    connect_timeout_ms: u64,
+    #[serde(default)]
+    topics: Vec<String>,
+}
+
+fn default_timeout() -> u64 {
+    5000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublicPart {
+    listen: String,
+    token_hint: Option<String>,
+}
+
+impl Validate for Sample {
+    fn validate(&self) -> Result<(), Invalid> {
+        socket_addr("public.listen", &self.public.listen)?;
+        in_range("kafka.connect_timeout_ms", self.kafka.connect_timeout_ms, 100, 60_000)?;
+        Ok(())
+    }
+}
+
+const FILE: &str = r#"
+[kafka]
+brokers = "127.0.0.1:9092"
+
+[public]
+listen = "127.0.0.1:8080"
+"#;
+
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+fn load_with(file: &str, pairs: &[(&str, &str)]) -> Result<Sample, SettingsError> {
+    from_str_with_env(file, "gateway.toml", env(pairs))
+}
+
+#[test]
+fn file_alone_loads_with_defaults() {
+    let s = load_with(FILE, &[]).unwrap();
+    assert_eq!(s.kafka.brokers, "127.0.0.1:9092");
+    assert_eq!(s.kafka.connect_timeout_ms, 5000);
+    assert_eq!(s.public.listen, "127.0.0.1:8080");
+}
+
+#[test]
+fn overlays_set_strings_numbers_and_arrays() {
+    let s = load_with(
+        FILE,
+        &[
+            ("TOLLGATE_KAFKA__BROKERS", "kafka:9092"),
+            ("TOLLGATE_KAFKA__CONNECT_TIMEOUT_MS", "250"),
+            ("TOLLGATE_KAFKA__TOPICS", r#"["a.b", "c"]"#),
+            ("TOLLGATE_PUBLIC__LISTEN", "0.0.0.0:80"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(s.kafka.brokers, "kafka:9092");
+    assert_eq!(s.kafka.connect_timeout_ms, 250);
+    assert_eq!(s.kafka.topics, vec!["a.b", "c"]);
+    assert_eq!(s.public.listen, "0.0.0.0:80");
+}
+
+#[test]
+fn numeric_looking_value_for_a_string_setting_stays_a_string() {
+    let s = load_with(FILE, &[("TOLLGATE_PUBLIC__TOKEN_HINT", "12345")]).unwrap();
+    assert_eq!(s.public.token_hint.as_deref(), Some("12345"));
+}
+
+#[test]
+fn variables_without_separator_are_not_overlays() {
+    let s = load_with(FILE, &[("TOLLGATE_ADMIN_TOKEN", "secret"), ("PATH", "/bin")]).unwrap();
+    assert_eq!(s.kafka.brokers, "127.0.0.1:9092");
+}
+
+#[test]
+fn unknown_field_in_file_names_file_and_field() {
+    let file = format!("{FILE}\n[extra]\nx = 1\n");
+    let err = load_with(&file, &[]).unwrap_err().to_string();
+    assert!(err.starts_with("gateway.toml: "), "{err}");
+    assert!(err.contains("unknown field `extra`"), "{err}");
+}
+
+#[test]
+fn typo_in_file_names_the_field() {
+    let file = FILE.replace("brokers", "brokrs");
+    let err = load_with(&file, &[]).unwrap_err().to_string();
+    assert!(err.contains("unknown field `brokrs`"), "{err}");
+    assert!(err.contains("kafka"), "{err}");
+}
+
+#[test]
+fn typo_in_overlay_names_the_variable() {
+    let err = load_with(FILE, &[("TOLLGATE_KAFKA__BROKRS", "x:1")]).unwrap_err().to_string();
+    assert!(err.starts_with("TOLLGATE_KAFKA__BROKRS: "), "{err}");
+    assert!(err.contains("unknown field `brokrs`"), "{err}");
+}
+
+#[test]
+fn overlay_for_a_section_the_service_lacks_is_an_error() {
+    let err = load_with(FILE, &[("TOLLGATE_STRIPE__API_BASE", "http://x")]).unwrap_err().to_string();
+    assert!(err.starts_with("TOLLGATE_STRIPE__API_BASE: "), "{err}");
+    assert!(err.contains("unknown field `stripe`"), "{err}");
+}
+
+#[test]
+fn bad_type_in_overlay_names_the_variable() {
+    let err = load_with(FILE, &[("TOLLGATE_KAFKA__CONNECT_TIMEOUT_MS", "soon")]).unwrap_err().to_string();
+    assert!(err.starts_with("TOLLGATE_KAFKA__CONNECT_TIMEOUT_MS: "), "{err}");
+    assert!(err.contains("kafka.connect_timeout_ms"), "{err}");
+}
+
+#[test]
+fn overlay_into_a_scalar_is_refused() {
+    let err = load_with(FILE, &[("TOLLGATE_KAFKA__BROKERS__HOST", "x")]).unwrap_err().to_string();
+    assert!(err.contains("`kafka.brokers` is not a table"), "{err}");
+}
+
+#[test]
+fn validation_error_names_field_value_and_allowed() {
+    let err = load_with(FILE, &[("TOLLGATE_PUBLIC__LISTEN", "localhost")]).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "TOLLGATE_PUBLIC__LISTEN: setting `public.listen`: found \"localhost\", expected an address like 127.0.0.1:8080"
+    );
+    let file = FILE.replace("[kafka]", "[kafka]\nconnect_timeout_ms = 5");
+    let err = load_with(&file, &[]).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "gateway.toml: setting `kafka.connect_timeout_ms`: found \"5\", expected a number from 100 to 60000"
+    );
+}
+
+#[test]
+fn syntax_error_names_the_file() {
+    let err = load_with("[kafka\nbrokers=", &[]).unwrap_err().to_string();
+    assert!(err.starts_with("gateway.toml: not valid TOML"), "{err}");
+}
+
+#[test]
+fn missing_file_names_the_path() {
+    let err = load::<Sample>(Path::new("/nonexistent/tollgate.toml")).unwrap_err().to_string();
+    assert!(err.starts_with("/nonexistent/tollgate.toml: cannot read"), "{err}");
+}
+
+#[test]
+fn http_url_accepts_only_absolute_http() {
+    assert!(http_url("u", "http://127.0.0.1:8090").is_ok());
+    assert!(http_url("u", "https://api.example.com/base").is_ok());
+    for bad in ["ftp://x", "/relative", "127.0.0.1:8090", ""] {
+        assert!(http_url("u", bad).is_err(), "{bad}");
+    }
+}
+
+proptest::proptest! {
+    // Whatever an operator puts in an overlay, loading answers (a value or an error): no panic.
+    #[test]
+    fn any_overlay_value_loads_or_errors(raw in ".*", name in "[A-Z_]{0,20}") {
+        let var = format!("TOLLGATE_KAFKA__{name}");
+        let _ = load_with(FILE, &[(var.as_str(), raw.as_str())]);
+    }
+}
