@@ -11,6 +11,8 @@ pub mod kafka;
 pub mod ops;
 pub mod settings;
 pub mod shutdown;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use settings::{load, Invalid, SettingsError};
 

@@ -34,7 +34,7 @@ pub enum SettingsError {
     Syntax { origin: String, message: String },
     #[error("{var}: {message}")]
     Overlay { var: String, message: String },
-    #[error("{origin}: setting `{field}`: {message}")]
+    #[error("{origin}: {}{message}", setting_prefix(field))]
     Field {
         origin: String,
         field: String,
@@ -42,6 +42,14 @@ pub enum SettingsError {
     },
     #[error("{origin}: {invalid}")]
     Invalid { origin: String, invalid: Invalid },
+}
+
+fn setting_prefix(field: &str) -> String {
+    if field.is_empty() {
+        String::new()
+    } else {
+        format!("setting `{field}`: ")
+    }
 }
 
 /// A value that parsed but is not allowed; returned by a service's `validate()`.
@@ -112,7 +120,7 @@ pub fn from_str_with_env<T: DeserializeOwned + Validate>(
             Ok(settings) => break settings,
             Err(err) => {
                 let field = err.path().to_string();
-                let message = err.inner().to_string();
+                let message = err.inner().to_string().trim_end().to_owned();
                 let culprit = overlays
                     .iter_mut()
                     .find(|o| o.path.join(".") == field || o.names_unknown_field(&field, &message));
@@ -204,23 +212,47 @@ impl Overlay {
             });
         }
         let (last, parents) = self.path.split_last().expect("an overlay has two or more segments");
+        let not_a_table = |depth: usize| SettingsError::Overlay {
+            var: self.var.clone(),
+            message: format!(
+                "`{}` is not a table of settings; set it in the file",
+                self.path[..=depth].join(".")
+            ),
+        };
         let mut here = table;
-        for (depth, segment) in parents.iter().enumerate() {
+        let mut depth = 0;
+        while depth < parents.len() {
             let entry = here
-                .entry(segment.clone())
+                .entry(parents[depth].clone())
                 .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            // An array of tables (`[[routes]]`) is entered by index: `TOLLGATE_ROUTES__0__UPSTREAM`.
+            let entry = match entry {
+                toml::Value::Array(items) => {
+                    let len = items.len();
+                    let index = parents.get(depth + 1).and_then(|i| i.parse::<usize>().ok());
+                    match index.and_then(|i| items.get_mut(i)) {
+                        Some(item) => {
+                            depth += 1;
+                            item
+                        }
+                        None => {
+                            return Err(SettingsError::Overlay {
+                                var: self.var.clone(),
+                                message: format!(
+                                    "`{}` is a list of {len} entries: name one by its index, from 0",
+                                    parents[depth]
+                                ),
+                            })
+                        }
+                    }
+                }
+                other => other,
+            };
             here = match entry {
                 toml::Value::Table(t) => t,
-                _ => {
-                    return Err(SettingsError::Overlay {
-                        var: self.var.clone(),
-                        message: format!(
-                            "`{}` is not a table of settings; set it in the file",
-                            self.path[..=depth].join(".")
-                        ),
-                    })
-                }
+                _ => return Err(not_a_table(depth)),
             };
+            depth += 1;
         }
         here.insert(last.clone(), value);
         Ok(())

@@ -179,3 +179,51 @@ proptest::proptest! {
         let _ = load_with(FILE, &[(var.as_str(), raw.as_str())]);
     }
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WithRoutes {
+    routes: Vec<Route>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Route {
+    path: String,
+    upstream: String,
+}
+
+impl Validate for WithRoutes {
+    fn validate(&self) -> Result<(), Invalid> {
+        Ok(())
+    }
+}
+
+const ROUTES: &str = r#"
+[[routes]]
+path = "/v1/"
+upstream = "http://127.0.0.1:8090"
+
+[[routes]]
+path = "/v2/"
+upstream = "http://127.0.0.1:8091"
+"#;
+
+#[test]
+fn overlay_enters_a_list_of_tables_by_index() {
+    let s: WithRoutes = from_str_with_env(ROUTES, "g.toml", env(&[("TOLLGATE_ROUTES__1__UPSTREAM", "http://upstream:80")])).unwrap();
+    assert_eq!(s.routes[0].upstream, "http://127.0.0.1:8090");
+    assert_eq!(s.routes[1].upstream, "http://upstream:80");
+    assert_eq!(s.routes[1].path, "/v2/");
+}
+
+#[test]
+fn overlay_with_index_out_of_range_or_missing_is_refused() {
+    for var in ["TOLLGATE_ROUTES__2__UPSTREAM", "TOLLGATE_ROUTES__UPSTREAM", "TOLLGATE_ROUTES__X__UPSTREAM"] {
+        let err = from_str_with_env::<WithRoutes>(ROUTES, "g.toml", env(&[(var, "http://x")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with(var), "{err}");
+        assert!(err.contains("`routes` is a list of 2 entries"), "{err}");
+    }
+}

@@ -1,0 +1,45 @@
+//! The billing-sync binary refuses to start with one line naming what is wrong.
+
+use std::time::Duration;
+
+use tollgate_runtime::testing::run_with_settings;
+
+const EXAMPLE: &str = include_str!("../../config/billing-sync.toml");
+const BIN: &str = env!("CARGO_BIN_EXE_tollgate-billing-sync");
+
+fn example_on_free_port() -> String {
+    EXAMPLE.replace("127.0.0.1:9102", "127.0.0.1:0")
+}
+
+#[test]
+fn missing_meters_are_refused() {
+    let settings: String = example_on_free_port()
+        .split("[[meters]]")
+        .next()
+        .expect("text before the meters")
+        .to_owned()
+        + "[admin]\nlisten = \"127.0.0.1:0\"\n";
+    let exit = run_with_settings(BIN, &settings, &[], Duration::from_secs(20));
+    assert_eq!(exit.code, Some(1), "{}", exit.stderr);
+    assert!(exit.last_line.ends_with(".toml: missing field `meters`"), "{}", exit.last_line);
+}
+
+#[test]
+fn unreachable_clickhouse_names_the_url() {
+    let settings = example_on_free_port().replace("http://127.0.0.1:8123", "http://127.0.0.1:1");
+    let exit = run_with_settings(BIN, &settings, &[("TOLLGATE_STRIPE_API_KEY", "sk_test_123")], Duration::from_secs(30));
+    assert_eq!(exit.code, Some(1), "{}", exit.stderr);
+    assert!(exit.last_line.contains("clickhouse at http://127.0.0.1:1 is unreachable"), "{}", exit.last_line);
+}
+
+#[test]
+fn stripe_key_overlay_from_a_bad_variable_is_refused() {
+    let exit = run_with_settings(
+        BIN,
+        &example_on_free_port(),
+        &[("TOLLGATE_STRIPE__API_BASE", "stripe.example")],
+        Duration::from_secs(20),
+    );
+    assert_eq!(exit.code, Some(1), "{}", exit.stderr);
+    assert!(exit.last_line.contains("TOLLGATE_STRIPE__API_BASE: setting `stripe.api_base`"), "{}", exit.last_line);
+}

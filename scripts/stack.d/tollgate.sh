@@ -1,0 +1,66 @@
+# shellcheck shell=bash disable=SC2034 # SPAWN_ENV is read by spawn (lib.sh)
+# Tollgate's own processes, built by cargo from this repository: the demo upstream, the
+# gateway, the meter consumer and billing sync. Each runs with the repository root as its
+# working directory and its config from config/. Sourced by scripts/stack, never run.
+
+# run_tollgate PART BINARY [VAR=value...] -- ARGS...: spawns target/release/BINARY with the
+# caller's environment (so its TOLLGATE_* overrides pass through), the common variables and
+# the given ones.
+run_tollgate() {
+    local name=$1 bin
+    bin=$(tollgate_bin "$2")
+    shift 2
+    # NO_COLOR: plain log files (tracing-subscriber honours it).
+    local -a vars=("RUST_LOG=${RUST_LOG:-info}" "RUST_BACKTRACE=${RUST_BACKTRACE:-1}" "NO_COLOR=${NO_COLOR:-1}")
+    while (($# > 0)) && [[ $1 != -- ]]; do
+        vars+=("$1")
+        shift
+    done
+    (($# > 0)) && shift
+    SPAWN_ENV=("${vars[@]}")
+    spawn "$name" "$REPO" "$bin" "$@"
+    SPAWN_ENV=()
+}
+
+# require_tollgate BINARY [CONFIG]: the build made BINARY, and CONFIG exists.
+require_tollgate() {
+    local bin
+    bin=$(tollgate_bin "$1")
+    [[ -x $bin ]] || die "$bin is missing after the build (no [[bin]] named $1 in the workspace?)"
+    [[ -z ${2:-} || -f $REPO/$2 ]] || die "$REPO/$2 is missing"
+}
+
+tollgate_health() { [[ $(http_status "$1") == 200 ]]; }
+
+# Demo upstream: answers every request with 200 and a JSON body.
+prepare_demo_upstream() { require_tollgate tollgate-demo-upstream; }
+start_demo_upstream() {
+    run_tollgate demo-upstream tollgate-demo-upstream -- --listen 127.0.0.1:8090
+}
+health_demo_upstream() { tollgate_health http://127.0.0.1:8090/; }
+
+# Gateway: public listener 8080, admin listener 8081 (healthz, admin API).
+prepare_gateway() { require_tollgate tollgate-gateway config/gateway.toml; }
+start_gateway() {
+    local token
+    token=$(resolve_admin_token)
+    run_tollgate gateway tollgate-gateway "TOLLGATE_ADMIN_TOKEN=$token" \
+        -- --config "$REPO/config/gateway.toml"
+}
+health_gateway() { tollgate_health http://127.0.0.1:8081/healthz; }
+
+prepare_meter_consumer() { require_tollgate tollgate-meter-consumer config/meter-consumer.toml; }
+start_meter_consumer() {
+    run_tollgate meter-consumer tollgate-meter-consumer \
+        -- --config "$REPO/config/meter-consumer.toml"
+}
+health_meter_consumer() { tollgate_health http://127.0.0.1:9101/healthz; }
+
+# Billing sync: talks to the local stripe-mock unless the caller gives a key.
+prepare_billing_sync() { require_tollgate tollgate-billing-sync config/billing-sync.toml; }
+start_billing_sync() {
+    run_tollgate billing-sync tollgate-billing-sync \
+        "TOLLGATE_STRIPE_API_KEY=${TOLLGATE_STRIPE_API_KEY:-sk_test_123}" \
+        -- --config "$REPO/config/billing-sync.toml"
+}
+health_billing_sync() { tollgate_health http://127.0.0.1:9102/healthz; }

@@ -1,0 +1,329 @@
+//! docker-compose.yml against the services' own settings and the native stack's pins: the
+//! compose file cannot drift from what the services accept (settings, variable names, ports),
+//! from the topics the native stack creates, or from the versions it runs.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde_yaml::Value;
+use tollgate_billing_sync::BillingSettings;
+use tollgate_gateway::GatewaySettings;
+use tollgate_meter_consumer::MeterSettings;
+use tollgate_runtime::settings::{from_str_with_env, Validate};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(repo().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn compose() -> Value {
+    serde_yaml::from_str(&read("docker-compose.yml")).expect("docker-compose.yml is valid YAML")
+}
+
+fn service<'a>(compose: &'a Value, name: &str) -> &'a Value {
+    compose["services"]
+        .get(name)
+        .unwrap_or_else(|| panic!("compose has no service `{name}`"))
+}
+
+/// Interpolates compose's `${VAR:-default}`, `${VAR:?message}` and `$$` the way compose
+/// would with the operator's variables unset (required ones get a placeholder).
+fn interpolate(value: &str) -> String {
+    let mut out = String::new();
+    let mut rest = value;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        rest = &rest[at..];
+        if let Some(after) = rest.strip_prefix("$$") {
+            out.push('$');
+            rest = after;
+        } else if let Some(body) = rest.strip_prefix("${") {
+            let end = body.find('}').expect("closed ${...}");
+            let expr = &body[..end];
+            if let Some((_, default)) = expr.split_once(":-") {
+                out.push_str(default);
+            } else {
+                out.push_str("placeholder-set-by-operator");
+            }
+            rest = &body[end + 1..];
+        } else {
+            panic!("bare `$` in compose value {value:?}: write `$$`");
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+fn environment(svc: &Value) -> BTreeMap<String, String> {
+    svc["environment"]
+        .as_mapping()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| {
+                    let v = match v {
+                        Value::String(s) => s.clone(),
+                        Value::Number(n) => n.to_string(),
+                        other => panic!("environment value {other:?} is not a string"),
+                    };
+                    (k.as_str().expect("string key").to_owned(), interpolate(&v))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Loads the settings file a compose service runs with, overlaid by its compose environment.
+fn settings_of<T: DeserializeOwned + Validate>(compose: &Value, name: &str, binary: &str) -> T {
+    let svc = service(compose, name);
+    let command: Vec<&str> = svc["command"]
+        .as_sequence()
+        .expect("command is a list")
+        .iter()
+        .map(|v| v.as_str().expect("string"))
+        .collect();
+    assert_eq!(command[0], binary, "{name} runs {binary}");
+    let config_at = command.iter().position(|a| *a == "--config").expect("--config given");
+    // The Dockerfile copies config/ to /etc/tollgate/.
+    let file = command[config_at + 1]
+        .strip_prefix("/etc/tollgate/")
+        .expect("config read from /etc/tollgate");
+    let text = read(&format!("config/{file}"));
+    from_str_with_env(&text, file, environment(svc)).unwrap_or_else(|e| panic!("compose service `{name}`: {e}"))
+}
+
+fn port_of(addr: &str) -> u16 {
+    addr.rsplit_once(':').and_then(|(_, p)| p.trim_end_matches('/').parse().ok()).unwrap_or_else(|| panic!("no port in {addr}"))
+}
+
+fn host_port_of(url: &str) -> &str {
+    url.split_once("://").map_or(url, |(_, rest)| rest).split('/').next().expect("authority")
+}
+
+fn published_container_ports(svc: &Value) -> BTreeSet<u16> {
+    svc["ports"]
+        .as_sequence()
+        .map(|ports| {
+            ports
+                .iter()
+                .map(|p| port_of(p.as_str().expect("port mapping as string")))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn healthcheck_port(svc: &Value) -> u16 {
+    let test: Vec<&str> = svc["healthcheck"]["test"]
+        .as_sequence()
+        .expect("healthcheck test")
+        .iter()
+        .map(|v| v.as_str().expect("string"))
+        .collect();
+    let url = test.iter().find(|a| a.starts_with("http://")).expect("healthcheck probes a URL");
+    assert!(url.ends_with("/healthz"), "{url}");
+    port_of(host_port_of(url))
+}
+
+fn depends_on(svc: &Value, other: &str) -> String {
+    svc["depends_on"][other]["condition"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no depends_on condition on `{other}`"))
+        .to_owned()
+}
+
+/// Kafka's advertised PLAINTEXT listener, `host:port`.
+fn kafka_address(compose: &Value) -> String {
+    let advertised = environment(service(compose, "kafka"))["KAFKA_ADVERTISED_LISTENERS"].clone();
+    advertised
+        .split(',')
+        .find_map(|l| l.strip_prefix("PLAINTEXT://"))
+        .expect("a PLAINTEXT listener")
+        .to_owned()
+}
+
+/// Topics as `name partitions config`, from the native stack's list.
+fn native_topics() -> BTreeSet<String> {
+    let infra = read("scripts/stack.d/infra.sh");
+    let start = infra.find("KAFKA_TOPICS=(").expect("KAFKA_TOPICS in infra.sh");
+    let block = &infra[start..start + infra[start..].find(')').expect("closed list")];
+    block.lines().skip(1).filter_map(|l| l.trim().strip_prefix('"')?.strip_suffix('"').map(str::to_owned)).collect()
+}
+
+/// Topics as `name partitions config`, from compose's one-shot kafka-init.
+fn compose_topics(compose: &Value) -> BTreeSet<String> {
+    let script = service(compose, "kafka-init")["command"][0].as_str().expect("script");
+    script
+        .lines()
+        .filter(|l| l.contains("--topic"))
+        .map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let after = |flag: &str| words[words.iter().position(|w| *w == flag).expect(flag) + 1];
+            format!("{} {} {}", after("--topic"), after("--partitions"), after("--config"))
+        })
+        .collect()
+}
+
+#[test]
+fn every_service_accepts_its_compose_settings() {
+    let compose = compose();
+    let _: GatewaySettings = settings_of(&compose, "gateway", "tollgate-gateway");
+    let _: MeterSettings = settings_of(&compose, "meter-consumer", "tollgate-meter-consumer");
+    let _: BillingSettings = settings_of(&compose, "billing-sync", "tollgate-billing-sync");
+}
+
+#[test]
+fn secrets_use_the_variable_names_the_services_read() {
+    let compose = compose();
+    let read_by_services: BTreeSet<&str> = [
+        tollgate_gateway::settings::ADMIN_TOKEN_ENV,
+        tollgate_runtime::clickhouse::PASSWORD_ENV,
+        tollgate_billing_sync::settings::STRIPE_KEY_ENV,
+    ]
+    .into();
+    for name in ["gateway", "meter-consumer", "billing-sync"] {
+        for var in environment(service(&compose, name)).keys() {
+            if !var.contains("__") {
+                assert!(read_by_services.contains(var.as_str()), "{name}: {var} is read by no service");
+            }
+        }
+    }
+    let gateway = environment(service(&compose, "gateway"));
+    assert!(gateway.contains_key(tollgate_gateway::settings::ADMIN_TOKEN_ENV));
+    let billing = environment(service(&compose, "billing-sync"));
+    assert!(billing.contains_key(tollgate_billing_sync::settings::STRIPE_KEY_ENV));
+}
+
+#[test]
+fn ports_and_healthchecks_match_the_listeners() {
+    let compose = compose();
+    let gateway: GatewaySettings = settings_of(&compose, "gateway", "tollgate-gateway");
+    let svc = service(&compose, "gateway");
+    let published = published_container_ports(svc);
+    assert!(published.contains(&port_of(&gateway.public.listen)), "public port published");
+    assert!(published.contains(&port_of(&gateway.admin.listen)), "admin port published");
+    assert_eq!(healthcheck_port(svc), port_of(&gateway.admin.listen));
+    // The admin API is for operators: published on the host's loopback only.
+    let admin_mapping = svc["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .find(|p| p.ends_with(&format!(":{}", port_of(&gateway.admin.listen))))
+        .unwrap();
+    assert!(admin_mapping.starts_with("127.0.0.1:"), "{admin_mapping}");
+    // In a container, 127.0.0.1 is unreachable from other containers and the host.
+    assert!(gateway.public.listen.starts_with("0.0.0.0:"), "{}", gateway.public.listen);
+
+    let meter: MeterSettings = settings_of(&compose, "meter-consumer", "tollgate-meter-consumer");
+    assert_eq!(healthcheck_port(service(&compose, "meter-consumer")), port_of(&meter.admin.listen));
+    let billing: BillingSettings = settings_of(&compose, "billing-sync", "tollgate-billing-sync");
+    assert_eq!(healthcheck_port(service(&compose, "billing-sync")), port_of(&billing.admin.listen));
+}
+
+#[test]
+fn services_reach_each_other_by_compose_names() {
+    let compose = compose();
+    let kafka = kafka_address(&compose);
+    let gateway: GatewaySettings = settings_of(&compose, "gateway", "tollgate-gateway");
+    let meter: MeterSettings = settings_of(&compose, "meter-consumer", "tollgate-meter-consumer");
+    let billing: BillingSettings = settings_of(&compose, "billing-sync", "tollgate-billing-sync");
+    assert_eq!(gateway.kafka.brokers, kafka);
+    assert_eq!(meter.kafka.brokers, kafka);
+
+    let clickhouse_port = port_of(
+        service(&compose, "clickhouse")["ports"][0].as_str().expect("clickhouse port"),
+    );
+    for url in [&meter.clickhouse.url, &billing.clickhouse.url] {
+        assert_eq!(host_port_of(url), format!("clickhouse:{clickhouse_port}"));
+    }
+    let ch_user = environment(service(&compose, "clickhouse"))["CLICKHOUSE_USER"].clone();
+    assert_eq!(meter.clickhouse.user, ch_user);
+    assert_eq!(billing.clickhouse.user, ch_user);
+
+    let stripe_port = port_of(service(&compose, "stripe-mock")["ports"][0].as_str().expect("stripe port"));
+    assert_eq!(host_port_of(&billing.stripe.api_base), format!("stripe-mock:{stripe_port}"));
+
+    let services: BTreeSet<&str> = compose["services"]
+        .as_mapping()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str().unwrap())
+        .collect();
+    assert!(!gateway.routes.is_empty());
+    for route in &gateway.routes {
+        let host = host_port_of(&route.upstream).split(':').next().unwrap();
+        assert!(services.contains(host), "route {} goes to {host}, not a compose service", route.id);
+        let upstream_svc = service(&compose, host);
+        let listen_at = upstream_svc["command"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .find(|a| a.contains(':'))
+            .expect("upstream listen address");
+        assert_eq!(port_of(listen_at), port_of(host_port_of(&route.upstream)));
+    }
+}
+
+#[test]
+fn topics_match_the_native_stack_and_the_services() {
+    let compose = compose();
+    let created = compose_topics(&compose);
+    assert_eq!(created, native_topics(), "compose kafka-init and scripts/stack.d/infra.sh");
+    let names: BTreeSet<String> = created.iter().map(|t| t.split(' ').next().unwrap().to_owned()).collect();
+    let gateway: GatewaySettings = settings_of(&compose, "gateway", "tollgate-gateway");
+    let meter: MeterSettings = settings_of(&compose, "meter-consumer", "tollgate-meter-consumer");
+    for topic in [&gateway.topics.keys, &gateway.topics.usage, &meter.topics.usage, &meter.topics.dlq, &meter.topics.keys] {
+        assert!(names.contains(topic), "topic {topic} is used but never created");
+    }
+    let keys = created.iter().find(|t| t.starts_with(&format!("{} ", gateway.topics.keys))).unwrap();
+    assert!(keys.ends_with("cleanup.policy=compact"), "the keys topic must be compacted: {keys}");
+}
+
+#[test]
+fn startup_order_waits_for_what_each_service_needs() {
+    let compose = compose();
+    for name in ["gateway", "meter-consumer"] {
+        assert_eq!(depends_on(service(&compose, name), "kafka-init"), "service_completed_successfully");
+    }
+    for name in ["meter-consumer", "billing-sync"] {
+        assert_eq!(depends_on(service(&compose, name), "clickhouse"), "service_healthy");
+    }
+    assert_eq!(depends_on(service(&compose, "kafka-init"), "kafka"), "service_healthy");
+    for name in ["kafka", "clickhouse", "redis", "gateway", "meter-consumer", "billing-sync"] {
+        assert!(!service(&compose, name)["healthcheck"].is_null(), "{name} has a healthcheck");
+    }
+}
+
+#[test]
+fn image_versions_match_the_native_stack_pins() {
+    let compose = compose();
+    let pom = read("scripts/kafka/pom.xml");
+    let kafka_version = pom
+        .split("<kafka.version>")
+        .nth(1)
+        .and_then(|s| s.split('<').next())
+        .expect("kafka.version in the pom");
+    for name in ["kafka", "kafka-init"] {
+        assert_eq!(service(&compose, name)["image"].as_str(), Some(format!("apache/kafka:{kafka_version}").as_str()));
+    }
+    let install = read("scripts/stack.d/install.sh");
+    let stripe_version = install
+        .lines()
+        .find_map(|l| l.strip_prefix("STRIPE_MOCK_VERSION="))
+        .expect("STRIPE_MOCK_VERSION in install.sh");
+    assert_eq!(
+        service(&compose, "stripe-mock")["image"].as_str(),
+        Some(format!("stripe/stripe-mock:{stripe_version}").as_str())
+    );
+}
+
+#[test]
+fn interpolation_follows_compose_rules() {
+    assert_eq!(interpolate("${A:-http://x:1/}"), "http://x:1/");
+    assert_eq!(interpolate("${A:?set A}"), "placeholder-set-by-operator");
+    assert_eq!(interpolate("$$topics --x"), "$topics --x");
+}
