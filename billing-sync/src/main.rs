@@ -1,12 +1,13 @@
-//! `tollgate-billing-sync --config billing-sync.toml`: loads the settings and runs billing-sync
-//! until SIGTERM.
+//! `tollgate-billing-sync --config billing-sync.toml [setup | reconcile --period YYYY-MM]`:
+//! loads the settings, then runs billing-sync until SIGTERM, or runs one subcommand.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use tollgate_billing_sync::settings::STRIPE_KEY_ENV;
+use tollgate_billing_sync::stripe::MeterSetup;
 use tollgate_billing_sync::BillingSettings;
 use tollgate_runtime::shutdown::Shutdown;
 
@@ -14,8 +15,23 @@ use tollgate_runtime::shutdown::Shutdown;
 #[command(name = "tollgate-billing-sync", about = "Tollgate billing-sync: usage into Stripe")]
 struct Args {
     /// Settings file (TOML); every field can be overridden by `TOLLGATE_<SECTION>__<FIELD>`.
-    #[arg(long, env = "TOLLGATE_CONFIG")]
-    config: PathBuf,
+    #[arg(long, env = "TOLLGATE_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Make sure a Stripe meter exists for each configured meter (idempotent).
+    Setup,
+    /// Per tenant and meter: billable units in ClickHouse, units pushed to Stripe and the
+    /// difference, over the closed windows of one month; exits 1 if any differs.
+    Reconcile {
+        /// The month, UTC, like 2026-11.
+        #[arg(long)]
+        period: String,
+    },
 }
 
 #[tokio::main]
@@ -23,7 +39,7 @@ async fn main() -> ExitCode {
     tollgate_runtime::init_logging();
     let args = Args::parse();
     match run(args).await {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(err) => {
             eprintln!("tollgate-billing-sync: {err:#}");
             ExitCode::FAILURE
@@ -31,10 +47,32 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
-    let settings: BillingSettings = tollgate_runtime::load(&args.config)?;
+async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let config = args.config.context("--config is required")?;
+    let settings: BillingSettings = tollgate_runtime::load(&config)?;
     let api_key = std::env::var(STRIPE_KEY_ENV).unwrap_or_default();
-    tollgate_billing_sync::run(settings, api_key, Shutdown::on_signals())
-        .await
-        .context("billing-sync")
+    match args.command {
+        None => {
+            tollgate_billing_sync::run(settings, api_key, Shutdown::on_signals())
+                .await
+                .context("billing-sync")?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(Command::Setup) => {
+            for meter in tollgate_billing_sync::setup(&settings, &api_key).await.context("setup")? {
+                match meter {
+                    MeterSetup::Existing { event_name, id } => println!("{event_name}\texists\t{id}"),
+                    MeterSetup::Created { event_name, id } => println!("{event_name}\tcreated\t{id}"),
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(Command::Reconcile { period }) => {
+            let report = tollgate_billing_sync::reconcile(&settings, &period)
+                .await
+                .context("reconcile")?;
+            println!("{report}");
+            Ok(if report.differs() { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+        }
+    }
 }

@@ -27,12 +27,26 @@ pub struct StripeSettings {
     /// Stripe API base URL; a stripe-mock address in tests.
     #[serde(default = "default_api_base")]
     pub api_base: String,
-    /// Global cap on Stripe calls per second (test mode allows 25, live mode 1000).
+    /// Global cap on Stripe calls per second, retries included (test mode allows 25, live
+    /// mode 1000); 0 turns the cap off (benchmarks against stripe-mock only).
     #[serde(default = "default_max_requests_per_second")]
     pub max_requests_per_second: u32,
     /// Timeout of one Stripe call.
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
+    /// Stripe calls in flight at once (never more than one per customer and meter).
+    #[serde(default = "default_max_concurrent_requests")]
+    pub max_concurrent_requests: u32,
+    /// Attempts of one push within a pass; a push still failing with a retriable error stays
+    /// pending and is retried, same identifier, on the next pass.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// First retry delay; doubles per attempt, with jitter, up to `max_backoff_ms`.
+    #[serde(default = "default_initial_backoff_ms")]
+    pub initial_backoff_ms: u64,
+    /// Longest delay between two attempts, unless Stripe's `Retry-After` asks for more.
+    #[serde(default = "default_max_backoff_ms")]
+    pub max_backoff_ms: u64,
 }
 
 fn default_api_base() -> String {
@@ -44,6 +58,18 @@ fn default_max_requests_per_second() -> u32 {
 fn default_timeout_ms() -> u64 {
     10_000
 }
+fn default_max_concurrent_requests() -> u32 {
+    16
+}
+fn default_max_attempts() -> u32 {
+    8
+}
+fn default_initial_backoff_ms() -> u64 {
+    250
+}
+fn default_max_backoff_ms() -> u64 {
+    30_000
+}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -54,6 +80,13 @@ pub struct WindowSettings {
     /// How long after a window ends it stays open for late events before it is pushed.
     #[serde(default = "default_lateness_secs")]
     pub lateness_secs: u64,
+    /// How often closed windows are looked for.
+    #[serde(default = "default_poll_interval_secs")]
+    pub poll_interval_secs: u64,
+    /// How far back windows are re-checked for late events. Late units in windows Stripe no
+    /// longer accepts (older than 35 days) are recorded as adjustments, not pushed.
+    #[serde(default = "default_lookback_days")]
+    pub lookback_days: u64,
 }
 
 impl Default for WindowSettings {
@@ -61,6 +94,8 @@ impl Default for WindowSettings {
         Self {
             window_secs: default_window_secs(),
             lateness_secs: default_lateness_secs(),
+            poll_interval_secs: default_poll_interval_secs(),
+            lookback_days: default_lookback_days(),
         }
     }
 }
@@ -70,6 +105,12 @@ fn default_window_secs() -> u64 {
 }
 fn default_lateness_secs() -> u64 {
     300
+}
+fn default_poll_interval_secs() -> u64 {
+    30
+}
+fn default_lookback_days() -> u64 {
+    45
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -95,10 +136,24 @@ impl Validate for BillingSettings {
         in_range(
             "stripe.max_requests_per_second",
             u64::from(self.stripe.max_requests_per_second),
-            1,
+            0,
             1_000,
         )?;
         in_range("stripe.timeout_ms", self.stripe.timeout_ms, 100, 120_000)?;
+        in_range(
+            "stripe.max_concurrent_requests",
+            u64::from(self.stripe.max_concurrent_requests),
+            1,
+            1_024,
+        )?;
+        in_range("stripe.max_attempts", u64::from(self.stripe.max_attempts), 1, 100)?;
+        in_range("stripe.initial_backoff_ms", self.stripe.initial_backoff_ms, 1, 60_000)?;
+        in_range(
+            "stripe.max_backoff_ms",
+            self.stripe.max_backoff_ms,
+            self.stripe.initial_backoff_ms,
+            600_000,
+        )?;
         in_range("billing.window_secs", self.billing.window_secs, 60, 86_400)?;
         if 86_400 % self.billing.window_secs != 0 {
             return Err(Invalid::new(
@@ -108,6 +163,8 @@ impl Validate for BillingSettings {
             ));
         }
         in_range("billing.lateness_secs", self.billing.lateness_secs, 0, 7 * 86_400)?;
+        in_range("billing.poll_interval_secs", self.billing.poll_interval_secs, 1, 3_600)?;
+        in_range("billing.lookback_days", self.billing.lookback_days, 1, 400)?;
         if self.meters.is_empty() {
             return Err(Invalid::new("meters", "[]", "at least one [[meters]] entry"));
         }
@@ -162,6 +219,20 @@ mod tests {
         assert!(load(&dup).unwrap_err().contains("meter`: found \"requests\""));
         let long = format!("{EXAMPLE}\n[[meters]]\nmeter = \"bytes\"\nevent_name = \"{}\"\n", "e".repeat(101));
         assert!(load(&long).unwrap_err().contains("1 to 100 characters"));
+    }
+
+    #[test]
+    fn rejects_backoff_cap_below_first_delay() {
+        let text = EXAMPLE.replace("timeout_ms = 10000", "timeout_ms = 10000\ninitial_backoff_ms = 500\nmax_backoff_ms = 100");
+        let err = load(&text).unwrap_err();
+        assert!(err.contains("setting `stripe.max_backoff_ms`: found \"100\", expected a number from 500"), "{err}");
+    }
+
+    #[test]
+    fn zero_rate_turns_the_cap_off_but_zero_attempts_is_refused() {
+        assert!(load(&EXAMPLE.replace("max_requests_per_second = 25", "max_requests_per_second = 0")).is_ok());
+        let text = EXAMPLE.replace("timeout_ms = 10000", "timeout_ms = 10000\nmax_attempts = 0");
+        assert!(load(&text).unwrap_err().contains("setting `stripe.max_attempts`"));
     }
 
     #[test]
