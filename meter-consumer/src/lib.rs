@@ -4,6 +4,7 @@
 //! letters on the DLQ topic, health and metrics on the ops listener.
 #![forbid(unsafe_code)]
 
+pub mod schema;
 pub mod settings;
 
 use tokio::net::TcpListener;

@@ -127,7 +127,7 @@ mod tests {
 
     #[test]
     fn rejects_zero_batch_and_bad_clickhouse_url() {
-        let err = load(&format!("{EXAMPLE}\n[batch]\nmax_rows = 0\n")).unwrap_err();
+        let err = load(&EXAMPLE.replace("max_rows = 50000", "max_rows = 0")).unwrap_err();
         assert!(err.contains("setting `batch.max_rows`: found \"0\""), "{err}");
         let err = load(&EXAMPLE.replace("http://127.0.0.1:8123", "127.0.0.1:8123")).unwrap_err();
         assert!(err.contains("setting `clickhouse.url`"), "{err}");

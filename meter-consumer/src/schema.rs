@@ -1,0 +1,351 @@
+//! The ClickHouse schema meter-consumer writes and finance and billing-sync read, created and
+//! migrated by the service itself at start.
+//!
+//! In: a client already pointed at the Tollgate database. Out: the tables and views below,
+//! and one row per applied migration in `schema_migrations`.
+//!
+//! # Migrations
+//! [`MIGRATIONS`] is an append-only list: a released migration is never edited, a change is a
+//! new version. [`migrate`] reads the versions already recorded, runs each missing one
+//! statement by statement, then records it.
+//!
+//! Two instances starting at once may both find a version missing and both run it. That is
+//! safe because every statement is idempotent on its own (`CREATE ... IF NOT EXISTS`; a
+//! future change must be too, e.g. `DROP VIEW IF EXISTS` then `CREATE VIEW IF NOT EXISTS`,
+//! and a column addition checks `system.columns` first, since 18.16 has no
+//! `ADD COLUMN IF NOT EXISTS`), and `schema_migrations` is a `ReplacingMergeTree` keyed by
+//! version, so a version recorded twice is still one version. A `CREATE` racing another
+//! `CREATE` of the same table can still fail with "already exists" (code 57): that is the
+//! outcome we wanted, so it counts as success. No lock is needed, and none would survive a
+//! crash of its holder anyway.
+//!
+//! # Compatibility
+//! Every statement runs on Debian's ClickHouse 18.16 and on current releases: `DateTime`
+//! (seconds) plus a millisecond column instead of `DateTime64`, `Nested` instead of `Map`, no
+//! `LowCardinality`, `UInt8` flags instead of `Bool`, and the `PARTITION BY ... ORDER BY`
+//! MergeTree syntax. Times are `DateTime('UTC')`: the month partition (`toYYYYMM`) and the
+//! hour and day buckets are then UTC whatever the server's time zone, which is what lets the
+//! consumer cut its batches at UTC month boundaries (an insert is atomic only within one
+//! partition).
+//!
+//! # Tables
+//! - `usage_events`: one row per usage event, with the Kafka topic, partition and offset it
+//!   came from. The highest offset stored per partition is where a consumer resumes.
+//! - `usage_meter_minute`, `usage_meter_hour`, `usage_meter_day` (tenant × meter × bucket) and
+//!   `usage_route_day` (tenant × route × day): rollups written by the consumer itself, one row
+//!   per bucket per batch, each row carrying the batch's partition and last offset. Each table
+//!   is therefore its own watermark, so a crash between the raw insert and a rollup insert
+//!   neither skips nor double counts (see `crate::sink`). Read them with `sum()` (the views
+//!   below do): a bucket has one row per batch that touched it.
+//! - `consumers`: the keys topic's consumer records (`ReplacingMergeTree(version)`, read with
+//!   `FINAL`); a deleted consumer is a row with `deleted = 1`.
+//! - `key_audit`: one row per API key record seen on the keys topic: created, rolled,
+//!   revoked, expired, updated or deleted, by whom, when. Never a secret or its hash.
+//!
+//! # Views for finance
+//! `usage_daily`, `usage_hourly`, `usage_by_period` (calendar month, UTC), `route_usage_daily`,
+//! `top_routes` (ten per tenant and period) and `invoice_preview` (billable units per tenant,
+//! meter and period with the tenant's Stripe customer id).
+
+use clickhouse::Client;
+
+/// One schema version: statements run in order, each idempotent.
+pub struct Migration {
+    pub version: u32,
+    pub name: &'static str,
+    pub statements: &'static [&'static str],
+}
+
+/// Every migration, oldest first. Append only.
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "usage events, rollups, consumers, key audit",
+        statements: &[
+            "CREATE TABLE IF NOT EXISTS usage_events (
+                event_id String,
+                time DateTime('UTC'),
+                time_ms UInt16,
+                tenant_id String,
+                consumer String,
+                key_id String,
+                plan String,
+                route String,
+                method String,
+                status UInt16,
+                outcome String,
+                billable UInt8,
+                units Nested(meter String, value Int64),
+                request_bytes Int64,
+                response_bytes Int64,
+                latency_ms Int64,
+                upstream_latency_ms Int64,
+                gateway_id String,
+                request_id String,
+                kafka_partition UInt32,
+                kafka_offset UInt64,
+                kafka_topic String,
+                inserted_at DateTime('UTC') DEFAULT now()
+            ) ENGINE = MergeTree PARTITION BY toYYYYMM(time) ORDER BY (tenant_id, time, event_id)",
+            "CREATE TABLE IF NOT EXISTS usage_meter_minute (
+                tenant_id String,
+                meter String,
+                minute DateTime('UTC'),
+                events UInt64,
+                billable_events UInt64,
+                units Int64,
+                billable_units Int64,
+                kafka_topic String,
+                kafka_partition UInt32,
+                kafka_offset UInt64
+            ) ENGINE = MergeTree PARTITION BY toYYYYMM(minute)
+              ORDER BY (tenant_id, meter, minute, kafka_topic, kafka_partition, kafka_offset)",
+            "CREATE TABLE IF NOT EXISTS usage_meter_hour (
+                tenant_id String,
+                meter String,
+                hour DateTime('UTC'),
+                events UInt64,
+                billable_events UInt64,
+                units Int64,
+                billable_units Int64,
+                kafka_topic String,
+                kafka_partition UInt32,
+                kafka_offset UInt64
+            ) ENGINE = MergeTree PARTITION BY toYYYYMM(hour)
+              ORDER BY (tenant_id, meter, hour, kafka_topic, kafka_partition, kafka_offset)",
+            "CREATE TABLE IF NOT EXISTS usage_meter_day (
+                tenant_id String,
+                meter String,
+                day Date,
+                events UInt64,
+                billable_events UInt64,
+                units Int64,
+                billable_units Int64,
+                kafka_topic String,
+                kafka_partition UInt32,
+                kafka_offset UInt64
+            ) ENGINE = MergeTree PARTITION BY toYYYYMM(day)
+              ORDER BY (tenant_id, meter, day, kafka_topic, kafka_partition, kafka_offset)",
+            "CREATE TABLE IF NOT EXISTS usage_route_day (
+                tenant_id String,
+                route String,
+                day Date,
+                events UInt64,
+                billable_events UInt64,
+                server_errors UInt64,
+                rate_limited UInt64,
+                request_bytes Int64,
+                response_bytes Int64,
+                latency_ms_sum Int64,
+                kafka_topic String,
+                kafka_partition UInt32,
+                kafka_offset UInt64
+            ) ENGINE = MergeTree PARTITION BY toYYYYMM(day)
+              ORDER BY (tenant_id, day, route, kafka_topic, kafka_partition, kafka_offset)",
+            "CREATE TABLE IF NOT EXISTS consumers (
+                consumer_id String,
+                name String,
+                tenant_id String,
+                plan String,
+                stripe_customer_id String,
+                metadata_json String,
+                version Int64,
+                updated_at DateTime('UTC'),
+                deleted UInt8
+            ) ENGINE = ReplacingMergeTree(version) ORDER BY consumer_id",
+            "CREATE TABLE IF NOT EXISTS key_audit (
+                key_id String,
+                consumer_id String,
+                consumer_name String,
+                prefix String,
+                action String,
+                actor String,
+                time DateTime('UTC'),
+                time_ms UInt16,
+                expires_at DateTime('UTC'),
+                version Int64,
+                kafka_partition UInt32,
+                kafka_offset UInt64
+            ) ENGINE = ReplacingMergeTree ORDER BY (key_id, kafka_partition, kafka_offset)",
+        ],
+    },
+    Migration {
+        version: 2,
+        name: "finance views",
+        statements: &[
+            "CREATE VIEW IF NOT EXISTS usage_daily AS
+             SELECT tenant_id, meter, day,
+                    sum(events) AS events, sum(billable_events) AS billable_events,
+                    sum(units) AS units, sum(billable_units) AS billable_units
+             FROM usage_meter_day GROUP BY tenant_id, meter, day",
+            "CREATE VIEW IF NOT EXISTS usage_hourly AS
+             SELECT tenant_id, meter, hour,
+                    sum(events) AS events, sum(billable_events) AS billable_events,
+                    sum(units) AS units, sum(billable_units) AS billable_units
+             FROM usage_meter_hour GROUP BY tenant_id, meter, hour",
+            "CREATE VIEW IF NOT EXISTS usage_by_period AS
+             SELECT tenant_id, meter, toStartOfMonth(day) AS period_start,
+                    sum(events) AS events, sum(billable_events) AS billable_events,
+                    sum(units) AS units, sum(billable_units) AS billable_units
+             FROM usage_meter_day GROUP BY tenant_id, meter, period_start",
+            // The average is computed outside: inside, `events` would name the alias.
+            "CREATE VIEW IF NOT EXISTS route_usage_daily AS
+             SELECT tenant_id, route, day, events, billable_events, server_errors, rate_limited,
+                    request_bytes, response_bytes, latency_ms_sum / events AS avg_latency_ms
+             FROM (
+                 SELECT tenant_id, route, day,
+                        sum(events) AS events, sum(billable_events) AS billable_events,
+                        sum(server_errors) AS server_errors, sum(rate_limited) AS rate_limited,
+                        sum(request_bytes) AS request_bytes, sum(response_bytes) AS response_bytes,
+                        sum(latency_ms_sum) AS latency_ms_sum
+                 FROM usage_route_day GROUP BY tenant_id, route, day
+             )",
+            "CREATE VIEW IF NOT EXISTS top_routes AS
+             SELECT tenant_id, toStartOfMonth(day) AS period_start, route,
+                    sum(events) AS events, sum(server_errors) AS server_errors,
+                    sum(response_bytes) AS response_bytes
+             FROM usage_route_day GROUP BY tenant_id, period_start, route
+             ORDER BY tenant_id, period_start, events DESC
+             LIMIT 10 BY tenant_id, period_start",
+            "CREATE VIEW IF NOT EXISTS invoice_preview AS
+             SELECT tenant_id, period_start, meter, billable_units, billable_events,
+                    stripe_customer_id
+             FROM (
+                 SELECT tenant_id, toStartOfMonth(day) AS period_start, meter,
+                        sum(billable_units) AS billable_units,
+                        sum(billable_events) AS billable_events
+                 FROM usage_meter_day WHERE tenant_id != ''
+                 GROUP BY tenant_id, period_start, meter
+             ) ANY LEFT JOIN (
+                 SELECT tenant_id, anyIf(stripe_customer_id, stripe_customer_id != '') AS stripe_customer_id
+                 FROM consumers FINAL WHERE deleted = 0 GROUP BY tenant_id
+             ) USING tenant_id",
+        ],
+    },
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    #[error("schema_migrations: {0}")]
+    Ledger(#[source] clickhouse::error::Error),
+    #[error("migration {version} ({name}), statement {index}: {source}")]
+    Statement {
+        version: u32,
+        name: &'static str,
+        index: usize,
+        #[source]
+        source: clickhouse::error::Error,
+    },
+}
+
+#[derive(Debug, serde::Serialize, clickhouse::Row)]
+struct AppliedRow<'a> {
+    version: u32,
+    name: &'a str,
+    applied_at: u32,
+    applied_by: &'a str,
+}
+
+/// Brings the database to the latest schema version. Idempotent; safe to run from several
+/// instances at once (see the module docs).
+pub async fn migrate(client: &Client) -> Result<(), SchemaError> {
+    client
+        .query(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                version UInt32,
+                name String,
+                applied_at DateTime('UTC'),
+                applied_by String
+            ) ENGINE = ReplacingMergeTree ORDER BY version",
+        )
+        .execute()
+        .await
+        .or_else(already_exists)
+        .map_err(SchemaError::Ledger)?;
+    let applied: Vec<u32> = client
+        .query("SELECT DISTINCT version FROM schema_migrations")
+        .fetch_all()
+        .await
+        .map_err(SchemaError::Ledger)?;
+    let applied_by = format!("tollgate-meter-consumer {}", env!("CARGO_PKG_VERSION"));
+    for migration in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
+        for (index, statement) in migration.statements.iter().enumerate() {
+            client
+                .query(statement)
+                .execute()
+                .await
+                .or_else(already_exists)
+                .map_err(|source| SchemaError::Statement {
+                    version: migration.version,
+                    name: migration.name,
+                    index,
+                    source,
+                })?;
+        }
+        let mut insert = client
+            .insert::<AppliedRow<'_>>("schema_migrations")
+            .await
+            .map_err(SchemaError::Ledger)?;
+        insert
+            .write(&AppliedRow {
+                version: migration.version,
+                name: migration.name,
+                applied_at: unix_now(),
+                applied_by: &applied_by,
+            })
+            .await
+            .map_err(SchemaError::Ledger)?;
+        insert.end().await.map_err(SchemaError::Ledger)?;
+        tracing::info!(version = migration.version, name = migration.name, "schema migration applied");
+    }
+    Ok(())
+}
+
+/// The latest schema version this build knows.
+pub fn latest_version() -> u32 {
+    MIGRATIONS.last().map_or(0, |m| m.version)
+}
+
+/// A `CREATE` that lost a race with an identical one (code 57, table already exists; 82,
+/// database already exists) reached the state it asked for.
+fn already_exists(err: clickhouse::error::Error) -> Result<(), clickhouse::error::Error> {
+    match &err {
+        clickhouse::error::Error::BadResponse(text)
+            if text.contains("Code: 57") || text.contains("Code: 82") =>
+        {
+            Ok(())
+        }
+        _ => Err(err),
+    }
+}
+
+fn unix_now() -> u32 {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    u32::try_from(secs).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_are_increasing_and_unique() {
+        let versions: Vec<u32> = MIGRATIONS.iter().map(|m| m.version).collect();
+        assert!(versions.windows(2).all(|w| w[0] < w[1]), "{versions:?}");
+        assert_eq!(latest_version(), *versions.last().unwrap());
+    }
+
+    #[test]
+    fn every_statement_is_idempotent_and_avoids_newer_types() {
+        for m in MIGRATIONS {
+            for s in m.statements {
+                assert!(s.contains("IF NOT EXISTS"), "migration {}: {s}", m.version);
+                for banned in ["DateTime64", "Map(", "LowCardinality", "Bool", "Date32"] {
+                    assert!(!s.contains(banned), "migration {}: {banned} in {s}", m.version);
+                }
+            }
+        }
+    }
+}
