@@ -37,7 +37,7 @@ pub async fn per_window(
 ) -> Result<Vec<WindowUsage>, UsageError> {
     client
         .query(
-            "SELECT intDiv(toUInt32(time), ?) * ? AS ws, units.meter AS m, sum(units.value) AS u \
+            "SELECT toUInt32(intDiv(toUInt32(time), ?) * ?) AS ws, units.meter AS m, sum(units.value) AS u \
              FROM usage_events ARRAY JOIN units \
              WHERE billable = 1 AND time >= toDateTime(?) AND time < toDateTime(?) AND has(?, units.meter) \
              GROUP BY ws, m",
