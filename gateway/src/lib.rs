@@ -5,7 +5,14 @@
 //! readiness and metrics on the admin listener.
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod apikey;
+pub mod demo_upstream;
+pub mod directory;
+pub mod keystore;
 pub mod problem;
+pub mod proxy;
+pub mod routes;
 pub mod server;
 pub mod settings;
 

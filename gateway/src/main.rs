@@ -33,7 +33,8 @@ async fn main() -> ExitCode {
 async fn run(args: Args) -> anyhow::Result<()> {
     let settings: GatewaySettings = tollgate_runtime::load(&args.config)?;
     let token = std::env::var(tollgate_gateway::settings::ADMIN_TOKEN_ENV).ok();
-    tollgate_gateway::run(settings, token, Shutdown::on_signals())
+    let signing_secret = std::env::var(tollgate_gateway::settings::SIGNING_SECRET_ENV).ok();
+    tollgate_gateway::run(settings, token, signing_secret, Shutdown::on_signals())
         .await
         .context("gateway")
 }

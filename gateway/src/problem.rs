@@ -22,6 +22,9 @@ pub struct Problem {
     pub status_code: u16,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// Extra response headers (`Retry-After`, `WWW-Authenticate`).
+    #[serde(skip)]
+    pub headers: Vec<(&'static str, String)>,
 }
 
 impl Problem {
@@ -32,7 +35,13 @@ impl Problem {
             title,
             status_code: status.as_u16(),
             detail: None,
+            headers: Vec::new(),
         }
+    }
+
+    pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
     }
 
     pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
@@ -42,10 +51,12 @@ impl Problem {
 
     pub fn into_response(self) -> Response<Full<Bytes>> {
         let body = serde_json::to_vec(&self).expect("a problem always serializes");
-        Response::builder()
+        let mut response = Response::builder()
             .status(self.status)
-            .header(hyper::header::CONTENT_TYPE, "application/problem+json")
-            .body(Full::new(Bytes::from(body)))
-            .expect("static response parts are valid")
+            .header(hyper::header::CONTENT_TYPE, "application/problem+json");
+        for (name, value) in self.headers {
+            response = response.header(name, value);
+        }
+        response.body(Full::new(Bytes::from(body))).expect("problem headers are valid")
     }
 }

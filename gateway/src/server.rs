@@ -1,23 +1,37 @@
 //! The gateway's listeners and start-up order.
 //!
-//! In: validated settings, the admin token, a shutdown signal. Out: the public listener (tenant
-//! traffic) and the admin listener (ops endpoints), served until shutdown.
+//! In: validated settings, the admin token and signing secret, a shutdown signal. Out: the
+//! public listener (tenant traffic through [`Proxy`]) and the admin listener (admin API and
+//! ops endpoints), served until shutdown, then drained.
+//!
+//! Order: bind both listeners (a taken port fails at once), serve ops while the keys topic
+//! replays (tenant and admin requests get 503 until then, `/readyz` says why), then ready.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
-use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tollgate_runtime::ops::Ops;
 use tollgate_runtime::shutdown::Shutdown;
 
+use crate::admin::Admin;
+use crate::keystore::{KeyStore, StoreError};
 use crate::problem::Problem;
+use crate::proxy::{Body, Proxy};
 use crate::settings::{GatewaySettings, ADMIN_TOKEN_ENV};
 
 /// The shortest admin token accepted: anything shorter is guessable.
 const MIN_ADMIN_TOKEN_LEN: usize = 16;
+/// How long in-flight requests may take to finish after shutdown starts.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -33,60 +47,142 @@ pub enum GatewayError {
     },
     #[error(transparent)]
     Kafka(#[from] tollgate_runtime::kafka::KafkaCheckError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
-/// Runs the gateway until `shutdown` fires.
-pub async fn run(
-    settings: GatewaySettings,
-    admin_token: Option<String>,
-    shutdown: Shutdown,
-) -> Result<(), GatewayError> {
-    match admin_token.as_deref() {
-        None | Some("") => return Err(GatewayError::MissingAdminToken),
-        Some(t) if t.len() < MIN_ADMIN_TOKEN_LEN => return Err(GatewayError::ShortAdminToken),
-        Some(_) => {}
-    }
-    let public = bind("public", &settings.public.listen).await?;
-    let admin = bind("admin", &settings.admin.listen).await?;
-    tollgate_runtime::kafka::check_topics(
-        &settings.kafka,
-        &[settings.topics.keys.clone(), settings.topics.usage.clone()],
-    )
-    .await?;
+/// What serves requests once the keys topic has been replayed.
+struct Live {
+    proxy: Arc<Proxy>,
+    admin: Arc<Admin>,
+}
 
-    let (ops, _recorder) = Ops::new();
-    ops.set_ready();
-    tracing::info!(
-        public = %settings.public.listen,
-        admin = %settings.admin.listen,
-        "gateway listening"
-    );
-    let admin_task = tokio::spawn(serve(admin, shutdown.clone(), move |req| {
-        ops.respond(&req).unwrap_or_else(|| {
-            Problem::new(StatusCode::NOT_FOUND, "not-found", "Not Found").into_response()
+/// A gateway with its listeners bound, not yet serving.
+pub struct Gateway {
+    settings: Arc<GatewaySettings>,
+    admin_token: String,
+    signing_secret: Option<Vec<u8>>,
+    public: TcpListener,
+    admin: TcpListener,
+}
+
+impl Gateway {
+    pub async fn bind(settings: GatewaySettings, admin_token: Option<String>, signing_secret: Option<String>) -> Result<Self, GatewayError> {
+        let admin_token = match admin_token {
+            None => return Err(GatewayError::MissingAdminToken),
+            Some(t) if t.is_empty() => return Err(GatewayError::MissingAdminToken),
+            Some(t) if t.len() < MIN_ADMIN_TOKEN_LEN => return Err(GatewayError::ShortAdminToken),
+            Some(t) => t,
+        };
+        let public = bind("public", &settings.public.listen).await?;
+        let admin = bind("admin", &settings.admin.listen).await?;
+        Ok(Self {
+            settings: Arc::new(settings),
+            admin_token,
+            signing_secret: signing_secret.filter(|s| !s.is_empty()).map(String::into_bytes),
+            public,
+            admin,
         })
-    }));
-    serve(public, shutdown, |_req| {
-        Problem::new(StatusCode::NOT_FOUND, "no-route", "No route matches this request").into_response()
-    })
-    .await;
-    let _ = admin_task.await;
-    Ok(())
+    }
+
+    pub fn public_addr(&self) -> SocketAddr {
+        self.public.local_addr().expect("bound listener has an address")
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.local_addr().expect("bound listener has an address")
+    }
+
+    /// Replays the keys topic, serves until `shutdown`, then drains in-flight requests.
+    pub async fn serve(self, shutdown: Shutdown) -> Result<(), GatewayError> {
+        let settings = self.settings;
+        let (ops, _recorder) = Ops::new();
+        ops.set_not_ready("replaying the keys topic");
+        let live: Arc<OnceLock<Live>> = Arc::default();
+
+        let admin_task = {
+            let (ops, live) = (ops.clone(), Arc::clone(&live));
+            tokio::spawn(serve(self.admin, shutdown.clone(), settings.http.header_read_timeout_ms, move |req, _peer| {
+                let (ops, live) = (ops.clone(), Arc::clone(&live));
+                async move {
+                    if let Some(response) = ops.respond(&req) {
+                        return response.map(|b| b.map_err(|never| match never {}).boxed());
+                    }
+                    match live.get() {
+                        Some(live) => Arc::clone(&live.admin).handle(req).await.map(|b| b.map_err(|never| match never {}).boxed()),
+                        None => starting(),
+                    }
+                }
+            }))
+        };
+        let public_task = {
+            let live = Arc::clone(&live);
+            tokio::spawn(serve(self.public, shutdown.clone(), settings.http.header_read_timeout_ms, move |req, peer| {
+                let live = Arc::clone(&live);
+                async move {
+                    match live.get() {
+                        Some(live) => Arc::clone(&live.proxy).handle(req, peer).await,
+                        None => starting(),
+                    }
+                }
+            }))
+        };
+
+        tollgate_runtime::kafka::check_topics(&settings.kafka, &[settings.topics.keys.clone(), settings.topics.usage.clone()]).await?;
+        let store = KeyStore::start(&settings.kafka, &settings.topics.keys).await?;
+        let proxy = Proxy::new(Arc::clone(&settings), Arc::clone(store.directory()), self.signing_secret);
+        let admin = Admin {
+            store,
+            token: self.admin_token,
+            key_env: settings.keys.environment.clone(),
+            identity: settings.identity.clone(),
+        };
+        let _ = live.set(Live {
+            proxy: Arc::new(proxy),
+            admin: Arc::new(admin),
+        });
+        ops.set_ready();
+        tracing::info!(public = %settings.public.listen, admin = %settings.admin.listen, "gateway ready");
+
+        let _ = public_task.await;
+        let _ = admin_task.await;
+        Ok(())
+    }
+}
+
+/// Binds, replays and serves until `shutdown` fires.
+pub async fn run(settings: GatewaySettings, admin_token: Option<String>, signing_secret: Option<String>, shutdown: Shutdown) -> Result<(), GatewayError> {
+    Gateway::bind(settings, admin_token, signing_secret).await?.serve(shutdown).await
+}
+
+fn starting() -> Response<Body> {
+    Problem::new(StatusCode::SERVICE_UNAVAILABLE, "starting", "Service Unavailable")
+        .with_detail("the gateway is loading its keys")
+        .with_header("retry-after", "1")
+        .into_response()
+        .map(|b| b.map_err(|never| match never {}).boxed())
 }
 
 async fn bind(which: &'static str, listen: &str) -> Result<TcpListener, GatewayError> {
     let addr: SocketAddr = listen.parse().expect("validated by GatewaySettings::validate");
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| GatewayError::Bind { which, addr, source })
+    TcpListener::bind(addr).await.map_err(|source| GatewayError::Bind { which, addr, source })
 }
 
-async fn serve<F>(listener: TcpListener, shutdown: Shutdown, handler: F)
+/// Serves HTTP/1.1 and h2c on `listener` until shutdown, then lets open connections finish
+/// (up to [`DRAIN_TIMEOUT`]).
+async fn serve<F, Fut>(listener: TcpListener, shutdown: Shutdown, header_read_timeout_ms: u64, handler: F)
 where
-    F: Fn(Request<Incoming>) -> Response<Full<Bytes>> + Clone + Send + Sync + 'static,
+    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
 {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(header_read_timeout_ms));
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
                 Err(err) => {
@@ -94,18 +190,21 @@ where
                     continue;
                 }
             },
-            _ = shutdown.wait() => return,
+            _ = shutdown.wait() => break,
         };
         let handler = handler.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let response = handler(req);
-                async move { Ok::<_, Infallible>(response) }
-            });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                .serve_connection(io, service)
-                .await;
+        let service = hyper::service::service_fn(move |req| {
+            let response = handler(req, peer);
+            async move { Ok::<_, Infallible>(response.await) }
         });
+        let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
+        tracing::warn!("in-flight requests still running after the drain timeout");
     }
 }

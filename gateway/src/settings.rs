@@ -4,7 +4,7 @@ use std::collections::HashSet;
 
 use serde::Deserialize;
 use tollgate_runtime::kafka::KafkaSettings;
-use tollgate_runtime::settings::{http_url, socket_addr, Invalid, Validate};
+use tollgate_runtime::settings::{http_url, in_range, socket_addr, Invalid, Validate};
 
 /// Where the admin token comes from: never the settings file.
 pub const ADMIN_TOKEN_ENV: &str = "TOLLGATE_ADMIN_TOKEN";
@@ -18,9 +18,157 @@ pub struct GatewaySettings {
     pub kafka: KafkaSettings,
     #[serde(default)]
     pub topics: TopicSettings,
-    /// Routes, matched by longest path prefix.
+    #[serde(default)]
+    pub keys: KeySettings,
+    #[serde(default)]
+    pub identity: IdentitySettings,
+    #[serde(default)]
+    pub http: HttpSettings,
+    /// Routes; the most specific pattern that matches a request's path serves it.
     #[serde(default)]
     pub routes: Vec<RouteSettings>,
+}
+
+/// Where the upstream signing secret comes from: never the settings file.
+pub const SIGNING_SECRET_ENV: &str = "TOLLGATE_UPSTREAM_SIGNING_SECRET";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySettings {
+    /// Environment label inside new keys (`tg_<environment>_…`): lowercase letters and digits.
+    #[serde(default = "default_key_environment")]
+    pub environment: String,
+    /// Headers a key is read from, in order; `authorization` expects `Bearer <key>`.
+    #[serde(default = "default_key_headers")]
+    pub headers: Vec<String>,
+}
+
+impl Default for KeySettings {
+    fn default() -> Self {
+        Self {
+            environment: default_key_environment(),
+            headers: default_key_headers(),
+        }
+    }
+}
+
+fn default_key_environment() -> String {
+    "live".to_owned()
+}
+
+fn default_key_headers() -> Vec<String> {
+    vec!["authorization".to_owned(), "x-api-key".to_owned()]
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentitySettings {
+    /// Consumer metadata field holding the tenant id (a consumer without one is its own tenant).
+    #[serde(default = "default_tenant_field")]
+    pub tenant_field: String,
+    /// Consumer metadata field naming the plan.
+    #[serde(default = "default_plan_field")]
+    pub plan_field: String,
+    /// Consumer metadata field holding the Stripe customer id.
+    #[serde(default = "default_stripe_customer_field")]
+    pub stripe_customer_field: String,
+    /// Consumer metadata field naming one of a route's `upstreams` (a dedicated cluster).
+    #[serde(default = "default_upstream_field")]
+    pub upstream_field: String,
+    /// Client headers removed before proxying, besides every `x-tollgate-*` header: identity
+    /// comes only from the key.
+    #[serde(default = "default_strip_headers")]
+    pub strip_headers: Vec<String>,
+    /// Query parameter that, when present, must equal the authenticated tenant (403 if not).
+    #[serde(default)]
+    pub tenant_query_param: Option<String>,
+}
+
+impl Default for IdentitySettings {
+    fn default() -> Self {
+        Self {
+            tenant_field: default_tenant_field(),
+            plan_field: default_plan_field(),
+            stripe_customer_field: default_stripe_customer_field(),
+            upstream_field: default_upstream_field(),
+            strip_headers: default_strip_headers(),
+            tenant_query_param: None,
+        }
+    }
+}
+
+fn default_tenant_field() -> String {
+    "tenantId".to_owned()
+}
+fn default_plan_field() -> String {
+    "plan".to_owned()
+}
+fn default_stripe_customer_field() -> String {
+    "stripeCustomerId".to_owned()
+}
+fn default_upstream_field() -> String {
+    "upstream".to_owned()
+}
+fn default_strip_headers() -> Vec<String> {
+    ["x-tenant-id", "x-consumer-id", "x-consumer-name", "x-user-id", "x-forwarded-user"]
+        .map(str::to_owned)
+        .to_vec()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    /// Largest total size of a request's header names and values (431 above).
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    /// Largest request body (413 above).
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// Time a client has to send its request headers.
+    #[serde(default = "default_header_read_timeout_ms")]
+    pub header_read_timeout_ms: u64,
+    /// Time a client has to send its request body (408 after).
+    #[serde(default = "default_body_read_timeout_ms")]
+    pub body_read_timeout_ms: u64,
+    /// Time to connect to an upstream (502 after).
+    #[serde(default = "default_connect_timeout_ms")]
+    pub upstream_connect_timeout_ms: u64,
+    /// Requests one tenant may have in flight at once; more get 429 (a bulkhead, so one
+    /// tenant cannot hold all upstream capacity).
+    #[serde(default = "default_tenant_max_in_flight")]
+    pub tenant_max_in_flight: u32,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: default_max_header_bytes(),
+            max_body_bytes: default_max_body_bytes(),
+            header_read_timeout_ms: default_header_read_timeout_ms(),
+            body_read_timeout_ms: default_body_read_timeout_ms(),
+            upstream_connect_timeout_ms: default_connect_timeout_ms(),
+            tenant_max_in_flight: default_tenant_max_in_flight(),
+        }
+    }
+}
+
+fn default_max_header_bytes() -> usize {
+    16 * 1024
+}
+fn default_max_body_bytes() -> usize {
+    10 * 1024 * 1024
+}
+fn default_header_read_timeout_ms() -> u64 {
+    10_000
+}
+fn default_body_read_timeout_ms() -> u64 {
+    30_000
+}
+fn default_connect_timeout_ms() -> u64 {
+    2_000
+}
+fn default_tenant_max_in_flight() -> u32 {
+    64
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -70,10 +218,25 @@ pub fn default_usage_topic() -> String {
 pub struct RouteSettings {
     /// Route id, carried in usage events.
     pub id: String,
-    /// Path prefix this route serves, starting with `/`.
+    /// Path pattern, starting with `/`: literal segments and `{param}` segments; a trailing
+    /// `/` makes it a prefix (`/v1/tenants/{tenantId}/`). `{tenantId}` must equal the
+    /// authenticated tenant.
     pub path: String,
-    /// Upstream base URL the request is proxied to.
+    /// Methods served; empty: all.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Upstream base URL the request is proxied to (the request path is appended).
     pub upstream: String,
+    /// Named alternative upstreams a consumer's metadata may pick (a dedicated cluster).
+    #[serde(default)]
+    pub upstreams: std::collections::BTreeMap<String, String>,
+    /// Time the upstream has to answer with its response head (504 after).
+    #[serde(default = "default_route_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_route_timeout_ms() -> u64 {
+    30_000
 }
 
 impl Validate for GatewaySettings {
@@ -83,7 +246,8 @@ impl Validate for GatewaySettings {
         }
         let public = socket_addr("public.listen", &self.public.listen)?;
         let admin = socket_addr("admin.listen", &self.admin.listen)?;
-        if public == admin {
+        // Port 0 asks the OS for a free port, distinct for each listener.
+        if public == admin && public.port() != 0 {
             return Err(Invalid::new(
                 "admin.listen",
                 &self.admin.listen,
@@ -96,20 +260,41 @@ impl Validate for GatewaySettings {
                 return Err(Invalid::new(field, topic, "a Kafka topic name: 1-249 of [a-zA-Z0-9._-]"));
             }
         }
+        if !crate::apikey::valid_env(&self.keys.environment) {
+            return Err(Invalid::new("keys.environment", &self.keys.environment, "1-16 lowercase letters or digits"));
+        }
+        if self.keys.headers.is_empty() || self.keys.headers.iter().any(|h| hyper::header::HeaderName::from_bytes(h.as_bytes()).is_err()) {
+            return Err(Invalid::new("keys.headers", format!("{:?}", self.keys.headers), "one or more header names"));
+        }
+        in_range("http.max_header_bytes", self.http.max_header_bytes as u64, 1024, 1024 * 1024)?;
+        in_range("http.max_body_bytes", self.http.max_body_bytes as u64, 0, 1024 * 1024 * 1024)?;
+        in_range("http.header_read_timeout_ms", self.http.header_read_timeout_ms, 100, 600_000)?;
+        in_range("http.body_read_timeout_ms", self.http.body_read_timeout_ms, 100, 600_000)?;
+        in_range("http.upstream_connect_timeout_ms", self.http.upstream_connect_timeout_ms, 10, 600_000)?;
+        in_range("http.tenant_max_in_flight", u64::from(self.http.tenant_max_in_flight), 1, 1_000_000)?;
         let mut ids = HashSet::new();
         let mut paths = HashSet::new();
         for (i, route) in self.routes.iter().enumerate() {
             if route.id.is_empty() || !ids.insert(route.id.as_str()) {
                 return Err(Invalid::new(format!("routes[{i}].id"), &route.id, "a unique, non-empty route id"));
             }
-            if !route.path.starts_with('/') || !paths.insert(route.path.as_str()) {
+            if crate::routes::Pattern::parse(&route.path).is_none() || !paths.insert(route.path.as_str()) {
                 return Err(Invalid::new(
                     format!("routes[{i}].path"),
                     &route.path,
-                    "a path starting with `/`, not used by another route",
+                    "a path starting with `/` of literal and `{name}` segments, not used by another route",
                 ));
             }
+            for (j, method) in route.methods.iter().enumerate() {
+                if hyper::Method::from_bytes(method.as_bytes()).is_err() || method.to_ascii_uppercase() != *method {
+                    return Err(Invalid::new(format!("routes[{i}].methods[{j}]"), method, "an upper-case HTTP method"));
+                }
+            }
             http_url(&format!("routes[{i}].upstream"), &route.upstream)?;
+            for (name, url) in &route.upstreams {
+                http_url(&format!("routes[{i}].upstreams.{name}"), url)?;
+            }
+            in_range(&format!("routes[{i}].timeout_ms"), route.timeout_ms, 10, 3_600_000)?;
         }
         Ok(())
     }
@@ -162,6 +347,18 @@ mod tests {
         let text = format!("{EXAMPLE}\n[[routes]]\nid = \"bad\"\npath = \"/bad/\"\nupstream = \"127.0.0.1:1\"\n");
         let err = load(&text).unwrap_err();
         assert!(err.contains(".upstream`: found \"127.0.0.1:1\", expected an absolute http"), "{err}");
+    }
+
+    #[test]
+    fn rejects_bad_route_pattern_method_and_key_environment() {
+        let route = |path: &str, methods: &str| {
+            format!("{EXAMPLE}\n[[routes]]\nid = \"x\"\npath = \"{path}\"\nmethods = {methods}\nupstream = \"http://127.0.0.1:1\"\n")
+        };
+        assert!(load(&route("/a/{unclosed/", "[]")).unwrap_err().contains("path`: found \"/a/{unclosed/\""));
+        assert!(load(&route("no-slash", "[]")).unwrap_err().contains("path`: found \"no-slash\""));
+        assert!(load(&route("/x/", "[\"get\"]")).unwrap_err().contains("methods[0]`: found \"get\""));
+        let err = load(&EXAMPLE.replace("environment = \"live\"", "environment = \"Live!\"")).unwrap_err();
+        assert!(err.contains("setting `keys.environment`"), "{err}");
     }
 
     #[test]

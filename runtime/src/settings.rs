@@ -44,6 +44,17 @@ pub enum SettingsError {
     Invalid { origin: String, invalid: Invalid },
 }
 
+/// The deserializer's message on one line, without its own `in `table`` note (the setting's
+/// path is given already).
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !(l.starts_with("in `") && l.ends_with('`')))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 fn setting_prefix(field: &str) -> String {
     if field.is_empty() {
         String::new()
@@ -120,7 +131,7 @@ pub fn from_str_with_env<T: DeserializeOwned + Validate>(
             Ok(settings) => break settings,
             Err(err) => {
                 let field = err.path().to_string();
-                let message = err.inner().to_string().trim_end().to_owned();
+                let message = one_line(&err.inner().to_string());
                 let culprit = overlays
                     .iter_mut()
                     .find(|o| o.path.join(".") == field || o.names_unknown_field(&field, &message));

@@ -5,6 +5,9 @@
 //! native stack's loopback ports.
 #![forbid(unsafe_code)]
 
+pub mod gateway;
+pub mod http;
+
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 

@@ -1,0 +1,425 @@
+//! The admin API: consumers and their API keys, over JSON, on the admin listener.
+//!
+//! In: operator requests with `Authorization: Bearer <admin token>`. Out: records written to
+//! the keys topic through [`KeyStore`] (answered once applied locally), JSON views of the
+//! directory, and RFC 9457 problems for every refusal. Plaintext keys leave only in the one
+//! response that creates them.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use subtle::ConstantTimeEq;
+use tollgate_schemas::{encode, ApiKeyRecord, ConsumerRecord};
+
+use crate::apikey;
+use crate::directory::Consumer;
+use crate::keystore::KeyStore;
+use crate::problem::Problem;
+use crate::settings::IdentitySettings;
+
+/// Largest admin request body: consumers and keys are small.
+const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Who admin API writes are attributed to in the records.
+const ACTOR: &str = "admin-api";
+
+pub struct Admin {
+    pub store: KeyStore,
+    pub token: String,
+    pub key_env: String,
+    pub identity: IdentitySettings,
+}
+
+type Reply = Result<Response<Full<Bytes>>, Problem>;
+
+impl Admin {
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        self.route(req).await.unwrap_or_else(Problem::into_response)
+    }
+
+    async fn route(&self, req: Request<Incoming>) -> Reply {
+        self.authorize(&req)?;
+        let path = req.uri().path().trim_end_matches('/').to_owned();
+        let segments: Vec<&str> = path.split('/').skip(1).collect();
+        let method = req.method().clone();
+        match (method, segments.as_slice()) {
+            (Method::POST, ["v1", "consumers"]) => self.create_consumer(read_json(req).await?).await,
+            (Method::GET, ["v1", "consumers"]) => Ok(self.list_consumers()),
+            (Method::GET, ["v1", "consumers", name]) => Ok(json_response(StatusCode::OK, consumer_json(&*self.consumer(name)?))),
+            (Method::PATCH, ["v1", "consumers", name]) => {
+                let name = name.to_string();
+                self.patch_consumer(&name, read_json(req).await?).await
+            }
+            (Method::DELETE, ["v1", "consumers", name]) => self.delete_consumer(name).await,
+            (Method::POST, ["v1", "consumers", name, "keys"]) => {
+                let name = name.to_string();
+                self.create_key(&name, read_json(req).await?).await
+            }
+            (Method::GET, ["v1", "consumers", name, "keys"]) => self.list_keys(name),
+            (Method::POST, ["v1", "consumers", name, "roll-key"]) => {
+                let name = name.to_string();
+                self.roll_key(&name, read_json(req).await?).await
+            }
+            (Method::DELETE, ["v1", "consumers", name, "keys", id]) => self.revoke_key(name, id).await,
+            (_, ["v1", "consumers", ..]) => Err(Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "Method Not Allowed")),
+            _ => Err(Problem::new(StatusCode::NOT_FOUND, "not-found", "Not Found")),
+        }
+    }
+
+    fn authorize<B>(&self, req: &Request<B>) -> Result<(), Problem> {
+        let presented = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        if bool::from(presented.as_bytes().ct_eq(self.token.as_bytes())) {
+            Ok(())
+        } else {
+            Err(Problem::new(StatusCode::UNAUTHORIZED, "admin-unauthorized", "Unauthorized")
+                .with_detail("the admin API needs `Authorization: Bearer <TOLLGATE_ADMIN_TOKEN>`"))
+        }
+    }
+
+    fn consumer(&self, name: &str) -> Result<Arc<Consumer>, Problem> {
+        self.store
+            .directory()
+            .read()
+            .expect("directory lock")
+            .consumer_by_name(name)
+            .ok_or_else(|| not_found(format!("no consumer named {name:?}")))
+    }
+
+    async fn write(&self, key: &str, payload: Option<Vec<u8>>) -> Result<(), Problem> {
+        self.store.write(key, payload).await.map_err(|err| {
+            tracing::error!(error = %err, "admin write failed");
+            Problem::new(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable", "Service Unavailable")
+                .with_detail("the change could not be stored; retry later")
+        })
+    }
+
+    async fn create_consumer(&self, body: Value) -> Reply {
+        let body: NewConsumer = from_json(body)?;
+        validate_name(&body.name)?;
+        if self.consumer(&body.name).is_ok() {
+            return Err(conflict(&body.name));
+        }
+        let now = now_ms();
+        let record = self.consumer_record(uuid::Uuid::now_v7().to_string(), &body.name, body.metadata, now, now, 1)?;
+        self.write(&format!("consumer/{}", record.id), Some(encode(&record))).await?;
+        // Two creates of one name race on the topic: the earlier record wins everywhere.
+        match self.consumer(&body.name) {
+            Ok(winner) if winner.id == record.id => Ok(json_response(StatusCode::CREATED, consumer_json(&winner))),
+            _ => {
+                self.write(&format!("consumer/{}", record.id), None).await?;
+                Err(conflict(&body.name))
+            }
+        }
+    }
+
+    fn consumer_record(
+        &self,
+        id: String,
+        name: &str,
+        metadata: Map<String, Value>,
+        created_at_ms: i64,
+        updated_at_ms: i64,
+        version: i64,
+    ) -> Result<ConsumerRecord, Problem> {
+        let field = |key: &str| -> Result<Option<String>, Problem> {
+            match metadata.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
+                Some(_) => Err(bad_request(format!("metadata.{key} must be a non-empty string"))),
+            }
+        };
+        Ok(ConsumerRecord {
+            id,
+            name: name.to_owned(),
+            tenant_id: field(&self.identity.tenant_field)?,
+            plan: field(&self.identity.plan_field)?,
+            stripe_customer_id: field(&self.identity.stripe_customer_field)?,
+            metadata_json: Value::Object(metadata).to_string(),
+            created_at_ms,
+            updated_at_ms,
+            version,
+            updated_by: ACTOR.to_owned(),
+        })
+    }
+
+    fn list_consumers(&self) -> Response<Full<Bytes>> {
+        let all = self.store.directory().read().expect("directory lock").consumers();
+        json_response(StatusCode::OK, json!({ "data": all.iter().map(|c| consumer_json(c)).collect::<Vec<_>>() }))
+    }
+
+    async fn patch_consumer(&self, name: &str, body: Value) -> Reply {
+        let current = self.consumer(name)?;
+        let patch: ConsumerPatch = from_json(body)?;
+        let mut metadata = current.metadata.clone();
+        // JSON merge patch (RFC 7396) on the metadata: null removes a field.
+        for (key, value) in patch.metadata {
+            if value.is_null() {
+                metadata.remove(&key);
+            } else {
+                metadata.insert(key, value);
+            }
+        }
+        let record = self.consumer_record(
+            current.id.clone(),
+            name,
+            metadata,
+            current.created_at_ms,
+            now_ms(),
+            current.version + 1,
+        )?;
+        self.write(&format!("consumer/{}", record.id), Some(encode(&record))).await?;
+        Ok(json_response(StatusCode::OK, consumer_json(&*self.consumer(name)?)))
+    }
+
+    async fn delete_consumer(&self, name: &str) -> Reply {
+        let consumer = self.consumer(name)?;
+        let keys = self.store.directory().read().expect("directory lock").keys_of(&consumer.id);
+        // Keys first: a consumer is never left with keys that outlive it.
+        for key in keys {
+            self.write(&format!("key/{}", key.id), None).await?;
+        }
+        self.write(&format!("consumer/{}", consumer.id), None).await?;
+        Ok(empty(StatusCode::NO_CONTENT))
+    }
+
+    async fn create_key(&self, name: &str, body: Value) -> Reply {
+        let consumer = self.consumer(name)?;
+        let body: NewKeyBody = from_json(body)?;
+        let expires_at_ms = body.expires_on.as_deref().map(parse_future_time).transpose()?;
+        let (record, plaintext) = self.new_key(&consumer, body.description, body.labels, expires_at_ms, None);
+        self.write(&format!("key/{}", record.id), Some(encode(&record))).await?;
+        Ok(json_response(StatusCode::CREATED, key_json(&record, Some(&plaintext))))
+    }
+
+    fn new_key(
+        &self,
+        consumer: &Consumer,
+        description: Option<String>,
+        labels: BTreeMap<String, String>,
+        expires_at_ms: Option<i64>,
+        rolled_from: Option<String>,
+    ) -> (ApiKeyRecord, String) {
+        let key = apikey::generate(&self.key_env);
+        let record = ApiKeyRecord {
+            id: format!("key_{}", uuid::Uuid::now_v7().simple()),
+            consumer_id: consumer.id.clone(),
+            consumer_name: consumer.name.clone(),
+            prefix: key.prefix.clone(),
+            secret_sha256: key.digest,
+            description: description.unwrap_or_default(),
+            labels,
+            created_at_ms: now_ms(),
+            expires_at_ms,
+            revoked_at_ms: None,
+            rolled_from,
+            version: 1,
+            updated_by: ACTOR.to_owned(),
+        };
+        (record, key.plaintext)
+    }
+
+    fn list_keys(&self, name: &str) -> Reply {
+        let consumer = self.consumer(name)?;
+        let keys = self.store.directory().read().expect("directory lock").keys_of(&consumer.id);
+        Ok(json_response(
+            StatusCode::OK,
+            json!({ "data": keys.iter().map(|k| key_json(k, None)).collect::<Vec<_>>() }),
+        ))
+    }
+
+    async fn roll_key(&self, name: &str, body: Value) -> Reply {
+        let consumer = self.consumer(name)?;
+        let body: RollBody = from_json(body)?;
+        let deadline = parse_time(&body.expires_on)?;
+        let now = now_ms();
+        let current: Vec<ApiKeyRecord> = self
+            .store
+            .directory()
+            .read()
+            .expect("directory lock")
+            .keys_of(&consumer.id)
+            .into_iter()
+            .filter(|k| k.revoked_at_ms.is_none() && k.expires_at_ms.is_none_or(|at| at > now))
+            .collect();
+        // The new key first: if anything below fails, the consumer still has a working key.
+        let rolled_from = current.last().map(|k| k.id.clone());
+        let (record, plaintext) = self.new_key(&consumer, body.description, BTreeMap::new(), None, rolled_from);
+        self.write(&format!("key/{}", record.id), Some(encode(&record))).await?;
+        for mut old in current {
+            old.expires_at_ms = Some(old.expires_at_ms.map_or(deadline, |at| at.min(deadline)));
+            old.version += 1;
+            old.updated_by = ACTOR.to_owned();
+            self.write(&format!("key/{}", old.id), Some(encode(&old))).await?;
+        }
+        Ok(json_response(StatusCode::CREATED, key_json(&record, Some(&plaintext))))
+    }
+
+    async fn revoke_key(&self, name: &str, id: &str) -> Reply {
+        let consumer = self.consumer(name)?;
+        let key = self
+            .store
+            .directory()
+            .read()
+            .expect("directory lock")
+            .key(id)
+            .filter(|k| k.consumer_id == consumer.id)
+            .cloned()
+            .ok_or_else(|| not_found(format!("consumer {name:?} has no key {id:?}")))?;
+        if key.revoked_at_ms.is_none() {
+            let mut revoked = key;
+            revoked.revoked_at_ms = Some(now_ms());
+            revoked.version += 1;
+            revoked.updated_by = ACTOR.to_owned();
+            self.write(&format!("key/{}", revoked.id), Some(encode(&revoked))).await?;
+        }
+        Ok(empty(StatusCode::NO_CONTENT))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewConsumer {
+    name: String,
+    #[serde(default)]
+    metadata: Map<String, Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConsumerPatch {
+    #[serde(default)]
+    metadata: Map<String, Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct NewKeyBody {
+    description: Option<String>,
+    expires_on: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RollBody {
+    /// Grace deadline for the keys being replaced.
+    expires_on: String,
+    description: Option<String>,
+}
+
+async fn read_json(req: Request<Incoming>) -> Result<Value, Problem> {
+    let bytes = Limited::new(req.into_body(), MAX_BODY_BYTES)
+        .collect()
+        .await
+        .map_err(|_| {
+            Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "body-too-large", "Payload Too Large")
+                .with_detail(format!("admin request bodies are limited to {MAX_BODY_BYTES} bytes"))
+        })?
+        .to_bytes();
+    if bytes.is_empty() {
+        return Ok(json!({}));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| bad_request(format!("body is not valid JSON: {e}")))
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(body: Value) -> Result<T, Problem> {
+    serde_json::from_value(body).map_err(|e| bad_request(e.to_string()))
+}
+
+fn validate_name(name: &str) -> Result<(), Problem> {
+    let ok = (1..=128).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(bad_request("name must be 1 to 128 characters of letters, digits, `-`, `_` and `.`"))
+    }
+}
+
+fn parse_time(value: &str) -> Result<i64, Problem> {
+    DateTime::parse_from_rfc3339(value)
+        .map(|t| t.timestamp_millis())
+        .map_err(|_| bad_request(format!("{value:?} is not an RFC 3339 time like 2026-12-31T23:59:59Z")))
+}
+
+fn parse_future_time(value: &str) -> Result<i64, Problem> {
+    let at = parse_time(value)?;
+    if at <= now_ms() {
+        return Err(bad_request(format!("expiresOn {value:?} is in the past")));
+    }
+    Ok(at)
+}
+
+fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+fn time_json(ms: i64) -> Value {
+    DateTime::<Utc>::from_timestamp_millis(ms)
+        .map(|t| Value::String(t.to_rfc3339_opts(SecondsFormat::Millis, true)))
+        .unwrap_or(Value::Null)
+}
+
+fn consumer_json(c: &Consumer) -> Value {
+    json!({
+        "id": c.id,
+        "name": c.name,
+        "metadata": c.metadata,
+        "createdOn": time_json(c.created_at_ms),
+        "updatedOn": time_json(c.updated_at_ms),
+    })
+}
+
+fn key_json(k: &ApiKeyRecord, plaintext: Option<&str>) -> Value {
+    let mut v = json!({
+        "id": k.id,
+        "prefix": k.prefix,
+        "description": k.description,
+        "labels": k.labels,
+        "createdOn": time_json(k.created_at_ms),
+        "expiresOn": k.expires_at_ms.map_or(Value::Null, time_json),
+        "revokedOn": k.revoked_at_ms.map_or(Value::Null, time_json),
+    });
+    if let Some(plaintext) = plaintext {
+        v["key"] = Value::String(plaintext.to_owned());
+    }
+    v
+}
+
+fn json_response(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("static response parts are valid")
+}
+
+fn empty(status: StatusCode) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .body(Full::new(Bytes::new()))
+        .expect("static response parts are valid")
+}
+
+fn bad_request(detail: impl Into<String>) -> Problem {
+    Problem::new(StatusCode::BAD_REQUEST, "invalid-request", "Bad Request").with_detail(detail)
+}
+
+fn not_found(detail: String) -> Problem {
+    Problem::new(StatusCode::NOT_FOUND, "not-found", "Not Found").with_detail(detail)
+}
+
+fn conflict(name: &str) -> Problem {
+    Problem::new(StatusCode::CONFLICT, "consumer-exists", "Conflict").with_detail(format!("a consumer named {name:?} exists"))
+}
