@@ -59,21 +59,22 @@ pub mod status {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
-    #[error("ledger migration {version} ({name}): {source}")]
+    // Fields not named `source`: the message already says it, and `{:#}` would say it twice.
+    #[error("ledger migration {version} ({name}): {error}")]
     Migration {
         version: u32,
         name: &'static str,
-        source: clickhouse::error::Error,
+        error: clickhouse::error::Error,
     },
-    #[error("ledger {what}: {source}")]
+    #[error("ledger {what}: {error}")]
     Query {
         what: &'static str,
-        source: clickhouse::error::Error,
+        error: clickhouse::error::Error,
     },
 }
 
 fn query_err(what: &'static str) -> impl FnOnce(clickhouse::error::Error) -> LedgerError {
-    move |source| LedgerError::Query { what, source }
+    move |error| LedgerError::Query { what, error }
 }
 
 /// Applies the migrations not applied yet. Safe to run from several processes at once.
@@ -85,10 +86,10 @@ pub async fn migrate(client: &Client) -> Result<(), LedgerError> {
         ))
         .execute()
         .await
-        .map_err(|source| LedgerError::Migration {
+        .map_err(|error| LedgerError::Migration {
             version: 0,
             name: MIGRATIONS_TABLE,
-            source,
+            error,
         })?;
     let applied: Vec<u32> = client
         .query(&format!("SELECT version FROM {MIGRATIONS_TABLE}"))
@@ -99,7 +100,7 @@ pub async fn migrate(client: &Client) -> Result<(), LedgerError> {
         if applied.contains(&version) {
             continue;
         }
-        let failed = |source| LedgerError::Migration { version, name, source };
+        let failed = |error| LedgerError::Migration { version, name, error };
         client.query(sql).execute().await.map_err(failed)?;
         client
             .query(&format!(

@@ -223,7 +223,9 @@ mod tests {
 
     #[test]
     fn rejects_backoff_cap_below_first_delay() {
-        let text = EXAMPLE.replace("timeout_ms = 10000", "timeout_ms = 10000\ninitial_backoff_ms = 500\nmax_backoff_ms = 100");
+        let text = EXAMPLE
+            .replace("initial_backoff_ms = 250", "initial_backoff_ms = 500")
+            .replace("max_backoff_ms = 30000", "max_backoff_ms = 100");
         let err = load(&text).unwrap_err();
         assert!(err.contains("setting `stripe.max_backoff_ms`: found \"100\", expected a number from 500"), "{err}");
     }
@@ -231,7 +233,7 @@ mod tests {
     #[test]
     fn zero_rate_turns_the_cap_off_but_zero_attempts_is_refused() {
         assert!(load(&EXAMPLE.replace("max_requests_per_second = 25", "max_requests_per_second = 0")).is_ok());
-        let text = EXAMPLE.replace("timeout_ms = 10000", "timeout_ms = 10000\nmax_attempts = 0");
+        let text = EXAMPLE.replace("max_attempts = 8", "max_attempts = 0");
         assert!(load(&text).unwrap_err().contains("setting `stripe.max_attempts`"));
     }
 

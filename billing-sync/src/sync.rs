@@ -87,7 +87,8 @@ impl Biller {
         for u in usage {
             balance.entry((u.window_start, u.meter)).or_default().0 += u.units;
         }
-        for a in accounts {
+        // Meters no longer configured are not billed any more: their ledger rows are history.
+        for a in accounts.into_iter().filter(|a| meters.contains(&a.meter)) {
             let entry = balance.entry((a.window_start, a.meter)).or_default();
             entry.1 += a.accounted;
             entry.2 += a.pending;

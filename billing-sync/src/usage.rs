@@ -10,14 +10,15 @@ use clickhouse::Client;
 use serde::Deserialize;
 
 #[derive(Debug, thiserror::Error)]
-#[error("usage {what}: {source}")]
+#[error("usage {what}: {error}")]
 pub struct UsageError {
     what: &'static str,
-    source: clickhouse::error::Error,
+    // Not `source`: the message already says it, and `{:#}` would say it twice.
+    error: clickhouse::error::Error,
 }
 
 fn err(what: &'static str) -> impl FnOnce(clickhouse::error::Error) -> UsageError {
-    move |source| UsageError { what, source }
+    move |error| UsageError { what, error }
 }
 
 #[derive(Debug, Clone, Deserialize, clickhouse::Row)]
