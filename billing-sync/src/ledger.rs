@@ -205,7 +205,9 @@ pub struct TenantAccount {
     pub tenant_id: String,
     pub meter: String,
     pub accounted: i64,
-    pub last: (u32, String, i64, String, String, u32),
+    /// The latest revision: (revision, status, value, identifier, stripe_customer_id,
+    /// attempts, window_total).
+    pub last: (u32, String, i64, String, String, u32, i64),
 }
 
 impl TenantAccount {
@@ -222,7 +224,7 @@ pub async fn tenant_accounts(client: &Client, window_start: u32, window_end: u32
         .query(
             "SELECT tenant_id, meter, \
                     sumIf(value, status != 'pending') AS accounted, \
-                    argMax((revision, status, value, identifier, stripe_customer_id, attempts), revision) AS last \
+                    argMax((revision, status, value, identifier, stripe_customer_id, attempts, window_total), revision) AS last \
              FROM billing_ledger FINAL \
              WHERE window_start = toDateTime(?) AND window_end = toDateTime(?) \
              GROUP BY tenant_id, meter",

@@ -164,54 +164,63 @@ impl Biller {
                 updated_at: stamp,
                 row_version: 0,
             };
-            if let Some(account) = account.filter(|a| a.last_status() == status::PENDING) {
-                // Interrupted: send the same event again, whatever the usage says now; the
-                // difference, if any, becomes the next revision once this one is settled.
-                let (revision, _, value, identifier, customer, attempts) = account.last.clone();
-                row.revision = revision;
-                row.value = value;
-                row.identifier = identifier;
-                row.stripe_customer_id = customer;
-                row.attempts = attempts;
-                if window.stripe_accepts(now) {
-                    let event = meter_event(&row, window);
-                    pushes.push((row, event));
-                } else {
+            let latest = account.map(|a| Latest {
+                revision: a.last_revision(),
+                pending: a.last_status() == status::PENDING,
+                accounted: a.accounted,
+            });
+            let decision = decide(latest, total, customers.contains_key(&tenant), window.stripe_accepts(now));
+            match decision {
+                Decision::Nothing => continue,
+                Decision::Resend | Decision::ResendTooLate => {
+                    // Interrupted: the same event again, whatever the usage says now; the
+                    // difference, if any, becomes the next revision once this one is settled.
+                    let account = account.expect("a pending revision has an account");
+                    let (revision, _, value, identifier, customer, attempts, window_total) = account.last.clone();
+                    row.revision = revision;
+                    row.window_total = window_total;
+                    row.value = value;
+                    row.identifier = identifier;
+                    row.stripe_customer_id = customer;
+                    row.attempts = attempts;
+                    if decision == Decision::Resend {
+                        let event = meter_event(&row, window);
+                        pushes.push((row, event));
+                        continue;
+                    }
                     row.status = status::ADJUSTMENT.to_owned();
                     row.error = "pending when Stripe stopped accepting the window's timestamp (35 days); may or may not have been billed".to_owned();
                     tracing::warn!(tenant = %tenant, meter = %meter, value, "pending revision too old for Stripe: recorded as adjustment");
                     report.adjustments += 1;
-                    direct.push(versioned(row));
                 }
-                continue;
-            }
-            let delta = total - account.map_or(0, |a| a.accounted);
-            if delta == 0 {
-                continue;
-            }
-            row.revision = account.map_or(0, |a| a.last_revision() + 1);
-            row.value = delta;
-            row.identifier = window::identifier(&tenant, &meter, window, row.revision);
-            let customer = customers.get(&tenant);
-            if delta < 0 {
-                row.status = status::ADJUSTMENT.to_owned();
-                row.error = "ClickHouse holds fewer units than already accounted for".to_owned();
-                tracing::warn!(tenant = %tenant, meter = %meter, delta, "negative difference: recorded as adjustment");
-                report.adjustments += 1;
-            } else if customer.is_none() {
-                row.status = status::UNBILLABLE.to_owned();
-                report.unbillable += 1;
-                unbillable_units += delta;
-            } else if !window.stripe_accepts(now) {
-                row.status = status::ADJUSTMENT.to_owned();
-                row.error = "late units in a window older than Stripe accepts (35 days)".to_owned();
-                report.adjustments += 1;
-            } else {
-                row.stripe_customer_id = customer.cloned().unwrap_or_default();
-                let event = meter_event(&row, window);
-                direct.push(versioned(row.clone()));
-                pushes.push((row, event));
-                continue;
+                Decision::New { revision, value, status: new_status } => {
+                    row.revision = revision;
+                    row.value = value;
+                    row.identifier = window::identifier(&tenant, &meter, window, revision);
+                    row.status = new_status.to_owned();
+                    match new_status {
+                        status::PENDING => {
+                            row.stripe_customer_id = customers.get(&tenant).cloned().unwrap_or_default();
+                            let event = meter_event(&row, window);
+                            direct.push(versioned(row.clone()));
+                            pushes.push((row, event));
+                            continue;
+                        }
+                        status::UNBILLABLE => {
+                            report.unbillable += 1;
+                            unbillable_units += value;
+                        }
+                        _ if value < 0 => {
+                            row.error = "ClickHouse holds fewer units than already accounted for".to_owned();
+                            tracing::warn!(tenant = %tenant, meter = %meter, value, "negative difference: recorded as adjustment");
+                            report.adjustments += 1;
+                        }
+                        _ => {
+                            row.error = "late units in a window older than Stripe accepts (35 days)".to_owned();
+                            report.adjustments += 1;
+                        }
+                    }
+                }
             }
             direct.push(versioned(row));
         }
@@ -286,6 +295,52 @@ impl Biller {
     }
 }
 
+/// The ledger's latest revision of one tenant and meter in a window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Latest {
+    pub revision: u32,
+    pub pending: bool,
+    /// Units of every settled revision (all statuses but pending).
+    pub accounted: i64,
+}
+
+/// What to do for one tenant and meter of a window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Already accounted for.
+    Nothing,
+    /// The latest revision is pending: send it again exactly as recorded.
+    Resend,
+    /// The latest revision is pending but Stripe no longer accepts the window: record it as
+    /// an adjustment (it may or may not have reached Stripe).
+    ResendTooLate,
+    /// A new revision for the difference, written with `status`: pending (then pushed),
+    /// unbillable, or adjustment (negative, or too old for Stripe).
+    New { revision: u32, value: i64, status: &'static str },
+}
+
+/// Decides, from the ledger's latest revision and ClickHouse's `total`, what one tenant and
+/// meter of a window needs. Pure: the property tests below check that settling every decision
+/// accounts for exactly the units in ClickHouse, however late they arrive.
+pub fn decide(latest: Option<Latest>, total: i64, has_customer: bool, stripe_accepts: bool) -> Decision {
+    if latest.is_some_and(|l| l.pending) {
+        return if stripe_accepts { Decision::Resend } else { Decision::ResendTooLate };
+    }
+    let value = total - latest.map_or(0, |l| l.accounted);
+    if value == 0 {
+        return Decision::Nothing;
+    }
+    let revision = latest.map_or(0, |l| l.revision + 1);
+    let status = if value < 0 || (has_customer && !stripe_accepts) {
+        status::ADJUSTMENT
+    } else if !has_customer {
+        status::UNBILLABLE
+    } else {
+        status::PENDING
+    };
+    Decision::New { revision, value, status }
+}
+
 fn versioned(mut row: LedgerRow) -> LedgerRow {
     row.row_version = ledger::next_row_version();
     row
@@ -306,4 +361,113 @@ pub fn unix_now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[test]
+    fn decisions() {
+        assert_eq!(decide(None, 0, true, true), Decision::Nothing);
+        assert_eq!(
+            decide(None, 7, true, true),
+            Decision::New { revision: 0, value: 7, status: status::PENDING }
+        );
+        let settled = Latest { revision: 0, pending: false, accounted: 7 };
+        assert_eq!(decide(Some(settled), 7, true, true), Decision::Nothing);
+        assert_eq!(
+            decide(Some(settled), 10, true, true),
+            Decision::New { revision: 1, value: 3, status: status::PENDING }
+        );
+        assert_eq!(
+            decide(Some(settled), 10, false, true),
+            Decision::New { revision: 1, value: 3, status: status::UNBILLABLE }
+        );
+        assert_eq!(
+            decide(Some(settled), 10, true, false),
+            Decision::New { revision: 1, value: 3, status: status::ADJUSTMENT }
+        );
+        assert_eq!(
+            decide(Some(settled), 5, true, true),
+            Decision::New { revision: 1, value: -2, status: status::ADJUSTMENT }
+        );
+        let pending = Latest { revision: 2, pending: true, accounted: 7 };
+        assert_eq!(decide(Some(pending), 100, true, true), Decision::Resend);
+        assert_eq!(decide(Some(pending), 100, true, false), Decision::ResendTooLate);
+    }
+
+    /// One step of the world between two passes: late units arrive, and the push of a
+    /// pending revision either settles or is interrupted (crash, outage).
+    #[derive(Debug, Clone)]
+    struct Step {
+        late_units: i64,
+        push_settles: bool,
+    }
+
+    fn steps() -> impl Strategy<Value = Vec<Step>> {
+        prop::collection::vec(
+            (0i64..50, any::<bool>()).prop_map(|(late_units, push_settles)| Step { late_units, push_settles }),
+            1..30,
+        )
+    }
+
+    proptest! {
+        /// Sums in, sums out: once pushes go through, the revisions account for exactly the
+        /// units in ClickHouse, revisions are consecutive, only pending revisions are sent,
+        /// and a re-send never changes a revision's value.
+        #[test]
+        fn revisions_account_for_every_unit(initial in 0i64..1_000, steps in steps(), has_customer: bool) {
+            let mut total = initial;
+            let mut ledger: Vec<(u32, i64, &'static str)> = Vec::new();
+            let mut sent: std::collections::HashMap<u32, i64> = Default::default();
+            let last_steps = [Step { late_units: 0, push_settles: true }, Step { late_units: 0, push_settles: true }];
+            for step in steps.iter().chain(last_steps.iter()) {
+                let latest = ledger.last().map(|&(revision, _, status)| Latest {
+                    revision,
+                    pending: status == status::PENDING,
+                    accounted: ledger.iter().filter(|r| r.2 != status::PENDING).map(|r| r.1).sum(),
+                });
+                match decide(latest, total, has_customer, true) {
+                    Decision::Nothing => {}
+                    Decision::Resend => {
+                        let (revision, value, _) = *ledger.last().unwrap();
+                        prop_assert_eq!(sent.insert(revision, value).unwrap_or(value), value);
+                        if step.push_settles {
+                            ledger.last_mut().unwrap().2 = status::PUSHED;
+                        }
+                    }
+                    Decision::ResendTooLate => prop_assert!(false, "the window is young"),
+                    Decision::New { revision, value, status } => {
+                        prop_assert_eq!(revision as usize, ledger.len());
+                        prop_assert!(value > 0);
+                        if status == status::PENDING {
+                            prop_assert!(has_customer);
+                            sent.insert(revision, value);
+                            let settled = if step.push_settles { status::PUSHED } else { status::PENDING };
+                            ledger.push((revision, value, settled));
+                        } else {
+                            prop_assert_eq!(status, status::UNBILLABLE);
+                            ledger.push((revision, value, status));
+                        }
+                    }
+                }
+                total += step.late_units;
+            }
+            // Two settling passes after the last late units: everything is accounted for.
+            let latest = ledger.last().map(|&(revision, _, status)| Latest {
+                revision,
+                pending: status == status::PENDING,
+                accounted: ledger.iter().filter(|r| r.2 != status::PENDING).map(|r| r.1).sum(),
+            });
+            if let Decision::New { value, .. } = decide(latest, total, has_customer, true) {
+                prop_assert_eq!(value, total - ledger.iter().map(|r| r.1).sum::<i64>());
+            } else {
+                prop_assert_eq!(ledger.iter().map(|r| r.1).sum::<i64>(), total);
+                prop_assert!(ledger.iter().all(|r| r.2 != status::PENDING));
+            }
+        }
+    }
 }
