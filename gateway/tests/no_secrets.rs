@@ -1,0 +1,142 @@
+//! A whole gateway run, as the real binary, never writes a key or the admin token to its
+//! output: issue keys, use them, use broken ones, revoke, roll, then grep everything it logged.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tollgate-gateway");
+const TOKEN: &str = "no-secrets-admin-token-5f1e2d3c4b5a";
+
+fn kafka() -> String {
+    let brokers = std::env::var("TOLLGATE_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".to_owned());
+    assert!(
+        TcpStream::connect_timeout(&brokers.parse().expect("host:port"), Duration::from_secs(2)).is_ok(),
+        "Kafka is not reachable at {brokers}: start it with `scripts/stack up --infra`"
+    );
+    brokers
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// One HTTP/1.1 request over a fresh connection; returns status and body.
+fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+fn field(json: &str, name: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(json).unwrap_or_else(|_| {
+        // Chunked bodies: the JSON object sits between the chunk size lines.
+        let start = json.find('{').unwrap();
+        let end = json.rfind('}').unwrap();
+        serde_json::from_str(&json[start..=end]).unwrap()
+    });
+    v[name].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn no_key_or_token_appears_in_a_whole_runs_output() {
+    let brokers = kafka();
+    let topic = format!("test.keys.nosecrets.{}", uuid::Uuid::now_v7().simple());
+    let (public, admin, upstream) = (free_port(), free_port(), free_port());
+    let settings = include_str!("../../config/gateway.toml")
+        .replace("127.0.0.1:8080", &format!("127.0.0.1:{public}"))
+        .replace("127.0.0.1:8081", &format!("127.0.0.1:{admin}"))
+        .replace("127.0.0.1:8090", &format!("127.0.0.1:{upstream}"))
+        .replace("keys = \"tollgate.keys\"", &format!("keys = \"{topic}\""));
+    let dir = std::env::temp_dir().join(format!("tollgate-nosecrets-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("gateway.toml");
+    std::fs::write(&config, settings).unwrap();
+    create_topic(&brokers, &topic);
+
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .env("TOLLGATE_ADMIN_TOKEN", TOKEN)
+        .env("TOLLGATE_KAFKA__BROKERS", &brokers)
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start gateway");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http_ready(admin).is_none() {
+        assert!(Instant::now() < deadline, "gateway not ready within 30 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let auth = format!("Bearer {TOKEN}");
+    let admin_headers = [("authorization", auth.as_str()), ("content-type", "application/json")];
+    let (status, _) = http(admin, "POST", "/v1/consumers", &admin_headers, r#"{"name":"acme-corp","metadata":{"tenantId":"t1"}}"#);
+    assert_eq!(status, 201);
+    let (status, body) = http(admin, "POST", "/v1/consumers/acme-corp/keys", &admin_headers, "{}");
+    assert_eq!(status, 201);
+    let key = field(&body, "key");
+    let id = field(&body, "id");
+    let (_, rolled) = http(admin, "POST", "/v1/consumers/acme-corp/roll-key", &admin_headers, r#"{"expiresOn":"2099-01-01T00:00:00Z"}"#);
+    let rolled = field(&rolled, "key");
+    let mut typo = key.clone();
+    typo.replace_range(10..11, if &key[10..11] == "Z" { "Y" } else { "Z" });
+    for presented in [&key, &rolled, &typo] {
+        // The upstream is down: the gateway logs a 502 for the valid keys, a 401 for the typo.
+        http(public, "GET", "/v1/orders", &[("authorization", &format!("Bearer {presented}"))], "");
+        http(public, "GET", "/v1/orders", &[("x-api-key", presented)], "");
+    }
+    http(admin, "DELETE", &format!("/v1/consumers/acme-corp/keys/{id}"), &admin_headers, "");
+    http(admin, "GET", "/v1/consumers", &[("authorization", "Bearer wrong-token-123456789")], "");
+    let (_, metrics) = http(admin, "GET", "/metrics", &[], "");
+
+    // SIGTERM, then read everything it wrote.
+    Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    let status = child.wait().unwrap();
+    let mut output = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut output).unwrap();
+    child.stderr.take().unwrap().read_to_string(&mut output).unwrap();
+    assert!(status.success(), "SIGTERM exits 0: {status:?}\n{output}");
+    assert!(output.contains("gateway ready"), "the run was logged:\n{output}");
+    for secret in [key.as_str(), rolled.as_str(), typo.as_str(), TOKEN] {
+        assert!(!output.contains(secret), "a secret appears in the output");
+        assert!(!metrics.contains(secret), "a secret appears in the metrics");
+        // Nor its secret part alone.
+        let secret_part = secret.split('_').nth(2).unwrap_or(secret);
+        assert!(!output.contains(secret_part), "a key's secret part appears in the output");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn http_ready(port: u16) -> Option<()> {
+    TcpStream::connect(("127.0.0.1", port)).ok()?;
+    (http(port, "GET", "/readyz", &[], "").0 == 200).then_some(())
+}
+
+fn create_topic(brokers: &str, topic: &str) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let results = runtime
+        .block_on(admin.create_topics(
+            &[NewTopic::new(topic, 1, TopicReplication::Fixed(1)).set("cleanup.policy", "compact")],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        ))
+        .unwrap();
+    for r in results {
+        r.unwrap();
+    }
+}
