@@ -1,0 +1,486 @@
+//! Support for the billing-sync tests: a recording and fault-injecting proxy in front of
+//! stripe-mock, usage and customer fixtures in a test's own ClickHouse database, and the
+//! checks every billing test makes (identifiers, ledger, reconcile).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tollgate_billing_sync::ledger::{status, LedgerRow};
+use tollgate_billing_sync::push::{PushMetrics, Pusher};
+use tollgate_billing_sync::reconcile::{reconcile, Period};
+use tollgate_billing_sync::sync::{unix_now, Biller, PassReport};
+use tollgate_billing_sync::window::Window;
+use tollgate_billing_sync::BillingSettings;
+use tollgate_runtime::clickhouse::ClickhouseSettings;
+use tollgate_runtime::shutdown::Shutdown;
+use tollgate_tests::{clickhouse, stripe, unique};
+
+pub const KEY: &str = "sk_test_123";
+pub const HOUR: i64 = 3_600;
+
+// ---------------------------------------------------------------------------------------
+// The proxy between billing-sync and stripe-mock.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Forwarded, answered as stripe-mock answered.
+    None,
+    /// 429 with `Retry-After: 1`, not forwarded.
+    TooMany,
+    /// 500 with a Stripe error body, not forwarded.
+    ServerError,
+    /// The connection is closed without an answer, not forwarded.
+    Reset,
+    /// Forwarded, then the answer is held past billing-sync's timeout.
+    SlowAnswer,
+    /// Forwarded, then the connection is closed: Stripe has the event, billing-sync does not know.
+    LostAnswer,
+    /// 400 with a Stripe error body, as for an unknown customer.
+    Refused,
+}
+
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub at: Instant,
+    pub identifier: String,
+    pub idempotency_key: String,
+    pub customer: String,
+    pub value: i64,
+    pub fault: Fault,
+    /// stripe-mock's status when the request was forwarded.
+    pub upstream: Option<u16>,
+}
+
+pub type Plan = Arc<dyn Fn(usize, &str) -> Fault + Send + Sync>;
+
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Proxy {
+    pub async fn start(plan: Plan) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let upstream: HttpClient<HttpConnector, Full<Bytes>> = HttpClient::builder(TokioExecutor::new()).build_http();
+        let target = stripe().trim_end_matches('/').to_owned();
+        let state = (seen.clone(), upstream, target, plan, Arc::new(Mutex::new(0usize)));
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let (seen, upstream, target, plan, count) = state.clone();
+                        async move { handle(req, &seen, &upstream, &target, &plan, &count).await }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Self { addr, seen }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/", self.addr)
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+#[derive(Debug)]
+pub struct Dropped;
+impl std::fmt::Display for Dropped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("connection dropped by the fault proxy")
+    }
+}
+impl std::error::Error for Dropped {}
+
+pub async fn handle(
+    req: Request<Incoming>,
+    seen: &Mutex<Vec<Seen>>,
+    upstream: &HttpClient<HttpConnector, Full<Bytes>>,
+    target: &str,
+    plan: &Plan,
+    count: &Mutex<usize>,
+) -> Result<Response<Full<Bytes>>, Dropped> {
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await.map_err(|_| Dropped)?.to_bytes();
+    let is_meter_event = parts.method == hyper::Method::POST && parts.uri.path() == "/v1/billing/meter_events";
+    let form: HashMap<String, String> = form_fields(&body);
+    let customer = form.get("payload[stripe_customer_id]").cloned().unwrap_or_default();
+    let fault = if is_meter_event {
+        let n = {
+            let mut c = count.lock().unwrap();
+            *c += 1;
+            *c - 1
+        };
+        plan(n, &customer)
+    } else {
+        Fault::None
+    };
+    let forward = matches!(fault, Fault::None | Fault::SlowAnswer | Fault::LostAnswer);
+    let mut answer = None;
+    let mut upstream_status = None;
+    if forward {
+        let mut out = Request::builder()
+            .method(parts.method.clone())
+            .uri(format!("{target}{}", parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")));
+        for (name, value) in &parts.headers {
+            if name != hyper::header::HOST {
+                out = out.header(name, value);
+            }
+        }
+        let response = upstream
+            .request(out.body(Full::new(body.clone())).expect("request"))
+            .await
+            .expect("stripe-mock answers the proxy");
+        let status = response.status();
+        let bytes = response.into_body().collect().await.expect("stripe-mock body").to_bytes();
+        upstream_status = Some(status.as_u16());
+        answer = Some(
+            Response::builder()
+                .status(status)
+                .header("content-type", "application/json")
+                .body(Full::new(bytes))
+                .expect("response"),
+        );
+    }
+    if is_meter_event {
+        seen.lock().unwrap().push(Seen {
+            at: Instant::now(),
+            identifier: form.get("identifier").cloned().unwrap_or_default(),
+            idempotency_key: parts
+                .headers
+                .get("idempotency-key")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned(),
+            customer,
+            value: form.get("payload[value]").and_then(|v| v.parse().ok()).unwrap_or(i64::MIN),
+            fault,
+            upstream: upstream_status,
+        });
+    }
+    let stripe_error = |status: u16, kind: &str, message: &str| {
+        let body = format!(r#"{{"error": {{"type": "{kind}", "message": "{message}"}}}}"#);
+        let mut response = Response::builder().status(status).header("content-type", "application/json");
+        if status == 429 {
+            response = response.header("retry-after", "1");
+        }
+        Ok(response.body(Full::new(Bytes::from(body))).expect("response"))
+    };
+    match fault {
+        Fault::None => Ok(answer.expect("forwarded")),
+        Fault::TooMany => stripe_error(429, "rate_limit_error", "too many requests"),
+        Fault::ServerError => stripe_error(500, "api_error", "something went wrong"),
+        Fault::Refused => stripe_error(400, "invalid_request_error", "No such customer"),
+        Fault::Reset | Fault::LostAnswer => Err(Dropped),
+        Fault::SlowAnswer => {
+            tokio::time::sleep(Duration::from_millis(1_500)).await;
+            Ok(answer.expect("forwarded"))
+        }
+    }
+}
+
+pub fn form_fields(body: &[u8]) -> HashMap<String, String> {
+    String::from_utf8_lossy(body)
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (decode(k), decode(v)))
+        .collect()
+}
+
+pub fn decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("00");
+                out.push(u8::from_str_radix(hex, 16).unwrap_or(b'?'));
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+// ---------------------------------------------------------------------------------------
+// Usage, settings and the ledger.
+
+pub struct Db {
+    pub settings: ClickhouseSettings,
+    pub client: clickhouse::Client,
+}
+
+impl Db {
+    pub async fn new(prefix: &str) -> Self {
+        let settings = ClickhouseSettings {
+            url: clickhouse(),
+            database: unique(prefix),
+            user: "default".to_owned(),
+        };
+        let client = settings.connect().await.expect("clickhouse answers");
+        tollgate_meter_consumer::schema::migrate(&client).await.expect("usage tables");
+        tollgate_billing_sync::ledger::migrate(&client).await.expect("ledger table");
+        Self { settings, client }
+    }
+
+    pub async fn remove(self) {
+        self.client
+            .query(&format!("DROP DATABASE {}", self.settings.database))
+            .execute()
+            .await
+            .expect("drop database");
+    }
+}
+
+#[derive(serde::Serialize, clickhouse::Row)]
+pub struct UsageRow {
+    pub event_id: String,
+    pub time: u32,
+    pub tenant_id: String,
+    pub billable: u8,
+    #[serde(rename = "units.meter")]
+    pub meters: Vec<String>,
+    #[serde(rename = "units.value")]
+    pub values: Vec<i64>,
+}
+
+#[derive(serde::Serialize, clickhouse::Row)]
+pub struct ConsumerRow {
+    pub consumer_id: String,
+    pub tenant_id: String,
+    pub stripe_customer_id: String,
+    pub version: i64,
+    pub deleted: u8,
+}
+
+/// Billable units the test inserted, per (tenant, meter, window start).
+pub type Expected = BTreeMap<(String, String, u32), i64>;
+
+/// Inserts `events` per tenant per window: each event bills `requests = 1` and
+/// `compute_units = 1 + i % 5`, plus one non-billable event that must not count.
+pub async fn insert_usage(db: &Db, tenants: &[String], windows: &[Window], events: usize, expected: &mut Expected) {
+    let mut insert = db.client.insert::<UsageRow>("usage_events").await.expect("insert");
+    for tenant in tenants {
+        for window in windows {
+            for i in 0..=events {
+                let billable = i < events;
+                let cu = 1 + (i % 5) as i64;
+                insert
+                    .write(&UsageRow {
+                        event_id: unique("ev"),
+                        time: window.start + (i as u32 * 7) % 3_000,
+                        tenant_id: tenant.clone(),
+                        billable: u8::from(billable),
+                        meters: vec!["requests".into(), "compute_units".into()],
+                        values: vec![1, cu],
+                    })
+                    .await
+                    .expect("write usage");
+                if billable {
+                    *expected.entry((tenant.clone(), "requests".into(), window.start)).or_default() += 1;
+                    *expected.entry((tenant.clone(), "compute_units".into(), window.start)).or_default() += cu;
+                }
+            }
+        }
+    }
+    insert.end().await.expect("usage committed");
+}
+
+pub async fn insert_customers(db: &Db, tenants: &[String], customer_of: impl Fn(&str) -> Option<String>) {
+    let mut insert = db.client.insert::<ConsumerRow>("consumers").await.expect("insert");
+    for tenant in tenants {
+        insert
+            .write(&ConsumerRow {
+                consumer_id: format!("c_{tenant}"),
+                tenant_id: tenant.clone(),
+                stripe_customer_id: customer_of(tenant).unwrap_or_default(),
+                version: 1,
+                deleted: 0,
+            })
+            .await
+            .expect("write consumer");
+    }
+    insert.end().await.expect("consumers committed");
+}
+
+pub fn settings(db: &Db, stripe_url: &str, extra_stripe: &str) -> BillingSettings {
+    let text = format!(
+        r#"
+[clickhouse]
+url = "{url}"
+database = "{database}"
+
+[stripe]
+api_base = "{stripe_url}"
+{extra_stripe}
+
+[billing]
+window_secs = 3600
+lateness_secs = 300
+poll_interval_secs = 1
+
+[[meters]]
+meter = "requests"
+event_name = "tollgate_requests"
+
+[[meters]]
+meter = "compute_units"
+event_name = "tollgate_compute_units"
+
+[admin]
+listen = "127.0.0.1:0"
+"#,
+        url = db.settings.url,
+        database = db.settings.database,
+    );
+    tollgate_runtime::settings::from_str_with_env(&text, "test.toml", Vec::new()).expect("valid test settings")
+}
+
+pub async fn ledger(db: &Db) -> Vec<LedgerRow> {
+    db.client
+        .query("SELECT ?fields FROM billing_ledger FINAL ORDER BY tenant_id, meter, window_start, revision")
+        .fetch_all()
+        .await
+        .expect("read ledger")
+}
+
+pub fn biller(db: &Db, settings: &BillingSettings) -> Biller {
+    let api = tollgate_billing_sync::stripe::client(&settings.stripe, KEY).expect("stripe client");
+    let pusher = Pusher::new(api, &settings.stripe, PushMetrics::noop(), Shutdown::default());
+    Biller::new(db.client.clone(), settings.clone(), pusher)
+}
+
+/// Runs passes until one has nothing left to retry.
+pub async fn settle(biller: &Biller) -> PassReport {
+    let mut total = PassReport::default();
+    for _ in 0..10 {
+        let report = biller.pass(unix_now()).await.expect("pass");
+        total.pushed += report.pushed;
+        total.failed += report.failed;
+        total.unbillable += report.unbillable;
+        total.adjustments += report.adjustments;
+        if report.unresolved == 0 {
+            return total;
+        }
+    }
+    panic!("pushes still unresolved after 10 passes");
+}
+
+pub fn closed_windows(hours_ago: &[i64]) -> Vec<Window> {
+    let now = unix_now();
+    hours_ago.iter().map(|h| Window::containing(now - h * HOUR, 3_600)).collect()
+}
+
+pub fn tenants(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}_{i:03}")).collect()
+}
+
+/// The month periods covering `windows`, for reconcile.
+pub fn periods(windows: &[Window]) -> Vec<Period> {
+    let mut out: Vec<Period> = Vec::new();
+    for w in windows {
+        let date = chrono_month(w.start as i64);
+        let period: Period = date.parse().expect("period");
+        if !out.contains(&period) {
+            out.push(period);
+        }
+    }
+    out
+}
+
+pub fn chrono_month(t: i64) -> String {
+    // Civil date from Unix days (Howard Hinnant's algorithm): year and month only.
+    let days = t.div_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year}-{month:02}")
+}
+
+pub async fn assert_reconciles(db: &Db, settings: &BillingSettings, windows: &[Window]) {
+    for period in periods(windows) {
+        let report = reconcile(&db.client, settings, period, unix_now()).await.expect("reconcile");
+        assert!(!report.differs(), "reconcile differs:\n{report}");
+    }
+}
+
+/// Per identifier: every request carried the same idempotency key, value and customer, and
+/// stripe-mock accepted it at least once.
+pub fn assert_consistent_identifiers(seen: &[Seen]) -> HashMap<String, Seen> {
+    let mut first: HashMap<String, Seen> = HashMap::new();
+    let mut accepted: HashSet<String> = HashSet::new();
+    for s in seen {
+        assert!(!s.identifier.is_empty(), "a meter event without identifier");
+        assert!(!s.idempotency_key.is_empty(), "{}: no Idempotency-Key", s.identifier);
+        if s.upstream.is_some_and(|code| (200..300).contains(&code)) {
+            accepted.insert(s.identifier.clone());
+        }
+        if let Some(upstream) = s.upstream {
+            assert!((200..300).contains(&upstream), "stripe-mock refused {}: {upstream}", s.identifier);
+        }
+        let f = first.entry(s.identifier.clone()).or_insert_with(|| s.clone());
+        assert_eq!(f.idempotency_key, s.idempotency_key, "{}: idempotency key changed", s.identifier);
+        assert_eq!(f.value, s.value, "{}: value changed between attempts", s.identifier);
+        assert_eq!(f.customer, s.customer, "{}: customer changed between attempts", s.identifier);
+    }
+    for id in first.keys() {
+        assert!(accepted.contains(id), "{id}: never reached stripe-mock");
+    }
+    first
+}
+
+/// The pushed ledger rows match the distinct identifiers the proxy saw, one per revision, and
+/// pushed plus unbillable units equal the inserted units.
+pub fn assert_ledger_exact(rows: &[LedgerRow], by_identifier: &HashMap<String, Seen>, expected: &Expected, unbillable: &HashSet<String>) {
+    let pushed: Vec<&LedgerRow> = rows.iter().filter(|r| r.status == status::PUSHED).collect();
+    assert_eq!(pushed.len(), by_identifier.len(), "one pushed revision per identifier seen");
+    let mut accounted: Expected = BTreeMap::new();
+    for row in rows {
+        assert!(
+            row.status == status::PUSHED || row.status == status::UNBILLABLE,
+            "unexpected ledger row {row:?}"
+        );
+        if row.status == status::PUSHED {
+            let seen = by_identifier
+                .get(&row.identifier)
+                .unwrap_or_else(|| panic!("ledger identifier {} never sent", row.identifier));
+            assert_eq!(seen.value, row.value, "{}", row.identifier);
+            assert_eq!(seen.customer, row.stripe_customer_id);
+            assert!(row.attempts >= 1);
+        } else {
+            assert!(unbillable.contains(&row.tenant_id), "{row:?}");
+        }
+        *accounted.entry((row.tenant_id.clone(), row.meter.clone(), row.window_start)).or_default() += row.value;
+    }
+    assert_eq!(&accounted, expected);
+}
+
+pub fn customer_of(unbillable: &HashSet<String>) -> impl Fn(&str) -> Option<String> + '_ {
+    move |tenant| (!unbillable.contains(tenant)).then(|| format!("cus_{tenant}"))
+}
