@@ -310,3 +310,47 @@ async fn a_crash_between_push_and_ledger_row_resends_the_same_event() {
     assert_reconciles(&db, &settings, &windows).await;
     db.remove().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_creates_missing_meters_once_and_keeps_existing_ones() {
+    // stripe-mock keeps nothing: its meter list always holds one fixture meter. The proxy
+    // renames that meter to `tollgate_requests`, as if an earlier setup had created it.
+    let proxy = Proxy::start_with(
+        Arc::new(|_, _| Fault::None),
+        Arc::new(|path, body| {
+            if path != "/v1/billing/meters" {
+                return body;
+            }
+            let mut list: serde_json::Value = serde_json::from_slice(&body).expect("json");
+            if list["object"] != "list" {
+                return body;
+            }
+            list["data"][0]["event_name"] = "tollgate_requests".into();
+            serde_json::to_vec(&list).expect("json").into()
+        }),
+    )
+    .await;
+    let db = Db::new("billing_setup").await;
+    let settings = settings(&db, &proxy.url(), "");
+    let done = tollgate_billing_sync::setup(&settings, KEY).await.expect("setup");
+    assert!(
+        matches!(&done[0], tollgate_billing_sync::stripe::MeterSetup::Existing { event_name, .. } if event_name == "tollgate_requests"),
+        "{done:?}"
+    );
+    assert!(
+        matches!(&done[1], tollgate_billing_sync::stripe::MeterSetup::Created { event_name, .. } if event_name == "tollgate_compute_units"),
+        "{done:?}"
+    );
+    let creates: Vec<Other> = proxy.others().into_iter().filter(|o| o.method == "POST").collect();
+    assert_eq!(creates.len(), 1, "{creates:?}");
+    let create = &creates[0];
+    assert_eq!(create.path, "/v1/billing/meters");
+    // Accepted by stripe-mock's validation against Stripe's OpenAPI spec.
+    assert_eq!(create.upstream, 200, "{create:?}");
+    assert_eq!(create.idempotency_key, "tollgate-meter-setup:tollgate_compute_units");
+    assert_eq!(create.form["event_name"], "tollgate_compute_units");
+    assert_eq!(create.form["default_aggregation[formula]"], "sum");
+    assert_eq!(create.form["customer_mapping[event_payload_key]"], "stripe_customer_id");
+    assert_eq!(create.form["value_settings[event_payload_key]"], "value");
+    db.remove().await;
+}

@@ -59,28 +59,60 @@ pub struct Seen {
 }
 
 pub type Plan = Arc<dyn Fn(usize, &str) -> Fault + Send + Sync>;
+/// Rewrites stripe-mock's answer to a request (by path) before billing-sync sees it.
+pub type Rewrite = Arc<dyn Fn(&str, Bytes) -> Bytes + Send + Sync>;
+
+/// A request other than a meter event (meter listing, meter creation).
+#[derive(Debug, Clone)]
+pub struct Other {
+    pub method: String,
+    pub path: String,
+    pub idempotency_key: String,
+    pub form: HashMap<String, String>,
+    pub upstream: u16,
+}
+
+struct ProxyState {
+    seen: Mutex<Vec<Seen>>,
+    others: Mutex<Vec<Other>>,
+    upstream: HttpClient<HttpConnector, Full<Bytes>>,
+    target: String,
+    plan: Plan,
+    rewrite: Rewrite,
+    count: Mutex<usize>,
+}
 
 pub struct Proxy {
     pub addr: SocketAddr,
-    pub seen: Arc<Mutex<Vec<Seen>>>,
+    state: Arc<ProxyState>,
 }
 
 impl Proxy {
     pub async fn start(plan: Plan) -> Self {
+        Self::start_with(plan, Arc::new(|_, body| body)).await
+    }
+
+    pub async fn start_with(plan: Plan, rewrite: Rewrite) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let addr = listener.local_addr().expect("proxy address");
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let upstream: HttpClient<HttpConnector, Full<Bytes>> = HttpClient::builder(TokioExecutor::new()).build_http();
-        let target = stripe().trim_end_matches('/').to_owned();
-        let state = (seen.clone(), upstream, target, plan, Arc::new(Mutex::new(0usize)));
+        let state = Arc::new(ProxyState {
+            seen: Mutex::new(Vec::new()),
+            others: Mutex::new(Vec::new()),
+            upstream: HttpClient::builder(TokioExecutor::new()).build_http(),
+            target: stripe().trim_end_matches('/').to_owned(),
+            plan,
+            rewrite,
+            count: Mutex::new(0),
+        });
+        let shared = state.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
-                let state = state.clone();
+                let state = shared.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let (seen, upstream, target, plan, count) = state.clone();
-                        async move { handle(req, &seen, &upstream, &target, &plan, &count).await }
+                        let state = state.clone();
+                        async move { handle(req, &state).await }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -88,15 +120,19 @@ impl Proxy {
                 });
             }
         });
-        Self { addr, seen }
+        Self { addr, state }
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.seen.lock().unwrap().clone()
+    }
+
+    pub fn others(&self) -> Vec<Other> {
+        self.state.others.lock().unwrap().clone()
     }
 
     pub fn url(&self) -> String {
         format!("http://{}/", self.addr)
-    }
-
-    pub fn seen(&self) -> Vec<Seen> {
-        self.seen.lock().unwrap().clone()
     }
 }
 
@@ -109,14 +145,7 @@ impl std::fmt::Display for Dropped {
 }
 impl std::error::Error for Dropped {}
 
-pub async fn handle(
-    req: Request<Incoming>,
-    seen: &Mutex<Vec<Seen>>,
-    upstream: &HttpClient<HttpConnector, Full<Bytes>>,
-    target: &str,
-    plan: &Plan,
-    count: &Mutex<usize>,
-) -> Result<Response<Full<Bytes>>, Dropped> {
+async fn handle(req: Request<Incoming>, state: &ProxyState) -> Result<Response<Full<Bytes>>, Dropped> {
     let (parts, body) = req.into_parts();
     let body = body.collect().await.map_err(|_| Dropped)?.to_bytes();
     let is_meter_event = parts.method == hyper::Method::POST && parts.uri.path() == "/v1/billing/meter_events";
@@ -124,11 +153,11 @@ pub async fn handle(
     let customer = form.get("payload[stripe_customer_id]").cloned().unwrap_or_default();
     let fault = if is_meter_event {
         let n = {
-            let mut c = count.lock().unwrap();
+            let mut c = state.count.lock().unwrap();
             *c += 1;
             *c - 1
         };
-        plan(n, &customer)
+        (state.plan)(n, &customer)
     } else {
         Fault::None
     };
@@ -138,18 +167,20 @@ pub async fn handle(
     if forward {
         let mut out = Request::builder()
             .method(parts.method.clone())
-            .uri(format!("{target}{}", parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")));
+            .uri(format!("{}{}", state.target, parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")));
         for (name, value) in &parts.headers {
             if name != hyper::header::HOST {
                 out = out.header(name, value);
             }
         }
-        let response = upstream
+        let response = state
+            .upstream
             .request(out.body(Full::new(body.clone())).expect("request"))
             .await
             .expect("stripe-mock answers the proxy");
         let status = response.status();
         let bytes = response.into_body().collect().await.expect("stripe-mock body").to_bytes();
+        let bytes = (state.rewrite)(parts.uri.path(), bytes);
         upstream_status = Some(status.as_u16());
         answer = Some(
             Response::builder()
@@ -159,16 +190,25 @@ pub async fn handle(
                 .expect("response"),
         );
     }
-    if is_meter_event {
-        seen.lock().unwrap().push(Seen {
+    let idempotency_key = parts
+        .headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    if !is_meter_event {
+        state.others.lock().unwrap().push(Other {
+            method: parts.method.to_string(),
+            path: parts.uri.path().to_owned(),
+            idempotency_key,
+            form,
+            upstream: upstream_status.unwrap_or_default(),
+        });
+    } else {
+        state.seen.lock().unwrap().push(Seen {
             at: Instant::now(),
             identifier: form.get("identifier").cloned().unwrap_or_default(),
-            idempotency_key: parts
-                .headers
-                .get("idempotency-key")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_owned(),
+            idempotency_key,
             customer,
             value: form.get("payload[value]").and_then(|v| v.parse().ok()).unwrap_or(i64::MIN),
             fault,
