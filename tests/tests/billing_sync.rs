@@ -354,3 +354,58 @@ async fn setup_creates_missing_meters_once_and_keeps_existing_ones() {
     assert_eq!(create.form["value_settings[event_payload_key]"], "value");
     db.remove().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abrupt_stop_mid_run_bills_each_revision_once() {
+    let db = Db::new("billing_abort").await;
+    let proxy = Proxy::start(Arc::new(|_, _| Fault::None)).await;
+    let windows = closed_windows(&[7]);
+    let tenants = tenants("hooli", 20);
+    let mut expected = Expected::new();
+    insert_usage(&db, &tenants, &windows, 3, &mut expected).await;
+    let unbillable = HashSet::new();
+    insert_customers(&db, &tenants, customer_of(&unbillable)).await;
+    let settings = settings(&db, &proxy.url(), "max_requests_per_second = 25");
+
+    // A crash: the service task is dropped wherever it is, between a push and its ledger row
+    // included, with nothing flushed.
+    let service = tokio::spawn(tollgate_billing_sync::run(settings.clone(), KEY.to_owned(), Shutdown::default()));
+    let third = expected.len() / 3;
+    eventually("some pushes", Duration::from_secs(30), || {
+        let n = proxy.seen().len();
+        async move { (n >= third).then_some(()) }
+    })
+    .await;
+    service.abort();
+    let _ = service.await;
+    assert!(proxy.seen().len() < expected.len(), "stopped mid-run");
+
+    let restarted = Shutdown::default();
+    let service = tokio::spawn(tollgate_billing_sync::run(settings.clone(), KEY.to_owned(), restarted.clone()));
+    eventually("every revision settled", Duration::from_secs(60), || {
+        let db = &db;
+        let want = expected.len();
+        async move {
+            let rows = ledger(db).await;
+            let pushed = rows.iter().filter(|r| r.status == status::PUSHED).count();
+            (pushed == want && rows.iter().all(|r| r.status != status::PENDING)).then_some(())
+        }
+    })
+    .await;
+    restarted.trigger();
+    tokio::time::timeout(Duration::from_secs(20), service)
+        .await
+        .expect("billing-sync stops on shutdown")
+        .expect("task")
+        .expect("clean exit");
+
+    // An event in flight at the crash may be sent again, with the same identifier, value and
+    // idempotency key (Stripe counts it once); never under a second identifier.
+    let by_identifier = assert_consistent_identifiers(&proxy.seen());
+    assert_eq!(by_identifier.len(), expected.len(), "one identifier per tenant and meter");
+    assert!(by_identifier.keys().all(|id| id.ends_with(":r0")));
+    let rows = ledger(&db).await;
+    assert_ledger_exact(&rows, &by_identifier, &expected, &unbillable);
+    assert_reconciles(&db, &settings, &windows).await;
+    db.remove().await;
+}
