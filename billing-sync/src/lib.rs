@@ -29,15 +29,16 @@ use crate::sync::Biller;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BillingError {
-    #[error("ops listener: cannot bind {addr}: {source}")]
-    Bind { addr: String, source: std::io::Error },
+    // Not `source`: the message says it already, and `{:#}` would say it twice.
+    #[error("ops listener: cannot bind {addr}: {error}")]
+    Bind { addr: String, error: std::io::Error },
     #[error(transparent)]
     Clickhouse(#[from] tollgate_runtime::clickhouse::ClickhouseCheckError),
     #[error(transparent)]
     Stripe(#[from] stripe::StripeCheckError),
     #[error(transparent)]
     Ledger(#[from] ledger::LedgerError),
-    #[error("stripe setup: {0}")]
+    #[error(transparent)]
     Setup(#[from] stripe::StripeCallError),
     #[error(transparent)]
     Reconcile(#[from] reconcile::ReconcileError),
@@ -48,9 +49,9 @@ pub enum BillingError {
 pub async fn run(settings: BillingSettings, api_key: String, shutdown: Shutdown) -> Result<(), BillingError> {
     let listener = TcpListener::bind(&settings.admin.listen)
         .await
-        .map_err(|source| BillingError::Bind {
+        .map_err(|error| BillingError::Bind {
             addr: settings.admin.listen.clone(),
-            source,
+            error,
         })?;
     let client = settings.clickhouse.connect().await?;
     ledger::migrate(&client).await?;
