@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use metrics::Counter;
 use stripe::{IdempotencyKey, RequestStrategy, StripeRequest};
@@ -82,6 +82,8 @@ pub struct Pusher {
     limiter: Arc<RateLimiter>,
     in_flight: Arc<Semaphore>,
     locks: Arc<KeyedLocks>,
+    /// Identifiers Stripe asked (`Retry-After`) not to send before a given time.
+    not_before: Arc<std::sync::Mutex<HashMap<String, Instant>>>,
     backoff: Backoff,
     max_attempts: u32,
     metrics: PushMetrics,
@@ -95,6 +97,7 @@ impl Pusher {
             limiter: Arc::new(RateLimiter::new(settings.max_requests_per_second)),
             in_flight: Arc::new(Semaphore::new(settings.max_concurrent_requests as usize)),
             locks: Arc::new(KeyedLocks::default()),
+            not_before: Arc::default(),
             backoff: Backoff {
                 initial: Duration::from_millis(settings.initial_backoff_ms),
                 max: Duration::from_millis(settings.max_backoff_ms),
@@ -134,6 +137,17 @@ impl Pusher {
                 }
             }
         };
+        let deferred = self.not_before.lock().expect("not_before lock").remove(&event.identifier);
+        if let Some(until) = deferred.filter(|until| *until > Instant::now()) {
+            self.not_before
+                .lock()
+                .expect("not_before lock")
+                .insert(event.identifier.clone(), until);
+            return PushOutcome::Unresolved {
+                reason: "waiting out Stripe's Retry-After".to_owned(),
+                attempts: 0,
+            };
+        }
         let mut attempts = 0;
         loop {
             if self.shutdown.is_triggered() {
@@ -174,6 +188,22 @@ impl Pusher {
                 Verdict::Retry { reason, .. } if attempts >= self.max_attempts => {
                     self.metrics.unresolved.increment(1);
                     return PushOutcome::Unresolved { reason, attempts };
+                }
+                // A pass waits for all of a window's pushes: one asked to wait longer than
+                // the backoff cap is left for a later pass rather than holding up the rest.
+                Verdict::Retry {
+                    after: Some(after),
+                    reason,
+                } if after > self.backoff.max => {
+                    self.not_before
+                        .lock()
+                        .expect("not_before lock")
+                        .insert(event.identifier.clone(), Instant::now() + after);
+                    self.metrics.unresolved.increment(1);
+                    return PushOutcome::Unresolved {
+                        reason: format!("{reason} (Retry-After {}s: left for a later pass)", after.as_secs()),
+                        attempts,
+                    };
                 }
                 Verdict::Retry { after, reason } => {
                     let delay = self.backoff.delay(attempts, after);

@@ -52,13 +52,10 @@ pub struct Backoff {
     pub max: Duration,
 }
 
-/// `Retry-After` is honoured up to this long; a longer one is taken as this.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
-
 impl Backoff {
     /// The wait before attempt `attempt + 1` (`attempt` ≥ 1 have failed): a random point in
     /// the upper half of `initial · 2^(attempt-1)`, capped at `max`, and never shorter than
-    /// what `Retry-After` asked for.
+    /// what `Retry-After` asked for (the pusher defers a push asking for more than `max`).
     pub fn delay(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
         let exp = self
             .initial
@@ -67,7 +64,7 @@ impl Backoff {
         let half = exp / 2;
         let jittered = half + half.mul_f64(unit_random());
         match retry_after {
-            Some(asked) => jittered.max(asked.min(MAX_RETRY_AFTER)),
+            Some(asked) => jittered.max(asked),
             None => jittered,
         }
     }

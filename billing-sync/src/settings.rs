@@ -44,7 +44,8 @@ pub struct StripeSettings {
     /// First retry delay; doubles per attempt, with jitter, up to `max_backoff_ms`.
     #[serde(default = "default_initial_backoff_ms")]
     pub initial_backoff_ms: u64,
-    /// Longest delay between two attempts, unless Stripe's `Retry-After` asks for more.
+    /// Longest delay between two attempts. A push whose `Retry-After` asks for more is left
+    /// pending for a later pass (at least `billing.poll_interval_secs` later).
     #[serde(default = "default_max_backoff_ms")]
     pub max_backoff_ms: u64,
 }

@@ -120,7 +120,7 @@ async fn faults_between_billing_sync_and_stripe_are_retried_without_duplicates()
     let settings = settings(
         &db,
         &proxy.url(),
-        "max_requests_per_second = 0\ntimeout_ms = 500\ninitial_backoff_ms = 50\nmax_backoff_ms = 400",
+        "max_requests_per_second = 0\ntimeout_ms = 500\ninitial_backoff_ms = 50\nmax_backoff_ms = 1500",
     );
     let report = settle(&biller(&db, &settings)).await;
     assert_eq!(report.pushed, expected.len());
@@ -407,5 +407,40 @@ async fn abrupt_stop_mid_run_bills_each_revision_once() {
     let rows = ledger(&db).await;
     assert_ledger_exact(&rows, &by_identifier, &expected, &unbillable);
     assert_reconciles(&db, &settings, &windows).await;
+    db.remove().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_longer_than_the_backoff_cap_defers_the_push() {
+    let db = Db::new("billing_defer").await;
+    let proxy = Proxy::start(Arc::new(|n, _| if n == 0 { Fault::TooMany } else { Fault::None })).await;
+    let windows = closed_windows(&[8]);
+    let tenants = tenants("wonka", 1);
+    let mut expected = Expected::new();
+    insert_usage(&db, &tenants, &windows, 2, &mut expected).await;
+    let unbillable = HashSet::new();
+    insert_customers(&db, &tenants, customer_of(&unbillable)).await;
+    // Retry-After: 1 s, backoff capped at 200 ms: the push waits for a later pass.
+    let settings = settings(&db, &proxy.url(), "max_requests_per_second = 0\ninitial_backoff_ms = 50\nmax_backoff_ms = 200");
+    let biller = biller(&db, &settings);
+    let first = biller.pass(unix_now()).await.expect("pass");
+    assert_eq!((first.pushed, first.unresolved), (1, 1), "{first:?}");
+    let pending: Vec<LedgerRow> = ledger(&db).await.into_iter().filter(|r| r.status == status::PENDING).collect();
+    assert_eq!(pending.len(), 1);
+    assert!(pending[0].error.contains("Retry-After 1s"), "{:?}", pending[0].error);
+    let deferred = proxy.seen()[0].clone();
+    eventually("the deferred push settles", Duration::from_secs(10), || {
+        let biller = &biller;
+        async move { (biller.pass(unix_now()).await.expect("pass").unresolved == 0).then_some(()) }
+    })
+    .await;
+    let seen = proxy.seen();
+    let retried = seen[1..]
+        .iter()
+        .find(|s| s.identifier == deferred.identifier)
+        .expect("re-sent");
+    assert!(retried.at.duration_since(deferred.at) >= Duration::from_millis(950), "Retry-After honoured");
+    let by_identifier = assert_consistent_identifiers(&seen);
+    assert_ledger_exact(&ledger(&db).await, &by_identifier, &expected, &unbillable);
     db.remove().await;
 }
