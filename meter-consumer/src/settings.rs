@@ -67,6 +67,15 @@ pub struct BatchSettings {
     /// Longest a row waits in a batch before it is written.
     #[serde(default = "default_max_wait_ms")]
     pub max_wait_ms: u64,
+    /// First wait after a failed ClickHouse insert or dead-letter send; doubles per attempt.
+    #[serde(default = "default_retry_initial_ms")]
+    pub retry_initial_ms: u64,
+    /// Longest wait between attempts while ClickHouse or Kafka is unavailable.
+    #[serde(default = "default_retry_max_ms")]
+    pub retry_max_ms: u64,
+    /// How long one insert (or watermark query) may take before it counts as failed.
+    #[serde(default = "default_insert_timeout_ms")]
+    pub insert_timeout_ms: u64,
 }
 
 impl Default for BatchSettings {
@@ -74,8 +83,21 @@ impl Default for BatchSettings {
         Self {
             max_rows: default_max_rows(),
             max_wait_ms: default_max_wait_ms(),
+            retry_initial_ms: default_retry_initial_ms(),
+            retry_max_ms: default_retry_max_ms(),
+            insert_timeout_ms: default_insert_timeout_ms(),
         }
     }
+}
+
+fn default_retry_initial_ms() -> u64 {
+    200
+}
+fn default_retry_max_ms() -> u64 {
+    5_000
+}
+fn default_insert_timeout_ms() -> u64 {
+    30_000
 }
 
 fn default_max_rows() -> u64 {
@@ -98,6 +120,9 @@ impl Validate for MeterSettings {
         self.clickhouse.validate("clickhouse")?;
         in_range("batch.max_rows", self.batch.max_rows, 1, 1_000_000)?;
         in_range("batch.max_wait_ms", self.batch.max_wait_ms, 10, 600_000)?;
+        in_range("batch.retry_initial_ms", self.batch.retry_initial_ms, 10, 60_000)?;
+        in_range("batch.retry_max_ms", self.batch.retry_max_ms, self.batch.retry_initial_ms, 600_000)?;
+        in_range("batch.insert_timeout_ms", self.batch.insert_timeout_ms, 1_000, 600_000)?;
         socket_addr("admin.listen", &self.admin.listen)?;
         if self.topics.group.trim().is_empty() {
             return Err(Invalid::new("topics.group", &self.topics.group, "a non-empty group id"));
@@ -131,6 +156,13 @@ mod tests {
         assert!(err.contains("setting `batch.max_rows`: found \"0\""), "{err}");
         let err = load(&EXAMPLE.replace("http://127.0.0.1:8123", "127.0.0.1:8123")).unwrap_err();
         assert!(err.contains("setting `clickhouse.url`"), "{err}");
+    }
+
+    #[test]
+    fn rejects_retry_cap_below_first_wait() {
+        let text = EXAMPLE.replace("max_wait_ms = 1000", "max_wait_ms = 1000\nretry_initial_ms = 500\nretry_max_ms = 100");
+        let err = load(&text).unwrap_err();
+        assert!(err.contains("setting `batch.retry_max_ms`: found \"100\""), "{err}");
     }
 
     #[test]
