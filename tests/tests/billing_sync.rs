@@ -1,11 +1,12 @@
 //! billing-sync over a real ClickHouse and a real stripe-mock: usage inserted by the test is
-//! billed exactly once, through a restart, through faults between billing-sync and Stripe,
-//! and for late events; what cannot be billed is recorded, and reconcile agrees.
+//! billed exactly once, through a graceful restart and an abrupt stop mid-run, a crash between
+//! a push and its ledger row, 429s (with `Retry-After`), 500s, resets and timeouts between
+//! billing-sync and Stripe, and late events (a new revision with just the difference); what
+//! cannot be billed (no customer, refused, too old for Stripe) is recorded, and reconcile agrees.
 //!
 //! stripe-mock validates every request against Stripe's OpenAPI spec but does not deduplicate,
 //! so every meter event goes through a proxy (`billing_support`) that records it (identifier,
-//! idempotency key, value) and, in the fault test, injects 429s, 500s, resets and timeouts.
-
+//! idempotency key, value) and injects the faults.
 mod billing_support;
 
 use std::collections::{HashMap, HashSet};
@@ -220,6 +221,11 @@ async fn late_events_refusals_and_old_windows() {
     let period: Period = chrono_month(i64::from(windows[0].start)).parse().unwrap();
     let report = reconcile(&db.client, &settings, period, unix_now()).await.expect("reconcile");
     assert!(report.differs(), "{report}");
+    let printed = report.to_string();
+    assert!(printed.contains("tenant\tmeter\tclickhouse\tpushed\tunbillable\tnot_pushed\tdifference"), "{printed}");
+    let refused_units = expected[&("initech_002".to_owned(), "requests".to_owned(), windows[0].start)];
+    assert!(printed.contains(&format!("initech_002\trequests\t{refused_units}\t0\t0\t{refused_units}\t{refused_units}")), "{printed}");
+    assert!(printed.ends_with("differ"), "{printed}");
     for ((tenant, _), line) in &report.lines {
         if tenant == "initech_002" {
             assert_eq!(line.pushed, 0);
