@@ -58,7 +58,10 @@ async fn main() {
         .and_then(|n| n.parse().ok())
         .unwrap_or(10_000);
     let clickhouse_url = var_or("TOLLGATE_TEST_CLICKHOUSE", "http://127.0.0.1:8123");
-    let stripe_url = format!("{}/", var_or("TOLLGATE_TEST_STRIPE", "http://127.0.0.1:12111").trim_end_matches('/'));
+    let stripe_url = format!(
+        "{}/",
+        var_or("TOLLGATE_TEST_STRIPE", "http://127.0.0.1:12111").trim_end_matches('/')
+    );
     let pushes = tenants * 2;
 
     // Baseline: the same number of meter-event POSTs, straight to stripe-mock.
@@ -82,8 +85,13 @@ async fn main() {
         database: database.clone(),
         user: "default".to_owned(),
     };
-    let client = ch.connect().await.expect("clickhouse answers (scripts/stack up --infra)");
-    tollgate_meter_consumer::schema::migrate(&client).await.expect("usage tables");
+    let client = ch
+        .connect()
+        .await
+        .expect("clickhouse answers (scripts/stack up --infra)");
+    tollgate_meter_consumer::schema::migrate(&client)
+        .await
+        .expect("usage tables");
     tollgate_billing_sync::ledger::migrate(&client).await.expect("ledger");
     let window = Window::containing(unix_now() - 2 * 3_600, 3_600);
     let mut usage = client.insert::<UsageRow>("usage_events").await.expect("insert");

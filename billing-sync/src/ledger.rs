@@ -219,7 +219,11 @@ impl TenantAccount {
     }
 }
 
-pub async fn tenant_accounts(client: &Client, window_start: u32, window_end: u32) -> Result<Vec<TenantAccount>, LedgerError> {
+pub async fn tenant_accounts(
+    client: &Client,
+    window_start: u32,
+    window_end: u32,
+) -> Result<Vec<TenantAccount>, LedgerError> {
     client
         .query(
             "SELECT tenant_id, meter, \

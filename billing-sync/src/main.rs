@@ -59,7 +59,10 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Some(Command::Setup) => {
-            for meter in tollgate_billing_sync::setup(&settings, &api_key).await.context("setup")? {
+            for meter in tollgate_billing_sync::setup(&settings, &api_key)
+                .await
+                .context("setup")?
+            {
                 match meter {
                     MeterSetup::Existing { event_name, id } => println!("{event_name}\texists\t{id}"),
                     MeterSetup::Created { event_name, id } => println!("{event_name}\tcreated\t{id}"),
@@ -72,7 +75,11 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 .await
                 .context("reconcile")?;
             println!("{report}");
-            Ok(if report.differs() { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+            Ok(if report.differs() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
         }
     }
 }

@@ -137,7 +137,11 @@ impl Pusher {
                 }
             }
         };
-        let deferred = self.not_before.lock().expect("not_before lock").remove(&event.identifier);
+        let deferred = self
+            .not_before
+            .lock()
+            .expect("not_before lock")
+            .remove(&event.identifier);
         if let Some(until) = deferred.filter(|until| *until > Instant::now()) {
             self.not_before
                 .lock()
@@ -251,9 +255,11 @@ mod tests {
             .await
             .expect("other key not blocked");
         // The same key waits.
-        assert!(tokio::time::timeout(Duration::from_millis(50), locks.lock("cus_1\0m".into()))
-            .await
-            .is_err());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), locks.lock("cus_1\0m".into()))
+                .await
+                .is_err()
+        );
         drop(a);
         let _a2 = tokio::time::timeout(Duration::from_millis(100), locks.lock("cus_1\0m".into()))
             .await

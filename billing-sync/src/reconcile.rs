@@ -85,7 +85,12 @@ impl Report {
 }
 
 /// Compares the closed windows of `period` at `now`.
-pub async fn reconcile(client: &Client, settings: &BillingSettings, period: Period, now: i64) -> Result<Report, ReconcileError> {
+pub async fn reconcile(
+    client: &Client,
+    settings: &BillingSettings,
+    period: Period,
+    now: i64,
+) -> Result<Report, ReconcileError> {
     let (_, closed_to) = window::closed_range(&settings.billing, now);
     let from = period.start.max(0) as u32;
     let to = period.end.min(i64::from(closed_to)).max(period.start) as u32;
@@ -124,7 +129,10 @@ impl fmt::Display for Report {
             when(self.period.start),
             when(self.closed_until.max(self.period.start))
         )?;
-        writeln!(f, "tenant\tmeter\tclickhouse\tpushed\tunbillable\tnot_pushed\tdifference")?;
+        writeln!(
+            f,
+            "tenant\tmeter\tclickhouse\tpushed\tunbillable\tnot_pushed\tdifference"
+        )?;
         for ((tenant, meter), l) in &self.lines {
             writeln!(
                 f,

@@ -145,8 +145,14 @@ mod tests {
                 reason: "stripe answered 429: x".into()
             }
         );
-        assert!(matches!(classify(&StripeCallError::Timeout(Duration::from_secs(1))), Verdict::Retry { .. }));
-        assert!(matches!(classify(&StripeCallError::Transport("reset".into())), Verdict::Retry { .. }));
+        assert!(matches!(
+            classify(&StripeCallError::Timeout(Duration::from_secs(1))),
+            Verdict::Retry { .. }
+        ));
+        assert!(matches!(
+            classify(&StripeCallError::Transport("reset".into())),
+            Verdict::Retry { .. }
+        ));
     }
 
     #[test]
@@ -163,9 +169,15 @@ mod tests {
         };
         for _ in 0..100 {
             let d1 = b.delay(1, None);
-            assert!(d1 >= Duration::from_millis(50) && d1 <= Duration::from_millis(100), "{d1:?}");
+            assert!(
+                d1 >= Duration::from_millis(50) && d1 <= Duration::from_millis(100),
+                "{d1:?}"
+            );
             let d3 = b.delay(3, None);
-            assert!(d3 >= Duration::from_millis(200) && d3 <= Duration::from_millis(400), "{d3:?}");
+            assert!(
+                d3 >= Duration::from_millis(200) && d3 <= Duration::from_millis(400),
+                "{d3:?}"
+            );
             assert!(b.delay(30, None) <= Duration::from_secs(1));
             assert!(b.delay(1, Some(Duration::from_secs(3))) >= Duration::from_secs(3));
         }

@@ -172,7 +172,11 @@ impl Validate for BillingSettings {
         let mut seen = HashSet::new();
         for (i, m) in self.meters.iter().enumerate() {
             if m.meter.is_empty() || !seen.insert(&m.meter) {
-                return Err(Invalid::new(format!("meters[{i}].meter"), &m.meter, "a unique, non-empty meter name"));
+                return Err(Invalid::new(
+                    format!("meters[{i}].meter"),
+                    &m.meter,
+                    "a unique, non-empty meter name",
+                ));
             }
             // Stripe limits event_name to 100 characters.
             if m.event_name.is_empty() || m.event_name.len() > 100 {
@@ -211,14 +215,20 @@ mod tests {
     #[test]
     fn rejects_window_that_does_not_divide_a_day() {
         let err = load(&EXAMPLE.replace("window_secs = 3600", "window_secs = 7000")).unwrap_err();
-        assert!(err.contains("setting `billing.window_secs`: found \"7000\", expected a divisor"), "{err}");
+        assert!(
+            err.contains("setting `billing.window_secs`: found \"7000\", expected a divisor"),
+            "{err}"
+        );
     }
 
     #[test]
     fn rejects_duplicate_meter_and_long_event_name() {
         let dup = format!("{EXAMPLE}\n[[meters]]\nmeter = \"requests\"\nevent_name = \"x\"\n");
         assert!(load(&dup).unwrap_err().contains("meter`: found \"requests\""));
-        let long = format!("{EXAMPLE}\n[[meters]]\nmeter = \"bytes\"\nevent_name = \"{}\"\n", "e".repeat(101));
+        let long = format!(
+            "{EXAMPLE}\n[[meters]]\nmeter = \"bytes\"\nevent_name = \"{}\"\n",
+            "e".repeat(101)
+        );
         assert!(load(&long).unwrap_err().contains("1 to 100 characters"));
     }
 
@@ -228,7 +238,10 @@ mod tests {
             .replace("initial_backoff_ms = 250", "initial_backoff_ms = 500")
             .replace("max_backoff_ms = 30000", "max_backoff_ms = 100");
         let err = load(&text).unwrap_err();
-        assert!(err.contains("setting `stripe.max_backoff_ms`: found \"100\", expected a number from 500"), "{err}");
+        assert!(
+            err.contains("setting `stripe.max_backoff_ms`: found \"100\", expected a number from 500"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -21,8 +21,8 @@ use hyper_util::rt::TokioExecutor;
 use stripe::{IdempotencyKey, RequestStrategy, StripeRequest};
 use stripe_billing::billing_meter::{
     CreateBillingMeter, CreateBillingMeterCustomerMapping, CreateBillingMeterCustomerMappingType,
-    CreateBillingMeterDefaultAggregation, CreateBillingMeterDefaultAggregationFormula,
-    CreateBillingMeterValueSettings, ListBillingMeter,
+    CreateBillingMeterDefaultAggregation, CreateBillingMeterDefaultAggregationFormula, CreateBillingMeterValueSettings,
+    ListBillingMeter,
 };
 use stripe_client_core::{CustomizedStripeRequest, StripeClient, StripeClientErr, StripeMethod};
 
@@ -77,7 +77,9 @@ pub struct StripeApi {
 impl std::fmt::Debug for StripeApi {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the key.
-        f.debug_struct("StripeApi").field("base", &self.base).finish_non_exhaustive()
+        f.debug_struct("StripeApi")
+            .field("base", &self.base)
+            .finish_non_exhaustive()
     }
 }
 
@@ -173,7 +175,10 @@ impl StripeClient for StripeApi {
             .header(AUTHORIZATION, self.authorization.clone())
             .header(USER_AGENT, concat!("tollgate-billing-sync/", env!("CARGO_PKG_VERSION")))
             // The API version async-stripe's types were generated for.
-            .header(HeaderName::from_static("stripe-version"), stripe_client_core::VERSION.as_str());
+            .header(
+                HeaderName::from_static("stripe-version"),
+                stripe_client_core::VERSION.as_str(),
+            );
         if let Some(key) = config.request_strategy.as_ref().and_then(RequestStrategy::get_key) {
             builder = builder.header(HeaderName::from_static("idempotency-key"), key.as_str());
         }
@@ -230,7 +235,11 @@ pub fn redact(text: &str) -> String {
             let trimmed = word.trim_start_matches(|c: char| !c.is_ascii_alphanumeric());
             if trimmed.starts_with("sk_") || trimmed.starts_with("rk_") {
                 let keep = word.len() - trimmed.len();
-                let tail: String = word.chars().rev().take_while(|c| !c.is_ascii_alphanumeric() && *c != '_').collect();
+                let tail: String = word
+                    .chars()
+                    .rev()
+                    .take_while(|c| !c.is_ascii_alphanumeric() && *c != '_')
+                    .collect();
                 format!("{}[redacted]{}", &word[..keep], tail.chars().rev().collect::<String>())
             } else {
                 word.to_owned()
@@ -337,6 +346,9 @@ mod tests {
         let text = "Invalid API Key provided: sk_test_abc123, also 'rk_live_zz' and sky";
         let out = redact(text);
         assert!(!out.contains("abc123") && !out.contains("rk_live_zz"), "{out}");
-        assert!(out.contains("[redacted],") && out.contains("'[redacted]'") && out.ends_with("sky"), "{out}");
+        assert!(
+            out.contains("[redacted],") && out.contains("'[redacted]'") && out.ends_with("sky"),
+            "{out}"
+        );
     }
 }

@@ -118,7 +118,12 @@ impl Biller {
         self.pusher.is_shutting_down()
     }
 
-    async fn close_window(&self, window: Window, customers: &HashMap<String, String>, now: i64) -> Result<PassReport, SyncError> {
+    async fn close_window(
+        &self,
+        window: Window,
+        customers: &HashMap<String, String>,
+        now: i64,
+    ) -> Result<PassReport, SyncError> {
         let mut report = PassReport {
             windows: 1,
             ..PassReport::default()
@@ -143,7 +148,9 @@ impl Biller {
         let mut pushes: Vec<(LedgerRow, MeterEvent)> = Vec::new();
         let mut unbillable_units = 0;
         for ((tenant, meter), total) in totals {
-            let Some(&event_name) = event_names.get(meter.as_str()) else { continue };
+            let Some(&event_name) = event_names.get(meter.as_str()) else {
+                continue;
+            };
             let account = accounts.get(&(tenant.clone(), meter.clone()));
             let mut row = LedgerRow {
                 tenant_id: tenant.clone(),
@@ -169,7 +176,12 @@ impl Biller {
                 pending: a.last_status() == status::PENDING,
                 accounted: a.accounted,
             });
-            let decision = decide(latest, total, customers.contains_key(&tenant), window.stripe_accepts(now));
+            let decision = decide(
+                latest,
+                total,
+                customers.contains_key(&tenant),
+                window.stripe_accepts(now),
+            );
             match decision {
                 Decision::Nothing => continue,
                 Decision::Resend | Decision::ResendTooLate => {
@@ -193,7 +205,11 @@ impl Biller {
                     tracing::warn!(tenant = %tenant, meter = %meter, value, "pending revision too old for Stripe: recorded as adjustment");
                     report.adjustments += 1;
                 }
-                Decision::New { revision, value, status: new_status } => {
+                Decision::New {
+                    revision,
+                    value,
+                    status: new_status,
+                } => {
                     row.revision = revision;
                     row.value = value;
                     row.identifier = window::identifier(&tenant, &meter, window, revision);
@@ -233,7 +249,10 @@ impl Biller {
             );
         }
         if report.adjustments > 0 {
-            tracing::warn!(revisions = report.adjustments, "late or negative units recorded as adjustments, not pushed");
+            tracing::warn!(
+                revisions = report.adjustments,
+                "late or negative units recorded as adjustments, not pushed"
+            );
         }
         // Pending rows first: from here a crash leaves them to be re-sent as recorded.
         ledger::write(&self.client, &direct).await?;
@@ -289,7 +308,10 @@ impl Biller {
         }
         ledger::write(&self.client, &batch).await?;
         if report.unresolved > 0 {
-            tracing::warn!(revisions = report.unresolved, "meter events still failing: left pending, retried next pass");
+            tracing::warn!(
+                revisions = report.unresolved,
+                "meter events still failing: left pending, retried next pass"
+            );
         }
         Ok(report)
     }
@@ -316,7 +338,11 @@ pub enum Decision {
     ResendTooLate,
     /// A new revision for the difference, written with `status`: pending (then pushed),
     /// unbillable, or adjustment (negative, or too old for Stripe).
-    New { revision: u32, value: i64, status: &'static str },
+    New {
+        revision: u32,
+        value: i64,
+        status: &'static str,
+    },
 }
 
 /// Decides, from the ledger's latest revision and ClickHouse's `total`, what one tenant and
@@ -324,7 +350,11 @@ pub enum Decision {
 /// accounts for exactly the units in ClickHouse, however late they arrive.
 pub fn decide(latest: Option<Latest>, total: i64, has_customer: bool, stripe_accepts: bool) -> Decision {
     if latest.is_some_and(|l| l.pending) {
-        return if stripe_accepts { Decision::Resend } else { Decision::ResendTooLate };
+        return if stripe_accepts {
+            Decision::Resend
+        } else {
+            Decision::ResendTooLate
+        };
     }
     let value = total - latest.map_or(0, |l| l.accounted);
     if value == 0 {
@@ -338,7 +368,11 @@ pub fn decide(latest: Option<Latest>, total: i64, has_customer: bool, stripe_acc
     } else {
         status::PENDING
     };
-    Decision::New { revision, value, status }
+    Decision::New {
+        revision,
+        value,
+        status,
+    }
 }
 
 fn versioned(mut row: LedgerRow) -> LedgerRow {
@@ -374,27 +408,55 @@ mod tests {
         assert_eq!(decide(None, 0, true, true), Decision::Nothing);
         assert_eq!(
             decide(None, 7, true, true),
-            Decision::New { revision: 0, value: 7, status: status::PENDING }
+            Decision::New {
+                revision: 0,
+                value: 7,
+                status: status::PENDING
+            }
         );
-        let settled = Latest { revision: 0, pending: false, accounted: 7 };
+        let settled = Latest {
+            revision: 0,
+            pending: false,
+            accounted: 7,
+        };
         assert_eq!(decide(Some(settled), 7, true, true), Decision::Nothing);
         assert_eq!(
             decide(Some(settled), 10, true, true),
-            Decision::New { revision: 1, value: 3, status: status::PENDING }
+            Decision::New {
+                revision: 1,
+                value: 3,
+                status: status::PENDING
+            }
         );
         assert_eq!(
             decide(Some(settled), 10, false, true),
-            Decision::New { revision: 1, value: 3, status: status::UNBILLABLE }
+            Decision::New {
+                revision: 1,
+                value: 3,
+                status: status::UNBILLABLE
+            }
         );
         assert_eq!(
             decide(Some(settled), 10, true, false),
-            Decision::New { revision: 1, value: 3, status: status::ADJUSTMENT }
+            Decision::New {
+                revision: 1,
+                value: 3,
+                status: status::ADJUSTMENT
+            }
         );
         assert_eq!(
             decide(Some(settled), 5, true, true),
-            Decision::New { revision: 1, value: -2, status: status::ADJUSTMENT }
+            Decision::New {
+                revision: 1,
+                value: -2,
+                status: status::ADJUSTMENT
+            }
         );
-        let pending = Latest { revision: 2, pending: true, accounted: 7 };
+        let pending = Latest {
+            revision: 2,
+            pending: true,
+            accounted: 7,
+        };
         assert_eq!(decide(Some(pending), 100, true, true), Decision::Resend);
         assert_eq!(decide(Some(pending), 100, true, false), Decision::ResendTooLate);
     }
@@ -409,7 +471,10 @@ mod tests {
 
     fn steps() -> impl Strategy<Value = Vec<Step>> {
         prop::collection::vec(
-            (0i64..50, any::<bool>()).prop_map(|(late_units, push_settles)| Step { late_units, push_settles }),
+            (0i64..50, any::<bool>()).prop_map(|(late_units, push_settles)| Step {
+                late_units,
+                push_settles,
+            }),
             1..30,
         )
     }

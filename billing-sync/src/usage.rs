@@ -61,7 +61,12 @@ pub struct TenantUsage {
 }
 
 /// Billable units per tenant and meter for events in `[from, to)`.
-pub async fn per_tenant(client: &Client, from: u32, to: u32, meters: &[String]) -> Result<Vec<TenantUsage>, UsageError> {
+pub async fn per_tenant(
+    client: &Client,
+    from: u32,
+    to: u32,
+    meters: &[String],
+) -> Result<Vec<TenantUsage>, UsageError> {
     client
         .query(
             "SELECT tenant_id, units.meter AS m, sum(units.value) AS u \
@@ -96,8 +101,5 @@ pub async fn customers(client: &Client) -> Result<HashMap<String, String>, Usage
         .fetch_all()
         .await
         .map_err(err("customers"))?;
-    Ok(rows
-        .into_iter()
-        .map(|r| (r.tenant_id, r.stripe_customer_id))
-        .collect())
+    Ok(rows.into_iter().map(|r| (r.tenant_id, r.stripe_customer_id)).collect())
 }

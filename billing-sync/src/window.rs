@@ -71,7 +71,13 @@ pub fn identifier(tenant: &str, meter: &str, window: Window, revision: u32) -> S
         return readable;
     }
     let mut hasher = Sha256::new();
-    for part in [tenant, meter, &window.start.to_string(), &window.end.to_string(), &revision.to_string()] {
+    for part in [
+        tenant,
+        meter,
+        &window.start.to_string(),
+        &window.end.to_string(),
+        &revision.to_string(),
+    ] {
         hasher.update(part.as_bytes());
         hasher.update([0u8]);
     }
@@ -111,7 +117,11 @@ mod tests {
         let s = settings(3_600, 300);
         let hour = 1_795_003_200; // a multiple of 3600
         let (_, to) = closed_range(&s, hour + 299);
-        assert_eq!(to as i64, hour - 3_600, "the previous hour is still open 299 s after its end");
+        assert_eq!(
+            to as i64,
+            hour - 3_600,
+            "the previous hour is still open 299 s after its end"
+        );
         let (_, to) = closed_range(&s, hour + 300);
         assert_eq!(to as i64, hour, "and closed at 300 s");
     }

@@ -37,7 +37,11 @@ async fn restart_mid_run_pushes_each_identifier_once_within_the_rate_cap() {
     // Test-mode rate: 25 calls per second.
     let settings = settings(&db, &proxy.url(), "max_requests_per_second = 25");
     let first = Shutdown::default();
-    let service = tokio::spawn(tollgate_billing_sync::run(settings.clone(), KEY.to_owned(), first.clone()));
+    let service = tokio::spawn(tollgate_billing_sync::run(
+        settings.clone(),
+        KEY.to_owned(),
+        first.clone(),
+    ));
     eventually("a third of the pushes", Duration::from_secs(30), || {
         let n = proxy.seen().len();
         async move { (n >= billable_keys / 3).then_some(()) }
@@ -50,10 +54,17 @@ async fn restart_mid_run_pushes_each_identifier_once_within_the_rate_cap() {
         .expect("task")
         .expect("clean exit");
     let at_stop = proxy.seen().len();
-    assert!(at_stop < billable_keys, "stopped mid-run ({at_stop} of {billable_keys})");
+    assert!(
+        at_stop < billable_keys,
+        "stopped mid-run ({at_stop} of {billable_keys})"
+    );
 
     let second = Shutdown::default();
-    let service = tokio::spawn(tollgate_billing_sync::run(settings.clone(), KEY.to_owned(), second.clone()));
+    let service = tokio::spawn(tollgate_billing_sync::run(
+        settings.clone(),
+        KEY.to_owned(),
+        second.clone(),
+    ));
     eventually("every revision settled", Duration::from_secs(60), || {
         let db = &db;
         async move {
@@ -89,7 +100,10 @@ async fn restart_mid_run_pushes_each_identifier_once_within_the_rate_cap() {
     // The rate cap: never more than 25 calls (+1 at the edges) in any one-second span.
     let times: Vec<Instant> = seen.iter().map(|s| s.at).collect();
     for (i, t) in times.iter().enumerate() {
-        let in_second = times[i..].iter().take_while(|u| u.duration_since(*t) < Duration::from_secs(1)).count();
+        let in_second = times[i..]
+            .iter()
+            .take_while(|u| u.duration_since(*t) < Duration::from_secs(1))
+            .count();
         assert!(in_second <= 26, "{in_second} calls within one second");
     }
     assert_reconciles(&db, &settings, &windows).await;
@@ -110,7 +124,10 @@ async fn faults_between_billing_sync_and_stripe_are_retried_without_duplicates()
         Fault::None,
         Fault::TooMany,
     ];
-    let proxy = Proxy::start(Arc::new(move |n, _| if n < 64 { cycle[n % cycle.len()] } else { Fault::None })).await;
+    let proxy = Proxy::start(Arc::new(
+        move |n, _| if n < 64 { cycle[n % cycle.len()] } else { Fault::None },
+    ))
+    .await;
     let windows = closed_windows(&[4]);
     let tenants = tenants("globex", 24);
     let mut expected = Expected::new();
@@ -128,16 +145,30 @@ async fn faults_between_billing_sync_and_stripe_are_retried_without_duplicates()
     assert_eq!(report.failed, 0);
 
     let seen = proxy.seen();
-    for fault in [Fault::TooMany, Fault::ServerError, Fault::Reset, Fault::SlowAnswer, Fault::LostAnswer] {
+    for fault in [
+        Fault::TooMany,
+        Fault::ServerError,
+        Fault::Reset,
+        Fault::SlowAnswer,
+        Fault::LostAnswer,
+    ] {
         assert!(seen.iter().any(|s| s.fault == fault), "{fault:?} injected");
     }
     let by_identifier = assert_consistent_identifiers(&seen);
-    assert_eq!(by_identifier.len(), expected.len(), "one identifier per tenant, meter and window");
+    assert_eq!(
+        by_identifier.len(),
+        expected.len(),
+        "one identifier per tenant, meter and window"
+    );
     // Retry-After: 1 was honoured.
     for (i, s) in seen.iter().enumerate() {
         if s.fault == Fault::TooMany {
             if let Some(next) = seen[i + 1..].iter().find(|n| n.identifier == s.identifier) {
-                assert!(next.at.duration_since(s.at) >= Duration::from_millis(950), "{} retried early", s.identifier);
+                assert!(
+                    next.at.duration_since(s.at) >= Duration::from_millis(950),
+                    "{} retried early",
+                    s.identifier
+                );
             }
         }
     }
@@ -176,7 +207,12 @@ async fn late_events_refusals_and_old_windows() {
     let rows = ledger(&db).await;
     let failed: Vec<_> = rows.iter().filter(|r| r.status == status::FAILED).collect();
     assert_eq!(failed.len(), 2);
-    assert!(failed.iter().all(|r| r.error.contains("400") && r.error.contains("No such customer")), "{failed:?}");
+    assert!(
+        failed
+            .iter()
+            .all(|r| r.error.contains("400") && r.error.contains("No such customer")),
+        "{failed:?}"
+    );
     assert!(failed.iter().all(|r| r.tenant_id == "initech_002" && r.attempts == 1));
 
     // Late events in the closed window: revision 1 carries only the difference.
@@ -188,7 +224,11 @@ async fn late_events_refusals_and_old_windows() {
     insert_usage(&db, &tenants[..1], &old, 1, &mut old_expected).await;
     let before = proxy.seen().len();
     let second = settle(&biller).await;
-    assert_eq!((second.pushed, second.adjustments, second.failed), (2, 2, 0), "{second:?}");
+    assert_eq!(
+        (second.pushed, second.adjustments, second.failed),
+        (2, 2, 0),
+        "{second:?}"
+    );
     let rows = ledger(&db).await;
     for meter in ["requests", "compute_units"] {
         let key = (tenants[0].clone(), meter.to_owned(), windows[0].start);
@@ -207,7 +247,10 @@ async fn late_events_refusals_and_old_windows() {
             .find(|r| r.meter == meter && r.window_start == old[0].start)
             .expect("old window recorded");
         assert_eq!(adjustment.status, status::ADJUSTMENT);
-        assert_eq!(adjustment.value, old_expected[&(tenants[0].clone(), meter.to_owned(), old[0].start)]);
+        assert_eq!(
+            adjustment.value,
+            old_expected[&(tenants[0].clone(), meter.to_owned(), old[0].start)]
+        );
     }
     let new_pushes: Vec<Seen> = proxy.seen()[before..].to_vec();
     assert_eq!(new_pushes.len(), 2, "only the two deltas are pushed: {new_pushes:?}");
@@ -219,12 +262,22 @@ async fn late_events_refusals_and_old_windows() {
 
     // Reconcile reports the refused tenant's units as a difference.
     let period: Period = chrono_month(i64::from(windows[0].start)).parse().unwrap();
-    let report = reconcile(&db.client, &settings, period, unix_now()).await.expect("reconcile");
+    let report = reconcile(&db.client, &settings, period, unix_now())
+        .await
+        .expect("reconcile");
     assert!(report.differs(), "{report}");
     let printed = report.to_string();
-    assert!(printed.contains("tenant\tmeter\tclickhouse\tpushed\tunbillable\tnot_pushed\tdifference"), "{printed}");
+    assert!(
+        printed.contains("tenant\tmeter\tclickhouse\tpushed\tunbillable\tnot_pushed\tdifference"),
+        "{printed}"
+    );
     let refused_units = expected[&("initech_002".to_owned(), "requests".to_owned(), windows[0].start)];
-    assert!(printed.contains(&format!("initech_002\trequests\t{refused_units}\t0\t0\t{refused_units}\t{refused_units}")), "{printed}");
+    assert!(
+        printed.contains(&format!(
+            "initech_002\trequests\t{refused_units}\t0\t0\t{refused_units}\t{refused_units}"
+        )),
+        "{printed}"
+    );
     assert!(printed.ends_with("differ"), "{printed}");
     for ((tenant, _), line) in &report.lines {
         if tenant == "initech_002" {
@@ -287,7 +340,10 @@ async fn a_crash_between_push_and_ledger_row_resends_the_same_event() {
             timestamp: window.event_timestamp(),
         })
         .await;
-    assert!(matches!(outcome, tollgate_billing_sync::push::PushOutcome::Pushed { .. }), "{outcome:?}");
+    assert!(
+        matches!(outcome, tollgate_billing_sync::push::PushOutcome::Pushed { .. }),
+        "{outcome:?}"
+    );
 
     // More usage arrived meanwhile: the restarted pass must re-send the recorded event as it
     // was, not a new value under the same identifier.
@@ -308,7 +364,11 @@ async fn a_crash_between_push_and_ledger_row_resends_the_same_event() {
     assert_eq!(requests.len(), 2, "{requests:?}");
     assert_eq!((requests[0].revision, requests[0].value), (0, expected[&key]));
     assert_eq!(requests[0].identifier, identifier);
-    assert_eq!((requests[1].revision, requests[1].value), (1, late[&key]), "the late unit is revision 1");
+    assert_eq!(
+        (requests[1].revision, requests[1].value),
+        (1, late[&key]),
+        "the late unit is revision 1"
+    );
     for (k, v) in late {
         *expected.entry(k).or_default() += v;
     }
@@ -375,7 +435,11 @@ async fn abrupt_stop_mid_run_bills_each_revision_once() {
 
     // A crash: the service task is dropped wherever it is, between a push and its ledger row
     // included, with nothing flushed.
-    let service = tokio::spawn(tollgate_billing_sync::run(settings.clone(), KEY.to_owned(), Shutdown::default()));
+    let service = tokio::spawn(tollgate_billing_sync::run(
+        settings.clone(),
+        KEY.to_owned(),
+        Shutdown::default(),
+    ));
     let third = expected.len() / 3;
     eventually("some pushes", Duration::from_secs(30), || {
         let n = proxy.seen().len();
@@ -387,7 +451,11 @@ async fn abrupt_stop_mid_run_bills_each_revision_once() {
     assert!(proxy.seen().len() < expected.len(), "stopped mid-run");
 
     let restarted = Shutdown::default();
-    let service = tokio::spawn(tollgate_billing_sync::run(settings.clone(), KEY.to_owned(), restarted.clone()));
+    let service = tokio::spawn(tollgate_billing_sync::run(
+        settings.clone(),
+        KEY.to_owned(),
+        restarted.clone(),
+    ));
     eventually("every revision settled", Duration::from_secs(60), || {
         let db = &db;
         let want = expected.len();
@@ -408,7 +476,11 @@ async fn abrupt_stop_mid_run_bills_each_revision_once() {
     // An event in flight at the crash may be sent again, with the same identifier, value and
     // idempotency key (Stripe counts it once); never under a second identifier.
     let by_identifier = assert_consistent_identifiers(&proxy.seen());
-    assert_eq!(by_identifier.len(), expected.len(), "one identifier per tenant and meter");
+    assert_eq!(
+        by_identifier.len(),
+        expected.len(),
+        "one identifier per tenant and meter"
+    );
     assert!(by_identifier.keys().all(|id| id.ends_with(":r0")));
     let rows = ledger(&db).await;
     assert_ledger_exact(&rows, &by_identifier, &expected, &unbillable);
@@ -427,11 +499,19 @@ async fn a_retry_after_longer_than_the_backoff_cap_defers_the_push() {
     let unbillable = HashSet::new();
     insert_customers(&db, &tenants, customer_of(&unbillable)).await;
     // Retry-After: 1 s, backoff capped at 200 ms: the push waits for a later pass.
-    let settings = settings(&db, &proxy.url(), "max_requests_per_second = 0\ninitial_backoff_ms = 50\nmax_backoff_ms = 200");
+    let settings = settings(
+        &db,
+        &proxy.url(),
+        "max_requests_per_second = 0\ninitial_backoff_ms = 50\nmax_backoff_ms = 200",
+    );
     let biller = biller(&db, &settings);
     let first = biller.pass(unix_now()).await.expect("pass");
     assert_eq!((first.pushed, first.unresolved), (1, 1), "{first:?}");
-    let pending: Vec<LedgerRow> = ledger(&db).await.into_iter().filter(|r| r.status == status::PENDING).collect();
+    let pending: Vec<LedgerRow> = ledger(&db)
+        .await
+        .into_iter()
+        .filter(|r| r.status == status::PENDING)
+        .collect();
     assert_eq!(pending.len(), 1);
     assert!(pending[0].error.contains("Retry-After 1s"), "{:?}", pending[0].error);
     let deferred = proxy.seen()[0].clone();
@@ -445,7 +525,10 @@ async fn a_retry_after_longer_than_the_backoff_cap_defers_the_push() {
         .iter()
         .find(|s| s.identifier == deferred.identifier)
         .expect("re-sent");
-    assert!(retried.at.duration_since(deferred.at) >= Duration::from_millis(950), "Retry-After honoured");
+    assert!(
+        retried.at.duration_since(deferred.at) >= Duration::from_millis(950),
+        "Retry-After honoured"
+    );
     let by_identifier = assert_consistent_identifiers(&seen);
     assert_ledger_exact(&ledger(&db).await, &by_identifier, &expected, &unbillable);
     db.remove().await;

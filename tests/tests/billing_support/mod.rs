@@ -2,16 +2,16 @@
 //! stripe-mock, usage and customer fixtures in a test's own ClickHouse database, and the
 //! checks every billing test makes (identifiers, ledger, reconcile).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tollgate_billing_sync::ledger::{status, LedgerRow};
 use tollgate_billing_sync::push::{PushMetrics, Pusher};
 use tollgate_billing_sync::reconcile::{reconcile, Period};
@@ -107,7 +107,9 @@ impl Proxy {
         let shared = state.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let state = shared.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -165,9 +167,11 @@ async fn handle(req: Request<Incoming>, state: &ProxyState) -> Result<Response<F
     let mut answer = None;
     let mut upstream_status = None;
     if forward {
-        let mut out = Request::builder()
-            .method(parts.method.clone())
-            .uri(format!("{}{}", state.target, parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")));
+        let mut out = Request::builder().method(parts.method.clone()).uri(format!(
+            "{}{}",
+            state.target,
+            parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
+        ));
         for (name, value) in &parts.headers {
             if name != hyper::header::HOST {
                 out = out.header(name, value);
@@ -179,7 +183,12 @@ async fn handle(req: Request<Incoming>, state: &ProxyState) -> Result<Response<F
             .await
             .expect("stripe-mock answers the proxy");
         let status = response.status();
-        let bytes = response.into_body().collect().await.expect("stripe-mock body").to_bytes();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .expect("stripe-mock body")
+            .to_bytes();
         let bytes = (state.rewrite)(parts.uri.path(), bytes);
         upstream_status = Some(status.as_u16());
         answer = Some(
@@ -210,14 +219,19 @@ async fn handle(req: Request<Incoming>, state: &ProxyState) -> Result<Response<F
             identifier: form.get("identifier").cloned().unwrap_or_default(),
             idempotency_key,
             customer,
-            value: form.get("payload[value]").and_then(|v| v.parse().ok()).unwrap_or(i64::MIN),
+            value: form
+                .get("payload[value]")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(i64::MIN),
             fault,
             upstream: upstream_status,
         });
     }
     let stripe_error = |status: u16, kind: &str, message: &str| {
         let body = format!(r#"{{"error": {{"type": "{kind}", "message": "{message}"}}}}"#);
-        let mut response = Response::builder().status(status).header("content-type", "application/json");
+        let mut response = Response::builder()
+            .status(status)
+            .header("content-type", "application/json");
         if status == 429 {
             response = response.header("retry-after", "1");
         }
@@ -279,8 +293,12 @@ impl Db {
             user: "default".to_owned(),
         };
         let client = settings.connect().await.expect("clickhouse answers");
-        tollgate_meter_consumer::schema::migrate(&client).await.expect("usage tables");
-        tollgate_billing_sync::ledger::migrate(&client).await.expect("ledger table");
+        tollgate_meter_consumer::schema::migrate(&client)
+            .await
+            .expect("usage tables");
+        tollgate_billing_sync::ledger::migrate(&client)
+            .await
+            .expect("ledger table");
         Self { settings, client }
     }
 
@@ -338,8 +356,12 @@ pub async fn insert_usage(db: &Db, tenants: &[String], windows: &[Window], event
                     .await
                     .expect("write usage");
                 if billable {
-                    *expected.entry((tenant.clone(), "requests".into(), window.start)).or_default() += 1;
-                    *expected.entry((tenant.clone(), "compute_units".into(), window.start)).or_default() += cu;
+                    *expected
+                        .entry((tenant.clone(), "requests".into(), window.start))
+                        .or_default() += 1;
+                    *expected
+                        .entry((tenant.clone(), "compute_units".into(), window.start))
+                        .or_default() += cu;
                 }
             }
         }
@@ -429,7 +451,10 @@ pub async fn settle(biller: &Biller) -> PassReport {
 
 pub fn closed_windows(hours_ago: &[i64]) -> Vec<Window> {
     let now = unix_now();
-    hours_ago.iter().map(|h| Window::containing(now - h * HOUR, 3_600)).collect()
+    hours_ago
+        .iter()
+        .map(|h| Window::containing(now - h * HOUR, 3_600))
+        .collect()
 }
 
 pub fn tenants(prefix: &str, n: usize) -> Vec<String> {
@@ -465,7 +490,9 @@ pub fn chrono_month(t: i64) -> String {
 
 pub async fn assert_reconciles(db: &Db, settings: &BillingSettings, windows: &[Window]) {
     for period in periods(windows) {
-        let report = reconcile(&db.client, settings, period, unix_now()).await.expect("reconcile");
+        let report = reconcile(&db.client, settings, period, unix_now())
+            .await
+            .expect("reconcile");
         assert!(!report.differs(), "reconcile differs:\n{report}");
     }
 }
@@ -482,12 +509,24 @@ pub fn assert_consistent_identifiers(seen: &[Seen]) -> HashMap<String, Seen> {
             accepted.insert(s.identifier.clone());
         }
         if let Some(upstream) = s.upstream {
-            assert!((200..300).contains(&upstream), "stripe-mock refused {}: {upstream}", s.identifier);
+            assert!(
+                (200..300).contains(&upstream),
+                "stripe-mock refused {}: {upstream}",
+                s.identifier
+            );
         }
         let f = first.entry(s.identifier.clone()).or_insert_with(|| s.clone());
-        assert_eq!(f.idempotency_key, s.idempotency_key, "{}: idempotency key changed", s.identifier);
+        assert_eq!(
+            f.idempotency_key, s.idempotency_key,
+            "{}: idempotency key changed",
+            s.identifier
+        );
         assert_eq!(f.value, s.value, "{}: value changed between attempts", s.identifier);
-        assert_eq!(f.customer, s.customer, "{}: customer changed between attempts", s.identifier);
+        assert_eq!(
+            f.customer, s.customer,
+            "{}: customer changed between attempts",
+            s.identifier
+        );
     }
     for id in first.keys() {
         assert!(accepted.contains(id), "{id}: never reached stripe-mock");
@@ -497,9 +536,18 @@ pub fn assert_consistent_identifiers(seen: &[Seen]) -> HashMap<String, Seen> {
 
 /// The pushed ledger rows match the distinct identifiers the proxy saw, one per revision, and
 /// pushed plus unbillable units equal the inserted units.
-pub fn assert_ledger_exact(rows: &[LedgerRow], by_identifier: &HashMap<String, Seen>, expected: &Expected, unbillable: &HashSet<String>) {
+pub fn assert_ledger_exact(
+    rows: &[LedgerRow],
+    by_identifier: &HashMap<String, Seen>,
+    expected: &Expected,
+    unbillable: &HashSet<String>,
+) {
     let pushed: Vec<&LedgerRow> = rows.iter().filter(|r| r.status == status::PUSHED).collect();
-    assert_eq!(pushed.len(), by_identifier.len(), "one pushed revision per identifier seen");
+    assert_eq!(
+        pushed.len(),
+        by_identifier.len(),
+        "one pushed revision per identifier seen"
+    );
     let mut accounted: Expected = BTreeMap::new();
     for row in rows {
         assert!(
@@ -516,7 +564,9 @@ pub fn assert_ledger_exact(rows: &[LedgerRow], by_identifier: &HashMap<String, S
         } else {
             assert!(unbillable.contains(&row.tenant_id), "{row:?}");
         }
-        *accounted.entry((row.tenant_id.clone(), row.meter.clone(), row.window_start)).or_default() += row.value;
+        *accounted
+            .entry((row.tenant_id.clone(), row.meter.clone(), row.window_start))
+            .or_default() += row.value;
     }
     assert_eq!(&accounted, expected);
 }
