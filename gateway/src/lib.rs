@@ -10,6 +10,7 @@ pub mod apikey;
 pub mod demo_upstream;
 pub mod directory;
 pub mod keystore;
+pub mod limits;
 pub mod problem;
 pub mod proxy;
 pub mod routes;
