@@ -226,17 +226,26 @@ impl Pusher {
 /// One async mutex per key, dropped from the map once nobody holds or waits for it.
 #[derive(Default)]
 struct KeyedLocks {
-    map: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    map: std::sync::Mutex<LockMap>,
+}
+
+#[derive(Default)]
+struct LockMap {
+    locks: HashMap<String, Arc<Mutex<()>>>,
+    /// Unused entries are dropped when the map grows past this; then it doubles, so pruning
+    /// stays linear overall even when a window holds tens of thousands of keys at once.
+    prune_at: usize,
 }
 
 impl KeyedLocks {
     async fn lock(&self, key: String) -> OwnedMutexGuard<()> {
         let lock = {
             let mut map = self.map.lock().expect("keyed locks");
-            if map.len() > 4_096 {
-                map.retain(|_, l| Arc::strong_count(l) > 1);
+            if map.locks.len() >= map.prune_at.max(1_024) {
+                map.locks.retain(|_, l| Arc::strong_count(l) > 1);
+                map.prune_at = map.locks.len() * 2;
             }
-            map.entry(key).or_default().clone()
+            map.locks.entry(key).or_default().clone()
         };
         lock.lock_owned().await
     }
@@ -245,6 +254,26 @@ impl KeyedLocks {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn keyed_locks_forget_released_keys() {
+        let locks = KeyedLocks::default();
+        let held: Vec<_> = futures_lock_all(&locks, 0..3_000).await;
+        for i in 3_000..6_000 {
+            drop(locks.lock(format!("k{i}")).await);
+        }
+        let len = locks.map.lock().unwrap().locks.len();
+        assert!((3_000..6_000).contains(&len), "held keys kept, released ones dropped: {len}");
+        drop(held);
+    }
+
+    async fn futures_lock_all(locks: &KeyedLocks, keys: std::ops::Range<u32>) -> Vec<OwnedMutexGuard<()>> {
+        let mut guards = Vec::new();
+        for i in keys {
+            guards.push(locks.lock(format!("k{i}")).await);
+        }
+        guards
+    }
 
     #[tokio::test]
     async fn keyed_locks_serialise_one_key_only() {
