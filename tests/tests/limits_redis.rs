@@ -296,3 +296,46 @@ async fn the_script_knows_calendar_months() {
         assert_eq!(d.states[0].reset_secs as i64, (end - at + 999) / 1000, "at {at}");
     }
 }
+
+/// A TCP proxy to Redis that drops every connection while `up` is false.
+async fn flaky_proxy(target: String, up: Arc<std::sync::atomic::AtomicBool>) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut inbound, _)) = listener.accept().await else { return };
+            if !up.load(Ordering::SeqCst) {
+                continue; // dropped: the client sees the connection closed
+            }
+            let target = target.clone();
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn decisions_recover_when_redis_comes_back() {
+    let url = redis();
+    let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let proxy = flaky_proxy(url.trim_start_matches("redis://").trim_end_matches('/').to_owned(), up.clone()).await;
+    let mut s = settings(&format!("redis://{proxy}"), &unique("rl"));
+    s.redis_timeout_ms = 200;
+    let limiter = RedisLimiter::new(&s, LimitsMetrics::noop()).unwrap();
+    let rpm = spec("rpm", Meter::Requests, Window::Sliding { secs: 60 }, 10);
+    let request = [charge(&rpm, "tenant:back", 1)];
+    let down = limiter.decide(&request, now_ms()).await;
+    assert!(down.degraded && !down.allowed, "{down:?}");
+    up.store(true, Ordering::SeqCst);
+    let back = tollgate_tests::eventually("a decision from Redis again", Duration::from_secs(20), || async {
+        let d = limiter.decide(&request, now_ms()).await;
+        (!d.degraded).then_some(d)
+    })
+    .await;
+    assert!(back.allowed);
+    assert_eq!(back.states[0].remaining, 9);
+}

@@ -15,6 +15,11 @@
 //! Calendar `day` / `month`: one fixed UTC period, reset at its end. In-flight: a count that
 //! `release` decrements.
 //!
+//! Time: each counter only moves forward (`now = max(now, latest now seen)`), so decisions
+//! taken in lock order see non-decreasing time even when callers read the clock a little out of
+//! order; an admission is then recorded no earlier than it happened (counted longer, never
+//! shorter).
+//!
 //! A dimension passes when `used + max(cost, 1) <= limit`: a zero-cost charge (e.g. compute
 //! units reported only after the response) is still refused once its dimension is used up.
 
@@ -62,7 +67,9 @@ impl Counter {
     pub fn new(window: Window) -> Counter {
         match window {
             Window::Sliding { secs } => Counter::Sliding(Sliding::new(secs)),
-            Window::Day | Window::Month => Counter::Calendar(Calendar { window, start: i64::MIN, end: i64::MIN, used: 0 }),
+            Window::Day | Window::Month => {
+                Counter::Calendar(Calendar { window, start: i64::MIN, end: i64::MIN, used: 0, latest: i64::MIN })
+            }
             Window::InFlight => Counter::InFlight(0),
         }
     }
@@ -120,6 +127,8 @@ pub struct Sliding {
     /// (bucket index, amount), indexes strictly increasing.
     buckets: VecDeque<(i64, u64)>,
     total: u64,
+    /// Latest time seen (see the module header).
+    latest: i64,
 }
 
 impl Sliding {
@@ -129,6 +138,7 @@ impl Sliding {
             bucket_ms: bucket_ms(window_secs),
             buckets: VecDeque::new(),
             total: 0,
+            latest: i64::MIN,
         }
     }
 
@@ -139,7 +149,7 @@ impl Sliding {
             if index >= lowest {
                 break;
             }
-            self.total -= amount;
+            self.total = self.total.saturating_sub(amount);
             self.buckets.pop_front();
         }
     }
@@ -150,6 +160,7 @@ impl Sliding {
     }
 
     fn check(&mut self, now_ms: i64, cost: u64, limit: u64) -> Check {
+        let now_ms = self.advance(now_ms);
         self.prune(now_ms);
         let used = self.total;
         let reset_ms = self.buckets.front().map_or(0, |&(i, _)| self.released_at(i) - now_ms);
@@ -158,7 +169,7 @@ impl Sliding {
         if !passes {
             // Walk oldest first until enough is released; a cost above the limit never fits,
             // then the answer is "when everything counted now is gone".
-            let need = (used + cost.max(1)).saturating_sub(limit);
+            let need = used.saturating_add(cost.max(1)).saturating_sub(limit);
             let mut freed = 0u64;
             for &(index, amount) in &self.buckets {
                 freed += amount;
@@ -173,16 +184,23 @@ impl Sliding {
     }
 
     fn commit(&mut self, now_ms: i64, cost: u64) {
+        let now_ms = self.advance(now_ms);
         if cost == 0 {
             return;
         }
         let index = now_ms.div_euclid(self.bucket_ms);
         match self.buckets.back_mut() {
             // A clock that stepped back writes into the newest bucket: counted longer, never shorter.
-            Some((last, amount)) if *last >= index => *amount += cost,
+            Some((last, amount)) if *last >= index => *amount = amount.saturating_add(cost),
             _ => self.buckets.push_back((index, cost)),
         }
-        self.total += cost;
+        self.total = self.total.saturating_add(cost);
+    }
+
+    /// `now`, or the latest time seen if that is later.
+    fn advance(&mut self, now_ms: i64) -> i64 {
+        self.latest = self.latest.max(now_ms);
+        self.latest
     }
 }
 
@@ -193,22 +211,27 @@ pub struct Calendar {
     start: i64,
     end: i64,
     used: u64,
+    /// Latest time seen (see the module header).
+    latest: i64,
 }
 
 impl Calendar {
     /// Moves to the period holding `now_ms` if it is later than the stored one (a clock that
     /// stepped back keeps counting into the stored, later period).
-    fn roll(&mut self, now_ms: i64) {
+    fn roll(&mut self, now_ms: i64) -> i64 {
+        self.latest = self.latest.max(now_ms);
+        let now_ms = self.latest;
         if now_ms >= self.end {
             let (start, end) = calendar_period(self.window, now_ms);
             self.start = start;
             self.end = end;
             self.used = 0;
         }
+        now_ms
     }
 
     fn check(&mut self, now_ms: i64, cost: u64, limit: u64) -> Check {
-        self.roll(now_ms);
+        let now_ms = self.roll(now_ms);
         let passes = fits(self.used, cost, limit);
         let to_end = self.end - now_ms;
         Check {

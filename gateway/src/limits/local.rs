@@ -59,7 +59,9 @@ impl LocalLimiter {
         if shard.counters.len() >= shard.sweep_at {
             // Only counters nobody else holds (strong count 1: the map) can go; a holder would
             // otherwise commit into a counter that is no longer in the map.
-            shard.counters.retain(|_, slot| Arc::strong_count(slot) > 1 || !lock(slot).is_idle(now_ms));
+            // Idle a second ago: a decision that read the clock just before this one loses nothing.
+            let before = now_ms.saturating_sub(1000);
+            shard.counters.retain(|_, slot| Arc::strong_count(slot) > 1 || !lock(slot).is_idle(before));
             shard.sweep_at = (shard.counters.len() * 2).max(FIRST_SWEEP);
         }
         let slot = Arc::new(Mutex::new(Counter::new(charge.spec.window)));

@@ -165,7 +165,8 @@ pub fn parse_cost_header(value: &str) -> Result<BTreeMap<Meter, u64>, String> {
     Ok(units)
 }
 
-/// Builds the configured backend; no IO (Redis connects on first use).
+/// Builds the configured backend; no IO (Redis connects on first use). Call it inside the
+/// Tokio runtime.
 pub fn build(settings: &LimitsSettings, metrics: LimitsMetrics) -> Result<Arc<dyn Limiter>, LimitsError> {
     Ok(match settings.backend {
         Backend::Local => Arc::new(LocalLimiter::new()),

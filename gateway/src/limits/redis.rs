@@ -68,7 +68,8 @@ pub struct RedisLimiter {
 }
 
 impl RedisLimiter {
-    /// No IO: the connection is made on first use (and remade after failures).
+    /// No IO: the connection is made on first use (and remade after failures). Call it inside
+    /// the Tokio runtime (the connection manager spawns its task there).
     pub fn new(settings: &LimitsSettings, metrics: LimitsMetrics) -> Result<Self, LimitsError> {
         let client = redis::Client::open(settings.redis_url.as_str()).map_err(|e| LimitsError::RedisUrl(e.to_string()))?;
         let timeout = Duration::from_millis(settings.redis_timeout_ms);

@@ -389,6 +389,87 @@ mod tests {
         toml::from_str(toml_text).expect("plan parses")
     }
 
+    /// The four seed plans as the example config ships them (copy of the reply to the lead).
+    const SEED_PLANS: &str = r#"
+[limits]
+backend = "local"
+on_redis_error = "open"
+
+[[plans.free.limits]]
+name = "requests_per_minute"
+meter = "requests"
+window = "1m"
+limit = 100
+
+[[plans.free.limits]]
+name = "compute_units_per_day"
+meter = "compute_units"
+window = "day"
+limit = 10000
+
+[[plans.starter.limits]]
+name = "requests_per_minute"
+meter = "requests"
+window = "1m"
+limit = 500
+
+[[plans.starter.limits]]
+name = "compute_units_per_day"
+meter = "compute_units"
+window = "day"
+limit = 100000
+
+[[plans.professional.limits]]
+name = "requests_per_minute"
+meter = "requests"
+window = "1m"
+limit = 2000
+
+[[plans.professional.limits]]
+name = "compute_units_per_day"
+meter = "compute_units"
+window = "day"
+limit = 1000000
+
+[[plans.enterprise.limits]]
+name = "requests_per_minute"
+meter = "requests"
+window = "1m"
+limit = 10000
+
+[[plans.enterprise.limits]]
+name = "compute_units_per_day"
+meter = "compute_units"
+window = "day"
+limit = 10000000
+"#;
+
+    #[test]
+    fn the_seed_plans_parse_and_validate() {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Seed {
+            limits: LimitsSettings,
+            plans: BTreeMap<String, PlanSettings>,
+        }
+        let seed: Seed = toml::from_str(SEED_PLANS).unwrap();
+        seed.limits.validate("limits").unwrap();
+        let rpm: Vec<(String, u64)> = seed
+            .plans
+            .iter()
+            .map(|(name, plan)| {
+                let specs = plan.specs(&format!("plans.{name}")).unwrap();
+                assert_eq!(specs[0].window, Window::Sliding { secs: 60 });
+                assert_eq!(specs[1].window, Window::Day);
+                (name.clone(), specs[0].limit)
+            })
+            .collect();
+        assert_eq!(
+            rpm,
+            [("enterprise".into(), 10_000), ("free".into(), 100), ("professional".into(), 2_000), ("starter".into(), 500)]
+        );
+    }
+
     #[test]
     fn windows_parse_and_reject() {
         assert_eq!(Window::parse("1s"), Ok(Window::Sliding { secs: 1 }));
