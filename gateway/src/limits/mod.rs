@@ -52,7 +52,8 @@ pub trait Limiter: Send + Sync {
     /// Adds post-response costs unconditionally (the next decision sees them); `concurrent`
     /// charges are ignored.
     fn add<'a>(&'a self, charges: &'a [Charge], now_ms: i64) -> LimitFuture<'a, ()>;
-    /// Ends the `concurrent` charges of an admitted request; other charges are ignored.
+    /// Ends the `concurrent` charges of an admitted request; other charges are ignored. Call it
+    /// once per decision that was `allowed` and not `degraded` (nothing was counted otherwise).
     fn release<'a>(&'a self, charges: &'a [Charge]) -> LimitFuture<'a, ()>;
 }
 
