@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tollgate_gateway::limits::{
-    Backend, Charge, KeyBy, LimitSpec, Limiter, LimitsMetrics, LimitsSettings, LocalLimiter, Meter, RedisLimiter, Window,
+    Backend, Charge, KeyBy, LimitSpec, Limiter, LimitsMetrics, LimitsSettings, LocalLimiter, Meter, RedisLimiter,
+    Window,
 };
 
 /// Time spent per case (after a short warm-up).
@@ -21,7 +22,13 @@ const REDIS_BUDGET: Duration = Duration::from_millis(2_000);
 
 fn spec(name: &str, meter: Meter, window: Window) -> Arc<LimitSpec> {
     // Allowances far above what a run can use: every decision admits and commits.
-    Arc::new(LimitSpec { name: name.into(), meter, window, limit: u64::MAX / 4, by: KeyBy::Tenant })
+    Arc::new(LimitSpec {
+        name: name.into(),
+        meter,
+        window,
+        limit: u64::MAX / 4,
+        by: KeyBy::Tenant,
+    })
 }
 
 /// The first `n` of six dimensions a busy plan could have.
@@ -30,15 +37,27 @@ fn charges(n: usize, tenant: &str) -> Vec<Charge> {
         spec("requests_per_minute", Meter::Requests, Window::Sliding { secs: 60 }),
         spec("requests_per_second", Meter::Requests, Window::Sliding { secs: 1 }),
         spec("compute_units_per_day", Meter::ComputeUnits, Window::Day),
-        spec("compute_units_per_hour", Meter::ComputeUnits, Window::Sliding { secs: 3_600 }),
+        spec(
+            "compute_units_per_hour",
+            Meter::ComputeUnits,
+            Window::Sliding { secs: 3_600 },
+        ),
         spec("compute_units_per_month", Meter::ComputeUnits, Window::Month),
-        spec("request_bytes_per_minute", Meter::RequestBytes, Window::Sliding { secs: 60 }),
+        spec(
+            "request_bytes_per_minute",
+            Meter::RequestBytes,
+            Window::Sliding { secs: 60 },
+        ),
     ];
     all.into_iter()
         .take(n)
         .map(|spec| {
             let cost = if spec.meter == Meter::Requests { 1 } else { 5 };
-            Charge { spec, key: format!("tenant:{tenant}"), cost }
+            Charge {
+                spec,
+                key: format!("tenant:{tenant}"),
+                cost,
+            }
         })
         .collect()
 }
@@ -99,7 +118,10 @@ async fn run() {
     }
 
     let baseline = rows[0].2;
-    println!("{:<8} {:>10} {:>16} {:>14}", "backend", "dimensions", "ns/decision", "vs local 1-dim");
+    println!(
+        "{:<8} {:>10} {:>16} {:>14}",
+        "backend", "dimensions", "ns/decision", "vs local 1-dim"
+    );
     for (backend, dims, ns) in rows {
         println!("{backend:<8} {dims:>10} {ns:>16.0} {:>13.1}x", ns / baseline);
     }
@@ -108,14 +130,23 @@ async fn run() {
 /// Deletes the run's keys (the calendar ones would otherwise stay until the month is over).
 async fn cleanup(url: &str, prefix: &str) {
     let Ok(client) = redis::Client::open(url) else { return };
-    let Ok(mut con) = client.get_multiplexed_async_connection().await else { return };
-    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut con).await.unwrap_or_default();
+    let Ok(mut con) = client.get_multiplexed_async_connection().await else {
+        return;
+    };
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(&mut con)
+        .await
+        .unwrap_or_default();
     if !keys.is_empty() {
         let _: Result<i64, _> = redis::cmd("DEL").arg(keys).query_async(&mut con).await;
     }
 }
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     runtime.block_on(run());
 }

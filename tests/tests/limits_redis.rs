@@ -31,11 +31,21 @@ fn limiter(url: &str, prefix: &str) -> RedisLimiter {
 }
 
 fn spec(name: &str, meter: Meter, window: Window, limit: u64) -> Arc<LimitSpec> {
-    Arc::new(LimitSpec { name: name.into(), meter, window, limit, by: KeyBy::Tenant })
+    Arc::new(LimitSpec {
+        name: name.into(),
+        meter,
+        window,
+        limit,
+        by: KeyBy::Tenant,
+    })
 }
 
 fn charge(spec: &Arc<LimitSpec>, key: &str, cost: u64) -> Charge {
-    Charge { spec: spec.clone(), key: key.into(), cost }
+    Charge {
+        spec: spec.clone(),
+        key: key.into(),
+        cost,
+    }
 }
 
 fn now_ms() -> i64 {
@@ -43,19 +53,32 @@ fn now_ms() -> i64 {
 }
 
 async fn connection(url: &str) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.expect("Redis connection")
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("Redis connection")
 }
 
 /// Every counter value under `prefix` (key → sum of its hash fields `n` or buckets, or its integer).
 async fn counters(url: &str, prefix: &str) -> Vec<(String, i64)> {
     let mut con = connection(url).await;
-    let mut keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut con).await.unwrap();
+    let mut keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(&mut con)
+        .await
+        .unwrap();
     keys.sort();
     let mut out = Vec::new();
     for key in keys {
         let kind: String = redis::cmd("TYPE").arg(&key).query_async(&mut con).await.unwrap();
         let value = if kind == "hash" {
-            let n: Option<i64> = redis::cmd("HGET").arg(&key).arg("n").query_async(&mut con).await.unwrap();
+            let n: Option<i64> = redis::cmd("HGET")
+                .arg(&key)
+                .arg("n")
+                .query_async(&mut con)
+                .await
+                .unwrap();
             match n {
                 Some(n) => n,
                 None => {
@@ -76,7 +99,12 @@ async fn two_gateways_and_64_clients_admit_exactly_the_allowance() {
     let url = redis();
     let prefix = unique("rl");
     let gateways = [Arc::new(limiter(&url, &prefix)), Arc::new(limiter(&url, &prefix))];
-    let rpm = spec("requests_per_minute", Meter::Requests, Window::Sliding { secs: 60 }, 1_000);
+    let rpm = spec(
+        "requests_per_minute",
+        Meter::Requests,
+        Window::Sliding { secs: 60 },
+        1_000,
+    );
     let cud = spec("compute_units_per_day", Meter::ComputeUnits, Window::Day, 1_000_000);
     let admitted = Arc::new(AtomicU64::new(0));
     let refused = Arc::new(AtomicU64::new(0));
@@ -121,9 +149,19 @@ async fn two_gateways_and_64_clients_admit_exactly_the_allowance() {
 async fn a_free_key_sees_the_seed_headers() {
     let url = redis();
     let limiter = limiter(&url, &unique("rl"));
-    let rpm = spec("requests_per_minute", Meter::Requests, Window::Sliding { secs: 60 }, 100);
+    let rpm = spec(
+        "requests_per_minute",
+        Meter::Requests,
+        Window::Sliding { secs: 60 },
+        100,
+    );
     let cud = spec("compute_units_per_day", Meter::ComputeUnits, Window::Day, 10_000);
-    let d = limiter.decide(&[charge(&rpm, "tenant:free", 1), charge(&cud, "tenant:free", 1)], now_ms()).await;
+    let d = limiter
+        .decide(
+            &[charge(&rpm, "tenant:free", 1), charge(&cud, "tenant:free", 1)],
+            now_ms(),
+        )
+        .await;
     let headers = legacy_headers(&d);
     assert_eq!(headers[0], ("ratelimit-limit", "100".to_owned()));
     assert_eq!(headers[1], ("ratelimit-remaining", "99".to_owned()));
@@ -199,7 +237,11 @@ async fn calendar_quotas_outlive_the_limiter() {
     let d: Decision = restarted.decide(&request(0), now).await;
     assert_eq!((d.states[0].remaining, d.states[1].remaining), (43, 493));
     let (start, end) = calendar_period(Window::Month, now);
-    assert_eq!(d.states[1].window_secs as i64, (end - start) / 1000, "the script's month is the calendar month");
+    assert_eq!(
+        d.states[1].window_secs as i64,
+        (end - start) / 1000,
+        "the script's month is the calendar month"
+    );
     assert_eq!(d.states[0].window_secs, 86_400);
     assert!(d.states[0].reset_secs <= 86_400 && d.states[0].reset_secs > 0);
     // The counter expires after its period, not before.
@@ -230,8 +272,12 @@ async fn redis_unreachable_fails_open_or_closed_without_hanging() {
             assert_eq!(refusal_problem_json(&d)["status"], 503);
             assert_eq!(d.retry_after_secs, 1);
         }
-        tokio::time::timeout(Duration::from_secs(2), limiter.add(&request, now_ms())).await.expect("add returns");
-        tokio::time::timeout(Duration::from_secs(2), limiter.release(&request)).await.expect("release returns");
+        tokio::time::timeout(Duration::from_secs(2), limiter.add(&request, now_ms()))
+            .await
+            .expect("add returns");
+        tokio::time::timeout(Duration::from_secs(2), limiter.release(&request))
+            .await
+            .expect("release returns");
     }
 }
 
@@ -255,7 +301,9 @@ async fn the_script_decides_like_the_local_limiter() {
         spec("cu_month", Meter::ComputeUnits, Window::Month, 150),
     ];
     // Starts two seconds before a month (and day) ends, so both calendar periods roll over.
-    let mut now = chrono::DateTime::parse_from_rfc3339("2027-02-28T23:59:58Z").unwrap().timestamp_millis();
+    let mut now = chrono::DateTime::parse_from_rfc3339("2027-02-28T23:59:58Z")
+        .unwrap()
+        .timestamp_millis();
     let mut seed = 0x9e37_79b9_7f4a_7c15;
     for i in 0..400 {
         now += (next(&mut seed) % 700) as i64;
@@ -283,7 +331,10 @@ async fn the_script_knows_calendar_months() {
     let mut instants = Vec::new();
     for year in (1970..2130).step_by(7) {
         for month_no in 1..=12u32 {
-            let start = chrono::NaiveDate::from_ymd_opt(year, month_no, 1).unwrap().and_hms_opt(0, 0, 0).unwrap();
+            let start = chrono::NaiveDate::from_ymd_opt(year, month_no, 1)
+                .unwrap()
+                .and_hms_opt(0, 0, 0)
+                .unwrap();
             let ms = start.and_utc().timestamp_millis();
             instants.extend([ms, ms - 1]);
         }
@@ -303,7 +354,9 @@ async fn flaky_proxy(target: String, up: Arc<std::sync::atomic::AtomicBool>) -> 
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((mut inbound, _)) = listener.accept().await else { return };
+            let Ok((mut inbound, _)) = listener.accept().await else {
+                return;
+            };
             if !up.load(Ordering::SeqCst) {
                 continue; // dropped: the client sees the connection closed
             }
@@ -322,7 +375,11 @@ async fn flaky_proxy(target: String, up: Arc<std::sync::atomic::AtomicBool>) -> 
 async fn decisions_recover_when_redis_comes_back() {
     let url = redis();
     let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let proxy = flaky_proxy(url.trim_start_matches("redis://").trim_end_matches('/').to_owned(), up.clone()).await;
+    let proxy = flaky_proxy(
+        url.trim_start_matches("redis://").trim_end_matches('/').to_owned(),
+        up.clone(),
+    )
+    .await;
     let mut s = settings(&format!("redis://{proxy}"), &unique("rl"));
     s.redis_timeout_ms = 200;
     let limiter = RedisLimiter::new(&s, LimitsMetrics::noop()).unwrap();

@@ -67,9 +67,13 @@ impl Counter {
     pub fn new(window: Window) -> Counter {
         match window {
             Window::Sliding { secs } => Counter::Sliding(Sliding::new(secs)),
-            Window::Day | Window::Month => {
-                Counter::Calendar(Calendar { window, start: i64::MIN, end: i64::MIN, used: 0, latest: i64::MIN })
-            }
+            Window::Day | Window::Month => Counter::Calendar(Calendar {
+                window,
+                start: i64::MIN,
+                end: i64::MIN,
+                used: 0,
+                latest: i64::MIN,
+            }),
             Window::InFlight => Counter::InFlight(0),
         }
     }
@@ -180,7 +184,13 @@ impl Sliding {
             }
             retry_ms = retry_ms.max(1);
         }
-        Check { used, passes, reset_ms, retry_ms, window_ms: self.window_ms }
+        Check {
+            used,
+            passes,
+            reset_ms,
+            retry_ms,
+            window_ms: self.window_ms,
+        }
     }
 
     fn commit(&mut self, now_ms: i64, cost: u64) {

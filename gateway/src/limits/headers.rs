@@ -58,7 +58,11 @@ pub fn policy_header(decision: &Decision) -> Option<String> {
         .states
         .iter()
         .map(|s| {
-            let window = if s.window_secs > 0 { format!(";w={}", s.window_secs) } else { String::new() };
+            let window = if s.window_secs > 0 {
+                format!(";w={}", s.window_secs)
+            } else {
+                String::new()
+            };
             format!("{};q={}{}{window}", sf_string(&s.name), s.limit, unit_param(s.meter))
         })
         .collect();
@@ -71,7 +75,11 @@ pub fn ratelimit_header(decision: &Decision) -> Option<String> {
         .states
         .iter()
         .map(|s| {
-            let reset = if s.meter == Meter::Concurrent { String::new() } else { format!(";t={}", s.reset_secs) };
+            let reset = if s.meter == Meter::Concurrent {
+                String::new()
+            } else {
+                format!(";t={}", s.reset_secs)
+            };
             format!("{};r={}{reset}", sf_string(&s.name), s.remaining)
         })
         .collect();
@@ -90,9 +98,16 @@ fn tighter(a: &LimitState, b: &LimitState) -> Ordering {
 
 /// The limit the legacy trio describes (see the module header).
 pub fn tightest(decision: &Decision) -> Option<&LimitState> {
-    let violated: Vec<&LimitState> =
-        decision.states.iter().filter(|s| decision.violated.contains(&s.name)).collect();
-    let windowed: Vec<&LimitState> = decision.states.iter().filter(|s| s.meter != Meter::Concurrent).collect();
+    let violated: Vec<&LimitState> = decision
+        .states
+        .iter()
+        .filter(|s| decision.violated.contains(&s.name))
+        .collect();
+    let windowed: Vec<&LimitState> = decision
+        .states
+        .iter()
+        .filter(|s| s.meter != Meter::Concurrent)
+        .collect();
     let pool = if !violated.is_empty() {
         violated
     } else if !windowed.is_empty() {
@@ -150,10 +165,20 @@ pub fn refusal_problem_json(decision: &Decision) -> serde_json::Value {
         .filter(|s| decision.violated.contains(&s.name))
         .map(|s| match s.meter {
             Meter::Concurrent => format!("{} ({} {} at once)", s.name, s.limit, unit_words(s.meter)),
-            _ => format!("{} ({} {} per {} s)", s.name, s.limit, unit_words(s.meter), s.window_secs),
+            _ => format!(
+                "{} ({} {} per {} s)",
+                s.name,
+                s.limit,
+                unit_words(s.meter),
+                s.window_secs
+            ),
         })
         .collect();
-    let what = if described.is_empty() { decision.violated.join(", ") } else { described.join(", ") };
+    let what = if described.is_empty() {
+        decision.violated.join(", ")
+    } else {
+        described.join(", ")
+    };
     json!({
         "type": QUOTA_EXCEEDED,
         "title": "Quota exceeded",
@@ -181,7 +206,14 @@ mod tests {
     use super::*;
 
     fn state(name: &str, meter: Meter, limit: u64, remaining: u64, reset: u64, window: u64) -> LimitState {
-        LimitState { name: name.into(), limit, remaining, reset_secs: reset, window_secs: window, meter }
+        LimitState {
+            name: name.into(),
+            limit,
+            remaining,
+            reset_secs: reset,
+            window_secs: window,
+            meter,
+        }
     }
 
     fn seed_free() -> Decision {
@@ -189,7 +221,14 @@ mod tests {
             allowed: true,
             states: vec![
                 state("requests_per_minute", Meter::Requests, 100, 99, 60, 60),
-                state("compute_units_per_day", Meter::ComputeUnits, 10_000, 9_995, 3_600, 86_400),
+                state(
+                    "compute_units_per_day",
+                    Meter::ComputeUnits,
+                    10_000,
+                    9_995,
+                    3_600,
+                    86_400,
+                ),
             ],
             ..Decision::default()
         }
@@ -206,8 +245,14 @@ mod tests {
             ratelimit_header(&d).unwrap(),
             "\"requests_per_minute\";r=99;t=60, \"compute_units_per_day\";r=9995;t=3600"
         );
-        let inflight = Decision { states: vec![state("inflight", Meter::Concurrent, 5, 4, 0, 0)], ..d };
-        assert_eq!(policy_header(&inflight).unwrap(), "\"inflight\";q=5;qu=\"concurrent-requests\"");
+        let inflight = Decision {
+            states: vec![state("inflight", Meter::Concurrent, 5, 4, 0, 0)],
+            ..d
+        };
+        assert_eq!(
+            policy_header(&inflight).unwrap(),
+            "\"inflight\";q=5;qu=\"concurrent-requests\""
+        );
         assert_eq!(ratelimit_header(&inflight).unwrap(), "\"inflight\";r=4");
         assert_eq!(policy_header(&Decision::default()), None);
     }
@@ -222,7 +267,11 @@ mod tests {
         let headers = legacy_headers(&seed_free());
         assert_eq!(
             headers,
-            [("ratelimit-limit", "100".into()), ("ratelimit-remaining", "99".into()), ("ratelimit-reset", "60".into())]
+            [
+                ("ratelimit-limit", "100".into()),
+                ("ratelimit-remaining", "99".into()),
+                ("ratelimit-reset", "60".into())
+            ]
         );
         // A concurrent limit nearer its end does not take the trio from a windowed one.
         let mut d = seed_free();
@@ -245,7 +294,10 @@ mod tests {
         assert_eq!(body["status"], 429);
         assert_eq!(body["violated-policies"], json!(["requests_per_minute"]));
         let detail = body["detail"].as_str().unwrap();
-        assert!(detail.contains("requests_per_minute (100 requests per 60 s)") && detail.contains("12 s"), "{detail}");
+        assert!(
+            detail.contains("requests_per_minute (100 requests per 60 s)") && detail.contains("12 s"),
+            "{detail}"
+        );
         let headers = response_headers(&d);
         assert!(headers.contains(&("retry-after", "12".into())));
         assert!(headers.contains(&("ratelimit-remaining", "0".into())));
@@ -253,7 +305,12 @@ mod tests {
 
     #[test]
     fn a_degraded_closed_refusal_is_reduced_capacity() {
-        let d = Decision { allowed: false, degraded: true, retry_after_secs: 1, ..Decision::default() };
+        let d = Decision {
+            allowed: false,
+            degraded: true,
+            retry_after_secs: 1,
+            ..Decision::default()
+        };
         let body = refusal_problem_json(&d);
         assert_eq!(body["status"], 503);
         assert_eq!(body["type"], REDUCED_CAPACITY);

@@ -43,7 +43,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl LocalLimiter {
     pub fn new() -> Self {
         let shards = (0..SHARDS)
-            .map(|_| Mutex::new(Shard { counters: HashMap::new(), sweep_at: FIRST_SWEEP }))
+            .map(|_| {
+                Mutex::new(Shard {
+                    counters: HashMap::new(),
+                    sweep_at: FIRST_SWEEP,
+                })
+            })
             .collect();
         Self { shards }
     }
@@ -61,7 +66,9 @@ impl LocalLimiter {
             // otherwise commit into a counter that is no longer in the map.
             // Idle a second ago: a decision that read the clock just before this one loses nothing.
             let before = now_ms.saturating_sub(1000);
-            shard.counters.retain(|_, slot| Arc::strong_count(slot) > 1 || !lock(slot).is_idle(before));
+            shard
+                .counters
+                .retain(|_, slot| Arc::strong_count(slot) > 1 || !lock(slot).is_idle(before));
             shard.sweep_at = (shard.counters.len() * 2).max(FIRST_SWEEP);
         }
         let slot = Arc::new(Mutex::new(Counter::new(charge.spec.window)));
@@ -77,7 +84,10 @@ impl LocalLimiter {
         f: impl FnOnce(&[super::Group], &mut [MutexGuard<'_, Counter>]) -> R,
     ) -> R {
         let groups = group(charges);
-        let slots: Vec<Slot> = groups.iter().map(|g| self.slot(&g.id, &charges[g.members[0]], now_ms)).collect();
+        let slots: Vec<Slot> = groups
+            .iter()
+            .map(|g| self.slot(&g.id, &charges[g.members[0]], now_ms))
+            .collect();
         let mut guards: Vec<MutexGuard<'_, Counter>> = slots.iter().map(|s| lock(s)).collect();
         f(&groups, &mut guards)
     }
@@ -147,19 +157,37 @@ mod tests {
     use crate::limits::{KeyBy, LimitSpec, Meter, Window};
 
     fn spec(name: &str, meter: Meter, window: Window, limit: u64) -> Arc<LimitSpec> {
-        Arc::new(LimitSpec { name: name.into(), meter, window, limit, by: KeyBy::Tenant })
+        Arc::new(LimitSpec {
+            name: name.into(),
+            meter,
+            window,
+            limit,
+            by: KeyBy::Tenant,
+        })
     }
 
     fn charge(spec: &Arc<LimitSpec>, key: &str, cost: u64) -> Charge {
-        Charge { spec: spec.clone(), key: key.into(), cost }
+        Charge {
+            spec: spec.clone(),
+            key: key.into(),
+            cost,
+        }
     }
 
     #[test]
     fn enterprise_first_request_shows_the_seed_values() {
         let limiter = LocalLimiter::new();
-        let rpm = spec("requests_per_minute", Meter::Requests, Window::Sliding { secs: 60 }, 10_000);
+        let rpm = spec(
+            "requests_per_minute",
+            Meter::Requests,
+            Window::Sliding { secs: 60 },
+            10_000,
+        );
         let cud = spec("compute_units_per_day", Meter::ComputeUnits, Window::Day, 1_000_000);
-        let d = limiter.decide_now(&[charge(&rpm, "tenant:e", 1), charge(&cud, "tenant:e", 5)], 1_764_284_400_123);
+        let d = limiter.decide_now(
+            &[charge(&rpm, "tenant:e", 1), charge(&cud, "tenant:e", 5)],
+            1_764_284_400_123,
+        );
         assert!(d.allowed);
         assert_eq!((d.states[0].limit, d.states[0].remaining), (10_000, 9_999));
         assert!(d.states[0].reset_secs <= 60 && d.states[0].reset_secs > 0);
@@ -178,7 +206,10 @@ mod tests {
         let refused = limiter.decide_now(&both(3), 1);
         assert!(!refused.allowed);
         assert_eq!(refused.violated, ["cu"]);
-        assert_eq!(refused.states[0].remaining, 99, "the passing dimension was not consumed");
+        assert_eq!(
+            refused.states[0].remaining, 99,
+            "the passing dimension was not consumed"
+        );
         assert_eq!(refused.retry_after_secs, 86_400);
         let next = limiter.decide_now(&both(2), 2);
         assert!(next.allowed);
@@ -192,7 +223,10 @@ mod tests {
         let cu = spec("cu", Meter::ComputeUnits, Window::Sliding { secs: 60 }, 100);
         limiter.decide_now(&[charge(&cu, "tenant:a", 0)], 0);
         limiter.add_now(&[charge(&cu, "tenant:a", 42)], 10);
-        assert_eq!(limiter.decide_now(&[charge(&cu, "tenant:a", 0)], 20).states[0].remaining, 58);
+        assert_eq!(
+            limiter.decide_now(&[charge(&cu, "tenant:a", 0)], 20).states[0].remaining,
+            58
+        );
         limiter.add_now(&[charge(&cu, "tenant:a", 100)], 30);
         let d = limiter.decide_now(&[charge(&cu, "tenant:a", 0)], 40);
         assert!(!d.allowed, "a used-up quota refuses even zero-cost requests");

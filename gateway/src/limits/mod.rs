@@ -155,11 +155,16 @@ pub fn charges_after(specs: &[Arc<LimitSpec>], subject: &Subject<'_>, units: &BT
 pub fn parse_cost_header(value: &str) -> Result<BTreeMap<Meter, u64>, String> {
     let mut units = BTreeMap::new();
     for part in value.split([',', ';']).map(str::trim).filter(|p| !p.is_empty()) {
-        let (name, n) = part.split_once('=').ok_or_else(|| format!("{part:?}: expected <meter>=<units>"))?;
+        let (name, n) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?}: expected <meter>=<units>"))?;
         let meter = Meter::parse(name.trim())
             .filter(|m| *m != Meter::Concurrent)
             .ok_or_else(|| format!("{:?}: not a countable meter", name.trim()))?;
-        let n: u64 = n.trim().parse().map_err(|_| format!("{part:?}: units must be a whole number"))?;
+        let n: u64 = n
+            .trim()
+            .parse()
+            .map_err(|_| format!("{part:?}: units must be a whole number"))?;
         let slot: &mut u64 = units.entry(meter).or_default();
         *slot = slot.saturating_add(n);
     }
@@ -200,7 +205,12 @@ pub(crate) fn group(charges: &[Charge]) -> Vec<Group> {
                 g.cost = g.cost.saturating_add(charge.cost);
                 g.members.push(i);
             }
-            None => groups.push(Group { id, spec: charge.spec.clone(), cost: charge.cost, members: vec![i] }),
+            None => groups.push(Group {
+                id,
+                spec: charge.spec.clone(),
+                cost: charge.cost,
+                members: vec![i],
+            }),
         }
     }
     groups.sort_by(|a, b| a.id.cmp(&b.id));
@@ -220,7 +230,11 @@ pub(crate) fn assemble(charges: &[Charge], groups: &[Group], checks: &[counter::
     let mut violated = Vec::new();
     let mut retry_ms = 0i64;
     for (g, check) in groups.iter().zip(checks) {
-        let used = if allowed { check.used.saturating_add(g.cost) } else { check.used };
+        let used = if allowed {
+            check.used.saturating_add(g.cost)
+        } else {
+            check.used
+        };
         let window_secs = ceil_secs(check.window_ms);
         let reset_ms = if allowed && g.cost > 0 && check.reset_ms == 0 {
             // Nothing was counted before this admission: it is given back one window later.
@@ -276,10 +290,23 @@ mod tests {
         assert_eq!(units[&Meter::ComputeUnits], 5);
         assert_eq!(units[&Meter::RequestBytes], 300);
         let spec = |name: &str, meter, by| {
-            Arc::new(LimitSpec { name: name.into(), meter, window: Window::Day, limit: 9, by })
+            Arc::new(LimitSpec {
+                name: name.into(),
+                meter,
+                window: Window::Day,
+                limit: 9,
+                by,
+            })
         };
-        let specs = [spec("a", Meter::Requests, KeyBy::Tenant), spec("b", Meter::ResponseBytes, KeyBy::Ip)];
-        let subject = Subject { tenant: "t1", key: "k1", ip: "203.0.113.7" };
+        let specs = [
+            spec("a", Meter::Requests, KeyBy::Tenant),
+            spec("b", Meter::ResponseBytes, KeyBy::Ip),
+        ];
+        let subject = Subject {
+            tenant: "t1",
+            key: "k1",
+            ip: "203.0.113.7",
+        };
         let c = charges(&specs, &subject, &units);
         assert_eq!((c[0].key.as_str(), c[0].cost), ("tenant:t1", 1));
         assert_eq!((c[1].key.as_str(), c[1].cost), ("ip:203.0.113.7", 0));

@@ -49,7 +49,11 @@ impl LimitsMetrics {
 
     /// Metrics that go nowhere (tests, benchmarks).
     pub fn noop() -> Self {
-        Self { decide_errors: Counter::noop(), add_errors: Counter::noop(), release_errors: Counter::noop() }
+        Self {
+            decide_errors: Counter::noop(),
+            add_errors: Counter::noop(),
+            release_errors: Counter::noop(),
+        }
     }
 }
 
@@ -71,7 +75,8 @@ impl RedisLimiter {
     /// No IO: the connection is made on first use (and remade after failures). Call it inside
     /// the Tokio runtime (the connection manager spawns its task there).
     pub fn new(settings: &LimitsSettings, metrics: LimitsMetrics) -> Result<Self, LimitsError> {
-        let client = redis::Client::open(settings.redis_url.as_str()).map_err(|e| LimitsError::RedisUrl(e.to_string()))?;
+        let client =
+            redis::Client::open(settings.redis_url.as_str()).map_err(|e| LimitsError::RedisUrl(e.to_string()))?;
         let timeout = Duration::from_millis(settings.redis_timeout_ms);
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
@@ -118,7 +123,12 @@ impl RedisLimiter {
                 Window::InFlight => ("c", 0, 0),
             };
             invocation.key(format!("{}:{}", self.prefix, g.id));
-            invocation.arg(kind).arg(window_ms).arg(bucket).arg(g.spec.limit).arg(g.cost);
+            invocation
+                .arg(kind)
+                .arg(window_ms)
+                .arg(bucket)
+                .arg(g.spec.limit)
+                .arg(g.cost);
         }
         let mut connection = self.connection.clone();
         match tokio::time::timeout(self.timeout, invocation.invoke_async::<Vec<i64>>(&mut connection)).await {
@@ -134,7 +144,12 @@ impl RedisLimiter {
         let now = self.started.elapsed().as_millis() as u64 + 1;
         let last = self.last_warn_ms.load(Ordering::Relaxed);
         let due = last == 0 || now.saturating_sub(last) >= WARN_EVERY.as_millis() as u64;
-        if due && self.last_warn_ms.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+        if due
+            && self
+                .last_warn_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
             let suppressed = self.suppressed.swap(0, Ordering::Relaxed);
             tracing::warn!(op, error, suppressed, policy = ?self.policy, "rate limits: Redis failed");
         } else {
@@ -145,9 +160,16 @@ impl RedisLimiter {
     async fn decide_inner(&self, charges: &[Charge], now_ms: i64) -> Decision {
         let groups = group(charges);
         if groups.is_empty() {
-            return Decision { allowed: true, ..Decision::default() };
+            return Decision {
+                allowed: true,
+                ..Decision::default()
+            };
         }
-        match self.run("decide", &groups, now_ms).await.and_then(|reply| checks(&reply, groups.len())) {
+        match self
+            .run("decide", &groups, now_ms)
+            .await
+            .and_then(|reply| checks(&reply, groups.len()))
+        {
             Ok(checks) => assemble(charges, &groups, &checks),
             Err(error) => {
                 self.metrics.decide_errors.increment(1);

@@ -222,7 +222,11 @@ impl Window {
             "month" => return Ok(Window::Month),
             _ => {}
         }
-        let split = text.len().checked_sub(1).filter(|&i| text.is_char_boundary(i)).ok_or(EXPECTED)?;
+        let split = text
+            .len()
+            .checked_sub(1)
+            .filter(|&i| text.is_char_boundary(i))
+            .ok_or(EXPECTED)?;
         let (digits, unit) = text.split_at(split);
         let unit_secs = match unit {
             "s" => 1,
@@ -258,7 +262,11 @@ pub fn calendar_period(window: Window, now_ms: i64) -> (i64, i64) {
     let day = now_ms.div_euclid(DAY_MS);
     match window {
         Window::Month => {
-            let date = Utc.timestamp_millis_opt(day * DAY_MS).single().unwrap_or_default().date_naive();
+            let date = Utc
+                .timestamp_millis_opt(day * DAY_MS)
+                .single()
+                .unwrap_or_default()
+                .date_naive();
             let start = date.with_day(1).unwrap_or(date);
             let next = if start.month() == 12 {
                 start.with_year(start.year() + 1).and_then(|d| d.with_month(1))
@@ -291,7 +299,9 @@ impl LimitSpec {
         let name = &settings.name;
         if name.is_empty()
             || name.len() > 64
-            || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
         {
             return Err(Invalid::new(
                 format!("{field}.name"),
@@ -302,7 +312,8 @@ impl LimitSpec {
         let window = if settings.meter == Meter::Concurrent {
             Window::InFlight
         } else {
-            Window::parse(&settings.window).map_err(|expected| Invalid::new(format!("{field}.window"), &settings.window, expected))?
+            Window::parse(&settings.window)
+                .map_err(|expected| Invalid::new(format!("{field}.window"), &settings.window, expected))?
         };
         Ok(LimitSpec {
             name: name.clone(),
@@ -333,7 +344,11 @@ impl PlanSettings {
             let at = format!("{field}.limits[{i}]");
             let spec = LimitSpec::from_settings(&at, limit)?;
             if specs.iter().any(|s| s.name == spec.name) {
-                return Err(Invalid::new(format!("{at}.name"), &spec.name, "a name not used by another limit of the plan"));
+                return Err(Invalid::new(
+                    format!("{at}.name"),
+                    &spec.name,
+                    "a name not used by another limit of the plan",
+                ));
             }
             specs.push(spec);
         }
@@ -368,7 +383,11 @@ pub fn effective_limits(plan: &PlanSettings, metadata: &serde_json::Value) -> Re
     let overrides = match metadata.get("limits") {
         None | Some(serde_json::Value::Null) => return Ok(specs),
         Some(serde_json::Value::Object(map)) => map,
-        Some(other) => return Err(format!("metadata.limits: found {other}, expected an object of limit name to allowance")),
+        Some(other) => {
+            return Err(format!(
+                "metadata.limits: found {other}, expected an object of limit name to allowance"
+            ))
+        }
     };
     for (name, value) in overrides {
         let Some(spec) = specs.iter_mut().find(|s| &s.name == name) else {
@@ -466,7 +485,12 @@ limit = 10000000
             .collect();
         assert_eq!(
             rpm,
-            [("enterprise".into(), 10_000), ("free".into(), 100), ("professional".into(), 2_000), ("starter".into(), 500)]
+            [
+                ("enterprise".into(), 10_000),
+                ("free".into(), 100),
+                ("professional".into(), 2_000),
+                ("starter".into(), 500)
+            ]
         );
     }
 
@@ -478,7 +502,18 @@ limit = 10000000
         assert_eq!(Window::parse("30d"), Ok(Window::Sliding { secs: 30 * 86_400 }));
         assert_eq!(Window::parse("day"), Ok(Window::Day));
         assert_eq!(Window::parse("month"), Ok(Window::Month));
-        for bad in ["", "0s", "31d", "1w", "m", "-1s", "1.5m", "1 m", "99999999999999999999d", "é"] {
+        for bad in [
+            "",
+            "0s",
+            "31d",
+            "1w",
+            "m",
+            "-1s",
+            "1.5m",
+            "1 m",
+            "99999999999999999999d",
+            "é",
+        ] {
             assert!(Window::parse(bad).is_err(), "{bad:?} accepted");
         }
     }
@@ -486,10 +521,22 @@ limit = 10000000
     #[test]
     fn calendar_periods_are_utc_days_and_months() {
         let ms = |y, m, d, h| Utc.with_ymd_and_hms(y, m, d, h, 0, 0).unwrap().timestamp_millis();
-        assert_eq!(calendar_period(Window::Day, ms(2026, 11, 27, 23)), (ms(2026, 11, 27, 0), ms(2026, 11, 28, 0)));
-        assert_eq!(calendar_period(Window::Month, ms(2026, 12, 31, 23)), (ms(2026, 12, 1, 0), ms(2027, 1, 1, 0)));
-        assert_eq!(calendar_period(Window::Month, ms(2028, 2, 29, 5)), (ms(2028, 2, 1, 0), ms(2028, 3, 1, 0)));
-        assert_eq!(calendar_period(Window::Month, ms(2026, 3, 1, 0)), (ms(2026, 3, 1, 0), ms(2026, 4, 1, 0)));
+        assert_eq!(
+            calendar_period(Window::Day, ms(2026, 11, 27, 23)),
+            (ms(2026, 11, 27, 0), ms(2026, 11, 28, 0))
+        );
+        assert_eq!(
+            calendar_period(Window::Month, ms(2026, 12, 31, 23)),
+            (ms(2026, 12, 1, 0), ms(2027, 1, 1, 0))
+        );
+        assert_eq!(
+            calendar_period(Window::Month, ms(2028, 2, 29, 5)),
+            (ms(2028, 2, 1, 0), ms(2028, 3, 1, 0))
+        );
+        assert_eq!(
+            calendar_period(Window::Month, ms(2026, 3, 1, 0)),
+            (ms(2026, 3, 1, 0), ms(2026, 4, 1, 0))
+        );
     }
 
     #[test]
@@ -508,13 +555,20 @@ limit = 10000000
         );
         assert_eq!(p.validate("plans.x").unwrap_err().field, "plans.x.limits[1].name");
         let p = plan("[[limits]]\nname = \"a b\"\nmeter = \"requests\"\nwindow = \"1m\"\nlimit = 5\n");
-        assert!(p.validate("plans.x").unwrap_err().to_string().contains("1 to 64 characters"));
+        assert!(p
+            .validate("plans.x")
+            .unwrap_err()
+            .to_string()
+            .contains("1 to 64 characters"));
     }
 
     #[test]
     fn unknown_fields_and_meters_fail_to_parse() {
         let bad = "[[limits]]\nname = \"a\"\nmeter = \"requests\"\nwindow = \"1m\"\nlimit = 5\nlimt = 6\n";
-        assert!(toml::from_str::<PlanSettings>(bad).unwrap_err().to_string().contains("limt"));
+        assert!(toml::from_str::<PlanSettings>(bad)
+            .unwrap_err()
+            .to_string()
+            .contains("limt"));
         let bad = "[[limits]]\nname = \"a\"\nmeter = \"tokens\"\nwindow = \"1m\"\nlimit = 5\n";
         assert!(toml::from_str::<PlanSettings>(bad).is_err());
         assert!(toml::from_str::<LimitsSettings>("backend = \"memcached\"\n").is_err());
@@ -549,7 +603,10 @@ limit = 10000000
         cost.insert("compute_units".to_owned(), 5);
         validate_route_cost("routes[0].cost", &cost).unwrap();
         cost.insert("concurrent".to_owned(), 1);
-        assert_eq!(validate_route_cost("routes[0].cost", &cost).unwrap_err().field, "routes[0].cost.concurrent");
+        assert_eq!(
+            validate_route_cost("routes[0].cost", &cost).unwrap_err().field,
+            "routes[0].cost.concurrent"
+        );
     }
 
     #[test]
@@ -558,7 +615,11 @@ limit = 10000000
             "[[limits]]\nname = \"requests_per_minute\"\nmeter = \"requests\"\nwindow = \"1m\"\nlimit = 10000\n\
              [[limits]]\nname = \"compute_units_per_day\"\nmeter = \"compute_units\"\nwindow = \"day\"\nlimit = 5\n",
         );
-        let specs = effective_limits(&p, &serde_json::json!({"plan": "enterprise", "limits": {"requests_per_minute": 20000}})).unwrap();
+        let specs = effective_limits(
+            &p,
+            &serde_json::json!({"plan": "enterprise", "limits": {"requests_per_minute": 20000}}),
+        )
+        .unwrap();
         assert_eq!(specs[0].limit, 20000);
         assert_eq!(specs[1].limit, 5);
         assert_eq!(effective_limits(&p, &serde_json::Value::Null).unwrap()[0].limit, 10000);
