@@ -97,14 +97,16 @@ async fn restart_mid_run_pushes_each_identifier_once_within_the_rate_cap() {
         rows.iter().filter(|r| r.status == status::UNBILLABLE).count(),
         unbillable.len() * 2 * windows.len()
     );
-    // The rate cap: never more than 25 calls (+1 at the edges) in any one-second span.
+    // The rate cap: calls leave billing-sync 40 ms apart (25/s). Measured where the proxy
+    // receives them, scheduling jitter can bunch a few, so: at most 50 + 5 in any 2 s span
+    // (uncapped, this test's pushes would arrive in well under a second).
     let times: Vec<Instant> = seen.iter().map(|s| s.at).collect();
     for (i, t) in times.iter().enumerate() {
-        let in_second = times[i..]
+        let in_span = times[i..]
             .iter()
-            .take_while(|u| u.duration_since(*t) < Duration::from_secs(1))
+            .take_while(|u| u.duration_since(*t) < Duration::from_secs(2))
             .count();
-        assert!(in_second <= 26, "{in_second} calls within one second");
+        assert!(in_span <= 55, "{in_span} calls within two seconds");
     }
     assert_reconciles(&db, &settings, &windows).await;
     db.remove().await;

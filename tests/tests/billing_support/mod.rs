@@ -48,6 +48,7 @@ pub enum Fault {
 
 #[derive(Debug, Clone)]
 pub struct Seen {
+    /// When the request arrived at the proxy.
     pub at: Instant,
     pub identifier: String,
     pub idempotency_key: String,
@@ -148,6 +149,7 @@ impl std::fmt::Display for Dropped {
 impl std::error::Error for Dropped {}
 
 async fn handle(req: Request<Incoming>, state: &ProxyState) -> Result<Response<Full<Bytes>>, Dropped> {
+    let arrived = Instant::now();
     let (parts, body) = req.into_parts();
     let body = body.collect().await.map_err(|_| Dropped)?.to_bytes();
     let is_meter_event = parts.method == hyper::Method::POST && parts.uri.path() == "/v1/billing/meter_events";
@@ -215,7 +217,7 @@ async fn handle(req: Request<Incoming>, state: &ProxyState) -> Result<Response<F
         });
     } else {
         state.seen.lock().unwrap().push(Seen {
-            at: Instant::now(),
+            at: arrived,
             identifier: form.get("identifier").cloned().unwrap_or_default(),
             idempotency_key,
             customer,
