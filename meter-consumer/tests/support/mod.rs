@@ -246,13 +246,15 @@ impl Workload {
 pub async fn produce(producer: &FutureProducer, topic: &str, records: &[(String, Vec<u8>)], rate: Option<u64>) {
     let started = Instant::now();
     for (i, chunk) in records.chunks(2_000).enumerate() {
+        // Enqueued at once (`send_result`), then every delivery awaited: a chunk is far below
+        // the producer's queue limit.
         let mut pending = Vec::with_capacity(chunk.len());
         for (key, payload) in chunk {
             let record = FutureRecord::to(topic).key(key.as_bytes()).payload(payload.as_slice());
-            pending.push(producer.send(record, Duration::from_secs(30)));
+            pending.push(producer.send_result(record).map_err(|(e, _)| e).expect("enqueued"));
         }
         for delivery in pending {
-            delivery.await.map_err(|(e, _)| e).expect("broker acked the event");
+            delivery.await.expect("delivery reported").map_err(|(e, _)| e).expect("broker acked the event");
         }
         if let Some(rate) = rate {
             let due = Duration::from_secs_f64(((i + 1) * 2_000) as f64 / rate as f64);

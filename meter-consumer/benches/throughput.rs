@@ -1,0 +1,172 @@
+//! Sustained Kafka → ClickHouse throughput and freshness of meter-consumer, on this machine,
+//! with the broker and ClickHouse on the same cores, against baselines measured in the same
+//! run. Not run by `cargo test`; run it with
+//! `cargo bench -p tollgate-meter-consumer --bench throughput` (the native stack must be up).
+//!
+//! - Baselines: producing the events to Kafka (`acks=all`), and inserting the same rows into
+//!   a plain copy of `usage_events` with no Kafka, no decoding and no rollups, in batches of
+//!   the same size.
+//! - Throughput: the events are produced first, then the consumer (in-process, default batch
+//!   settings) starts; the rate is measured from the first stored row to the last row
+//!   visible in every table (raw and every rollup).
+//! - Freshness: with the consumer caught up, events are produced at a steady rate, each
+//!   timestamped when produced; the minute rollup is polled, and an event's freshness is when
+//!   the rollup first counts it minus when it was produced.
+//!
+//! `TOLLGATE_BENCH_EVENTS` (default 200000) and `TOLLGATE_BENCH_FRESH_RATE` (events/s,
+//! default 5000) size it.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::{produce, producer, Env, Workload};
+use tollgate_meter_consumer::rows::{Origin, UsageRow};
+use tollgate_runtime::shutdown::Shutdown;
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+async fn count(client: &clickhouse::Client, sql: &str) -> u64 {
+    client.query(sql).fetch_one::<u64>().await.unwrap_or(0)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let events = env_u64("TOLLGATE_BENCH_EVENTS", 200_000);
+    let fresh_rate = env_u64("TOLLGATE_BENCH_FRESH_RATE", 5_000);
+    let env = Env::new("meter_bench", 4).await;
+    let settings = env.settings(&env.clickhouse, 50_000, 1_000);
+    let client = env.client();
+
+    // Baseline 1: Kafka produce rate.
+    let workload = Workload::new(7, events);
+    let kafka = producer(&env.brokers);
+    let started = Instant::now();
+    produce(&kafka, &env.usage, &workload.events, None).await;
+    let produce_rate = events as f64 / started.elapsed().as_secs_f64();
+
+    // Baseline 2: plain ClickHouse inserts of the same rows.
+    let server = clickhouse::Client::default().with_url(&env.clickhouse).with_validation(false);
+    server.query(&format!("CREATE DATABASE {}", env.database)).execute().await.expect("database");
+    tollgate_meter_consumer::schema::migrate(&client).await.expect("schema");
+    client.query("CREATE TABLE baseline AS usage_events").execute().await.expect("baseline table");
+    let rows: Vec<UsageRow> = workload
+        .events
+        .iter()
+        .enumerate()
+        .map(|(i, (_, bytes))| {
+            let event = tollgate_schemas::decode(bytes).expect("decodes");
+            UsageRow::from_event(event, &env.usage, Origin { partition: 0, offset: i as i64 }).expect("row")
+        })
+        .collect();
+    let started = Instant::now();
+    for chunk in rows.chunks(settings.batch.max_rows as usize) {
+        let mut insert = client.insert::<UsageRow>("baseline").await.expect("insert");
+        for row in chunk {
+            insert.write(row).await.expect("write");
+        }
+        insert.end().await.expect("end");
+    }
+    let insert_rate = events as f64 / started.elapsed().as_secs_f64();
+    drop(rows);
+
+    // The consumer, from a standing start on a full topic.
+    let shutdown = Shutdown::default();
+    let consumer = tokio::spawn({
+        let (settings, shutdown) = (settings.clone(), shutdown.clone());
+        async move { tollgate_meter_consumer::run(settings, shutdown).await.expect("meter-consumer runs") }
+    });
+    let mut first_row = None;
+    let everywhere = "SELECT least((SELECT count() FROM usage_events), \
+        (SELECT toUInt64(sum(events)) FROM usage_route_day), \
+        (SELECT toUInt64(sum(events)) FROM usage_meter_minute WHERE meter = 'requests'), \
+        (SELECT toUInt64(sum(events)) FROM usage_meter_hour WHERE meter = 'requests'), \
+        (SELECT toUInt64(sum(events)) FROM usage_meter_day WHERE meter = 'requests'))";
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        if first_row.is_none() && count(&client, "SELECT count() FROM usage_events").await > 0 {
+            first_row = Some(Instant::now());
+        }
+        if count(&client, everywhere).await >= events {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not consumed within 10 minutes");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let consume_secs = first_row.expect("rows appeared").elapsed().as_secs_f64();
+    let consume_rate = events as f64 / consume_secs;
+
+    // Freshness: a steady stream, each event stamped when produced (tenant `fresh`).
+    let fresh_events = fresh_rate * 10;
+    let mut produced_at = Vec::with_capacity(fresh_events as usize);
+    let poller = tokio::spawn({
+        let client = env.client();
+        async move {
+            let mut seen: Vec<(Instant, u64)> = Vec::new();
+            loop {
+                let n = count(
+                    &client,
+                    "SELECT toUInt64(sum(events)) FROM usage_meter_minute WHERE tenant_id = 'fresh' AND meter = 'requests'",
+                )
+                .await;
+                seen.push((Instant::now(), n));
+                if n >= fresh_events {
+                    return seen;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    });
+    let stream_start = Instant::now();
+    for i in 0..fresh_events {
+        let due = stream_start + Duration::from_secs_f64(i as f64 / fresh_rate as f64);
+        tokio::time::sleep_until(due.into()).await;
+        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+        let mut event = tollgate_schemas::decode::<tollgate_schemas::UsageEvent>(&workload.events[0].1).unwrap();
+        event.event_id = uuid::Uuid::now_v7();
+        event.timestamp_ms = now_ms;
+        event.tenant_id = Some("fresh".to_owned());
+        let payload = tollgate_schemas::encode(&event);
+        // Keys spread over the partitions; delivery is awaited in the background.
+        let record = rdkafka::producer::FutureRecord::to(&env.usage).key("fresh-key").payload(&payload);
+        let record = record.partition((i % 4) as i32);
+        let delivery = kafka.send_result(record).map_err(|(e, _)| e).expect("enqueued");
+        tokio::spawn(delivery);
+        produced_at.push(Instant::now());
+    }
+    let seen = tokio::time::timeout(Duration::from_secs(120), poller).await.expect("fresh events visible").expect("poller");
+    let mut ages: Vec<f64> = produced_at
+        .iter()
+        .enumerate()
+        .map(|(i, at)| {
+            let visible = seen.iter().find(|(_, n)| *n > i as u64).map(|(t, _)| *t).expect("counted");
+            visible.saturating_duration_since(*at).as_secs_f64()
+        })
+        .collect();
+    ages.sort_by(f64::total_cmp);
+
+    shutdown.trigger();
+    consumer.await.expect("consumer stops");
+    env.drop_database().await;
+
+    println!("meter-consumer throughput ({events} events, 4 partitions, batch 50000 rows / 1000 ms, 2 cores shared with Kafka and ClickHouse)");
+    println!("  baseline kafka produce     {produce_rate:>10.0} events/s");
+    println!("  baseline plain CH insert   {insert_rate:>10.0} rows/s (raw table only, no decode, no rollups)");
+    println!("  kafka -> clickhouse        {consume_rate:>10.0} events/s (raw + 4 rollups, exactly once)");
+    println!("  ratio vs plain insert      {:>10.2}", consume_rate / insert_rate);
+    println!("  ratio vs produce           {:>10.2}", consume_rate / produce_rate);
+    println!(
+        "freshness at {fresh_rate} events/s (produced -> counted in usage_meter_minute): p50 {:.3} s, p99 {:.3} s, max {:.3} s",
+        percentile(&ages, 0.5),
+        percentile(&ages, 0.99),
+        ages.last().copied().unwrap_or_default()
+    );
+}
