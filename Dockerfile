@@ -17,7 +17,9 @@ FROM debian:bookworm-slim
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates curl libcurl4 \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --uid 10001 tollgate
+    && useradd --system --uid 10001 tollgate \
+    && mkdir -p /var/lib/tollgate/spool \
+    && chown -R tollgate /var/lib/tollgate
 COPY --from=build /out/ /usr/local/bin/
 COPY config/ /etc/tollgate/
 USER tollgate

@@ -9,6 +9,7 @@ pub mod admin;
 pub mod apikey;
 pub mod demo_upstream;
 pub mod directory;
+pub mod events;
 pub mod keystore;
 pub mod limits;
 pub mod problem;

@@ -4,7 +4,7 @@
 //! In: a request on the public listener. Out: the upstream's response, or a problem+json
 //! refusal; and the per-request [`RequestContext`] the usage event is built from.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
@@ -20,9 +20,11 @@ use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tollgate_schemas::{Outcome, UsageEvent};
 
 use crate::apikey;
 use crate::directory::{Directory, Identity};
+use crate::events::UsageSink;
 use crate::problem::Problem;
 use crate::routes::{Matched, Miss, RouteTable};
 use crate::settings::GatewaySettings;
@@ -47,10 +49,14 @@ const HOP_BY_HOP: [&str; 9] = [
 #[derive(Debug, Default)]
 pub struct RequestContext {
     pub request_id: String,
-    pub route_id: Option<String>,
+    pub route: Option<Arc<crate::routes::Route>>,
     pub identity: Option<Identity>,
     pub request_bytes: u64,
     pub upstream_latency: Option<Duration>,
+    /// Set once the upstream answered (whatever its status).
+    pub upstream_status: Option<u16>,
+    /// Units the upstream reported in `x-tollgate-cost`, replacing the route's cost.
+    pub reported_cost: BTreeMap<String, u64>,
 }
 
 pub struct Proxy {
@@ -62,10 +68,14 @@ pub struct Proxy {
     signing_secret: Option<Vec<u8>>,
     credential_headers: Vec<HeaderName>,
     strip_headers: Vec<HeaderName>,
+    usage: UsageSink,
 }
 
+/// Header in which an upstream reports what a request really cost: `compute_units=42, x=1`.
+const COST_HEADER: &str = "x-tollgate-cost";
+
 impl Proxy {
-    pub fn new(settings: Arc<GatewaySettings>, directory: Arc<RwLock<Directory>>, signing_secret: Option<Vec<u8>>) -> Self {
+    pub fn new(settings: Arc<GatewaySettings>, directory: Arc<RwLock<Directory>>, signing_secret: Option<Vec<u8>>, usage: UsageSink) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_millis(settings.http.upstream_connect_timeout_ms)));
         connector.set_nodelay(true);
@@ -84,10 +94,14 @@ impl Proxy {
             client,
             bulkheads: Mutex::default(),
             signing_secret,
+            usage,
         }
     }
 
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let started = Instant::now();
+        let timestamp_ms = chrono::Utc::now().timestamp_millis();
+        let method = req.method().to_string();
         let request_id = req
             .headers()
             .get("x-request-id")
@@ -98,14 +112,73 @@ impl Proxy {
             request_id,
             ..RequestContext::default()
         };
-        let mut response = match self.chain(req, peer, &mut ctx).await {
-            Ok(response) => response,
+        let result = self.chain(req, peer, &mut ctx).await;
+        let status = result.as_ref().map_or_else(|p| p.status.as_u16(), |r| r.status().as_u16());
+        // One usage event per request, whatever happened: built now, finished when the
+        // response body has been sent (its size is known only then).
+        let pending = PendingEvent {
+            event: self.usage_event(&ctx, method, status, timestamp_ms),
+            started,
+            sink: self.usage.clone(),
+        };
+        let mut response = match result {
+            Ok(response) => {
+                let (parts, body) = response.into_parts();
+                Response::from_parts(parts, body)
+            }
             Err(problem) => problem.into_response().map(|b| b.map_err(|never| match never {}).boxed()),
         };
         if let Ok(value) = HeaderValue::from_str(&ctx.request_id) {
             response.headers_mut().insert("x-request-id", value);
         }
-        response
+        response.map(|body| {
+            Metered {
+                inner: body,
+                bytes: 0,
+                pending: Some(pending),
+            }
+            .boxed()
+        })
+    }
+
+    fn usage_event(&self, ctx: &RequestContext, method: String, status: u16, timestamp_ms: i64) -> UsageEvent {
+        let consumer = ctx.identity.as_ref().map(|i| &i.consumer);
+        let outcome = match (ctx.upstream_status, status) {
+            (Some(s), _) if s >= 500 => Outcome::UpstreamError,
+            (Some(_), _) => Outcome::Allowed,
+            (None, 401) => Outcome::Unauthenticated,
+            (None, 403) => Outcome::Forbidden,
+            (None, 429) => Outcome::RateLimited,
+            (None, 502 | 504) => Outcome::UpstreamError,
+            (None, _) => Outcome::Rejected,
+        };
+        let billable = ctx.upstream_status.is_some_and(|s| s < self.usage.settings().billable_below_status);
+        let mut units: BTreeMap<String, i64> = BTreeMap::from([("requests".to_owned(), 1)]);
+        if let Some(route) = &ctx.route {
+            for (meter, cost) in route.settings.cost.iter().chain(&ctx.reported_cost) {
+                units.insert(meter.clone(), i64::try_from(*cost).unwrap_or(i64::MAX));
+            }
+        }
+        UsageEvent {
+            event_id: uuid::Uuid::now_v7(),
+            timestamp_ms,
+            tenant_id: consumer.map(|c| c.tenant_id.clone()),
+            consumer: consumer.map(|c| c.name.clone()),
+            key_id: ctx.identity.as_ref().map(|i| i.key_id.clone()),
+            plan: consumer.and_then(|c| c.plan.clone()),
+            route: ctx.route.as_ref().map(|r| r.settings.id.clone()).unwrap_or_default(),
+            method,
+            status,
+            outcome,
+            billable,
+            units,
+            request_bytes: ctx.request_bytes as i64,
+            response_bytes: 0,
+            latency_ms: 0,
+            upstream_latency_ms: ctx.upstream_latency.map(|d| d.as_millis() as i64),
+            gateway_id: self.settings.service.id.clone(),
+            request_id: Some(ctx.request_id.clone()),
+        }
     }
 
     async fn chain(&self, req: Request<Incoming>, peer: SocketAddr, ctx: &mut RequestContext) -> Result<Response<Body>, Problem> {
@@ -122,7 +195,7 @@ impl Proxy {
             Miss::NoRoute => Problem::new(StatusCode::NOT_FOUND, "no-route", "Not Found").with_detail("no route serves this path"),
             Miss::MethodNotAllowed => Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "Method Not Allowed"),
         })?;
-        ctx.route_id = Some(route.settings.id.clone());
+        ctx.route = Some(Arc::clone(&route));
 
         // 3. Authentication: a malformed key is refused without a lookup; every refusal is the
         //    same 401, so the answer never tells whether a key exists.
@@ -143,7 +216,16 @@ impl Proxy {
         // 5. Bulkhead: one tenant cannot hold all upstream capacity.
         let permit = self.bulkhead(&consumer.tenant_id)?;
 
-        // 6. Body: bounded in size and in time, so a slow or huge upload cannot pin us.
+        // 6. Usage must be recordable: with the spool full, billable traffic is refused rather
+        //    than served unbilled (unless configured otherwise).
+        if !self.usage.accepting_billable() {
+            self.usage.metrics().refused.increment(1);
+            return Err(Problem::new(StatusCode::SERVICE_UNAVAILABLE, "usage-spool-full", "Service Unavailable")
+                .with_detail("usage cannot be recorded right now; retry later")
+                .with_header("retry-after", "5"));
+        }
+
+        // 7. Body: bounded in size and in time, so a slow or huge upload cannot pin us.
         let (parts, body) = req.into_parts();
         let max = self.settings.http.max_body_bytes;
         if parts.headers.get(hyper::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok()).is_some_and(|len| len > max) {
@@ -158,7 +240,7 @@ impl Proxy {
         };
         ctx.request_bytes = body.len() as u64;
 
-        // 7. Proxy to the route's upstream, or the consumer's dedicated one.
+        // 8. Proxy to the route's upstream, or the consumer's dedicated one.
         let base = consumer
             .metadata
             .get(&self.settings.identity.upstream_field)
@@ -180,9 +262,14 @@ impl Proxy {
             Ok(Ok(response)) => response,
         };
 
-        // 8. Response: hop-by-hop headers dropped; the bulkhead slot is held until the body ends.
+        // 9. Response: hop-by-hop headers dropped, the reported cost taken (and kept from the
+        //    client); the bulkhead slot is held until the body ends.
         let (mut parts, body) = response.into_parts();
+        ctx.upstream_status = Some(parts.status.as_u16());
         remove_hop_by_hop(&mut parts.headers);
+        if let Some(reported) = parts.headers.remove(COST_HEADER) {
+            ctx.reported_cost = parse_cost(reported.to_str().unwrap_or_default());
+        }
         Ok(Response::from_parts(parts, Guarded { inner: body, _permit: permit }.boxed()))
     }
 
@@ -271,6 +358,20 @@ pub fn sign(secret: &[u8], timestamp: i64, method: &str, path_and_query: &str, c
     mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Parses `meter=units` pairs; malformed pairs are ignored (an upstream's typo must not fail
+/// the tenant's request).
+pub fn parse_cost(header: &str) -> BTreeMap<String, u64> {
+    header
+        .split(',')
+        .filter_map(|pair| {
+            let (meter, units) = pair.trim().split_once('=')?;
+            let meter = meter.trim();
+            let valid = !meter.is_empty() && meter.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            Some((meter.to_owned(), units.trim().parse().ok()?)).filter(|_| valid)
+        })
+        .collect()
+}
+
 fn upstream_uri(base: &str, incoming: &Uri) -> Result<Uri, Problem> {
     let path_and_query = incoming.path_and_query().map_or("/", |pq| pq.as_str());
     format!("{}{}", base.trim_end_matches('/'), path_and_query)
@@ -338,9 +439,64 @@ impl hyper::body::Body for Guarded {
     }
 }
 
+/// The response body as sent to the client: counts its bytes and, when it ends (or the
+/// client goes away), completes and records the request's usage event.
+struct Metered {
+    inner: Body,
+    bytes: u64,
+    pending: Option<PendingEvent>,
+}
+
+struct PendingEvent {
+    event: UsageEvent,
+    started: Instant,
+    sink: UsageSink,
+}
+
+impl hyper::body::Body for Metered {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                self.bytes += data.len() as u64;
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Metered {
+    fn drop(&mut self) {
+        if let Some(PendingEvent { mut event, started, sink }) = self.pending.take() {
+            event.response_bytes = self.bytes as i64;
+            event.units.insert("request_bytes".to_owned(), event.request_bytes);
+            event.units.insert("response_bytes".to_owned(), event.response_bytes);
+            event.latency_ms = started.elapsed().as_millis() as i64;
+            sink.record(event);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reported_cost_parses_and_ignores_malformed_pairs() {
+        let cost = parse_cost("compute_units=42, tokens = 7,bad,=3,neg=-1,Upper=2");
+        assert_eq!(cost, BTreeMap::from([("compute_units".to_owned(), 42), ("tokens".to_owned(), 7)]));
+    }
 
     #[test]
     fn hop_by_hop_and_connection_named_headers_are_removed() {

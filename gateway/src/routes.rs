@@ -166,6 +166,7 @@ mod tests {
             upstream: "http://127.0.0.1:1".into(),
             upstreams: BTreeMap::new(),
             timeout_ms: 1000,
+            cost: BTreeMap::new(),
         }
     }
 

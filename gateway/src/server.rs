@@ -49,6 +49,8 @@ pub enum GatewayError {
     Kafka(#[from] tollgate_runtime::kafka::KafkaCheckError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Events(#[from] crate::events::EventError),
 }
 
 /// What serves requests once the keys topic has been replayed.
@@ -96,7 +98,8 @@ impl Gateway {
     /// Replays the keys topic, serves until `shutdown`, then drains in-flight requests.
     pub async fn serve(self, shutdown: Shutdown) -> Result<(), GatewayError> {
         let settings = self.settings;
-        let (ops, _recorder) = Ops::new();
+        let (ops, recorder) = Ops::new();
+        let event_metrics = Arc::new(crate::events::metrics::EventMetrics::new(&recorder));
         ops.set_not_ready("replaying the keys topic");
         let live: Arc<OnceLock<Live>> = Arc::default();
 
@@ -130,7 +133,13 @@ impl Gateway {
 
         tollgate_runtime::kafka::check_topics(&settings.kafka, &[settings.topics.keys.clone(), settings.topics.usage.clone()]).await?;
         let store = KeyStore::start(&settings.kafka, &settings.topics.keys).await?;
-        let proxy = Proxy::new(Arc::clone(&settings), Arc::clone(store.directory()), self.signing_secret);
+        let (usage, pipeline) = if settings.events.enabled {
+            let (sink, pipeline) = crate::events::start(settings.events.clone(), &settings.kafka, &settings.topics.usage, event_metrics)?;
+            (sink, Some(pipeline))
+        } else {
+            (crate::events::UsageSink::disabled(settings.events.clone(), event_metrics), None)
+        };
+        let proxy = Proxy::new(Arc::clone(&settings), Arc::clone(store.directory()), self.signing_secret, usage);
         let admin = Admin {
             store,
             token: self.admin_token,
@@ -146,6 +155,11 @@ impl Gateway {
 
         let _ = public_task.await;
         let _ = admin_task.await;
+        // Every request has finished (or the drain timed out): their events are recorded.
+        if let Some(pipeline) = pipeline {
+            pipeline.shutdown().await;
+        }
+        tracing::info!("gateway stopped");
         Ok(())
     }
 }

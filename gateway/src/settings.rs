@@ -24,6 +24,8 @@ pub struct GatewaySettings {
     pub identity: IdentitySettings,
     #[serde(default)]
     pub http: HttpSettings,
+    #[serde(default)]
+    pub events: crate::events::EventSettings,
     /// Routes; the most specific pattern that matches a request's path serves it.
     #[serde(default)]
     pub routes: Vec<RouteSettings>,
@@ -233,6 +235,10 @@ pub struct RouteSettings {
     /// Time the upstream has to answer with its response head (504 after).
     #[serde(default = "default_route_timeout_ms")]
     pub timeout_ms: u64,
+    /// Units a request costs per meter (`compute_units = 5`); `requests` is always 1. The
+    /// upstream may report the real cost in `x-tollgate-cost: compute_units=42`.
+    #[serde(default)]
+    pub cost: std::collections::BTreeMap<String, u64>,
 }
 
 fn default_route_timeout_ms() -> u64 {
@@ -272,6 +278,7 @@ impl Validate for GatewaySettings {
         in_range("http.body_read_timeout_ms", self.http.body_read_timeout_ms, 100, 600_000)?;
         in_range("http.upstream_connect_timeout_ms", self.http.upstream_connect_timeout_ms, 10, 600_000)?;
         in_range("http.tenant_max_in_flight", u64::from(self.http.tenant_max_in_flight), 1, 1_000_000)?;
+        self.events.validate()?;
         let mut ids = HashSet::new();
         let mut paths = HashSet::new();
         for (i, route) in self.routes.iter().enumerate() {

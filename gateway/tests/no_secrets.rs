@@ -70,6 +70,7 @@ fn no_key_or_token_appears_in_a_whole_runs_output() {
         .arg(&config)
         .env("TOLLGATE_ADMIN_TOKEN", TOKEN)
         .env("TOLLGATE_KAFKA__BROKERS", &brokers)
+        .env("TOLLGATE_EVENTS__SPOOL_DIR", dir.join("spool"))
         .env("RUST_LOG", "debug")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

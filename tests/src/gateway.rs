@@ -24,8 +24,12 @@ pub async fn create_keys_topic() -> String {
 }
 
 pub async fn create_topic(topic: &str, partitions: i32, config: &[(&str, &str)]) {
+    create_topic_on(&crate::kafka(), topic, partitions, config).await;
+}
+
+pub async fn create_topic_on(brokers: &str, topic: &str, partitions: i32, config: &[(&str, &str)]) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", crate::kafka())
+        .set("bootstrap.servers", brokers)
         .create()
         .expect("admin client");
     let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
@@ -51,9 +55,15 @@ pub fn settings(keys_topic: &str, upstream: &str) -> GatewaySettings {
         ("TOLLGATE_TOPICS__KEYS", keys_topic),
         ("TOLLGATE_ROUTES__0__UPSTREAM", upstream),
         ("TOLLGATE_ROUTES__1__UPSTREAM", upstream),
+        ("TOLLGATE_EVENTS__SPOOL_DIR", &spool_dir()),
     ]
     .map(|(k, v)| (k.to_owned(), v.to_owned()));
     from_str_with_env(&text, "config/gateway.toml", env).expect("example settings load")
+}
+
+/// A spool directory of the test's own.
+pub fn spool_dir() -> String {
+    std::env::temp_dir().join(crate::unique("tollgate-spool")).display().to_string()
 }
 
 pub struct TestGateway {

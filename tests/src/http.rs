@@ -3,7 +3,8 @@
 //! In: requests the tests make; requests the gateway forwards. Out: [`Reply`]s with status,
 //! headers and body; the upstream answers with a JSON echo (like the demo upstream) and counts
 //! what reached it, so a test can prove a refused request never touched it. Paths containing
-//! `/slow` are answered after [`SLOW_PATH_DELAY`].
+//! `/slow` are answered after [`SLOW_PATH_DELAY`]; paths containing `/cost` report
+//! `x-tollgate-cost: compute_units=42`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -39,8 +40,9 @@ impl Reply {
     }
 }
 
-/// Sends one HTTP/1.1 request (or h2c with `http2_only`).
-pub async fn send_with(http2_only: bool, method: &str, url: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
+/// Sends one HTTP/1.1 request (or h2c with `http2_only`); a failure to get an answer is an
+/// error, for tests that expect some (a server shutting down).
+pub async fn try_send_with(http2_only: bool, method: &str, url: &str, headers: &[(&str, &str)], body: &[u8]) -> Result<Reply, String> {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .http2_only(http2_only)
         .build_http::<Full<Bytes>>();
@@ -49,11 +51,16 @@ pub async fn send_with(http2_only: bool, method: &str, url: &str, headers: &[(&s
         request = request.header(*name, *value);
     }
     let request = request.body(Full::new(Bytes::copy_from_slice(body))).expect("valid request");
-    let response = client.request(request).await.unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+    let response = client.request(request).await.map_err(|e| format!("{method} {url}: {e}"))?;
     let status = response.status().as_u16();
     let headers = response.headers().clone();
-    let body = response.into_body().collect().await.expect("response body").to_bytes().to_vec();
-    Reply { status, headers, body }
+    let body = response.into_body().collect().await.map_err(|e| format!("{method} {url}: body: {e}"))?.to_bytes().to_vec();
+    Ok(Reply { status, headers, body })
+}
+
+/// Sends one request and panics, naming it, when no answer comes.
+pub async fn send_with(http2_only: bool, method: &str, url: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
+    try_send_with(http2_only, method, url, headers, body).await.unwrap_or_else(|e| panic!("{e}"))
 }
 
 pub async fn send(method: &str, url: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
@@ -119,8 +126,11 @@ async fn echo(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallibl
         "headers": headers,
         "body_bytes": body.len(),
     });
+    // An upstream that knows a request's real cost reports it.
+    let reported_cost = if path.contains("/cost") { "compute_units=42" } else { "" };
     Ok(Response::builder()
         .header("content-type", "application/json")
+        .header("x-tollgate-cost", reported_cost)
         .header("connection", "x-upstream-private")
         .header("x-upstream-private", "hop-by-hop")
         .body(Full::new(Bytes::from(json.to_string())))

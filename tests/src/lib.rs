@@ -7,6 +7,7 @@
 
 pub mod gateway;
 pub mod http;
+pub mod private_kafka;
 
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};

@@ -214,6 +214,13 @@ fn ports_and_healthchecks_match_the_listeners() {
         .find(|p| p.ends_with(&format!(":{}", port_of(&gateway.admin.listen))))
         .unwrap();
     assert!(admin_mapping.starts_with("127.0.0.1:"), "{admin_mapping}");
+    // The usage spool outlives the container: it holds events Kafka does not have yet.
+    let volumes: Vec<&str> = svc["volumes"].as_sequence().expect("gateway volumes").iter().map(|v| v.as_str().unwrap()).collect();
+    assert!(
+        volumes.iter().any(|v| v.split(':').nth(1) == Some(gateway.events.spool_dir.as_str())),
+        "the spool dir {} is on a volume: {volumes:?}",
+        gateway.events.spool_dir
+    );
     // In a container, 127.0.0.1 is unreachable from other containers and the host.
     assert!(gateway.public.listen.starts_with("0.0.0.0:"), "{}", gateway.public.listen);
 

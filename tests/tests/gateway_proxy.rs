@@ -133,6 +133,7 @@ async fn bad_input_and_upstream_faults_are_problems() {
             upstream: "http://127.0.0.1:1".into(),
             upstreams: Default::default(),
             timeout_ms: 1000,
+            cost: Default::default(),
         });
     })
     .await;

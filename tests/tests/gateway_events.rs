@@ -1,0 +1,229 @@
+//! One usage event per request, over the real Kafka: fields and outcomes for a mixed run;
+//! nothing lost and nothing twice through a broker crash and through SIGTERM under load.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::{ClientConfig, Message};
+use serde_json::json;
+use tollgate_schemas::{decode, Outcome, UsageEvent};
+use tollgate_tests::gateway::{create_keys_topic, create_topic, create_topic_on, settings, TestGateway};
+use tollgate_tests::http::{send, try_send_with, EchoUpstream};
+use tollgate_tests::private_kafka::PrivateKafka;
+use tollgate_tests::unique;
+
+/// Reads events from `topic` until `expected` have arrived, then a little longer to catch
+/// any extra; returns them all.
+async fn collect_events(brokers: &str, topic: &str, expected: usize) -> Vec<UsageEvent> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique("events-test"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let mut events = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let wait = if events.len() >= expected { Duration::from_secs(2) } else { deadline.saturating_duration_since(tokio::time::Instant::now()) };
+        match tokio::time::timeout(wait, consumer.recv()).await {
+            Ok(Ok(message)) => {
+                let event = decode::<UsageEvent>(message.payload().expect("payload")).expect("an event decodes");
+                let key = String::from_utf8_lossy(message.key().expect("keyed")).into_owned();
+                assert_eq!(key, event.tenant_id.clone().unwrap_or_else(|| "-".to_owned()), "keyed by tenant");
+                events.push(event);
+            }
+            Ok(Err(err)) => panic!("consume: {err}"),
+            Err(_) => break,
+        }
+    }
+    assert!(events.len() >= expected, "only {} of {expected} events arrived", events.len());
+    events
+}
+
+fn by_request_id(events: &[UsageEvent]) -> HashMap<String, usize> {
+    let mut seen = HashMap::new();
+    for event in events {
+        *seen.entry(event.request_id.clone().expect("request id")).or_insert(0) += 1;
+    }
+    seen
+}
+
+#[tokio::test]
+async fn every_request_yields_exactly_one_event_with_the_right_fields() {
+    let upstream = EchoUpstream::start().await;
+    let usage_topic = unique("test.usage");
+    create_topic(&usage_topic, 3, &[]).await;
+    let mut s = settings(&create_keys_topic().await, &upstream.url());
+    s.topics.usage = usage_topic.clone();
+    s.routes.push(tollgate_gateway::settings::RouteSettings {
+        id: "dead".into(),
+        path: "/dead/".into(),
+        methods: vec![],
+        upstream: "http://127.0.0.1:1".into(),
+        upstreams: Default::default(),
+        timeout_ms: 1000,
+        cost: Default::default(),
+    });
+    let gw = TestGateway::start(s, None).await;
+    let (key, key_id) = gw.consumer_with_key("acme-corp", json!({"tenantId": "tenant_abc123", "plan": "enterprise"})).await;
+    let auth = format!("Bearer {key}");
+
+    // (path, credentials?, expected status, outcome)
+    let plan: Vec<(&str, bool, u16, Outcome)> = vec![
+        ("/v1/orders", true, 200, Outcome::Allowed),
+        ("/v1/orders/2", true, 200, Outcome::Allowed),
+        ("/v1/tenants/tenant_abc123/cost", true, 200, Outcome::Allowed),
+        ("/v1/orders", false, 401, Outcome::Unauthenticated),
+        ("/v1/tenants/tenant_other/x", true, 403, Outcome::Forbidden),
+        ("/nowhere", true, 404, Outcome::Rejected),
+        ("/dead/x", true, 502, Outcome::UpstreamError),
+    ];
+    for (i, (path, with_key, status, _)) in plan.iter().enumerate() {
+        let request_id = format!("mixed-{i}");
+        let mut headers = vec![("x-request-id", request_id.as_str())];
+        if *with_key {
+            headers.push(("authorization", auth.as_str()));
+        }
+        let reply = send("GET", &format!("{}{path}", gw.public), &headers, b"").await;
+        assert_eq!(reply.status, *status, "{path}: {}", reply.text());
+        if path.ends_with("/cost") {
+            assert!(reply.header("x-tollgate-cost").is_none(), "the reported cost stays between upstream and gateway");
+        }
+    }
+    let events = collect_events(&tollgate_tests::kafka(), &usage_topic, plan.len()).await;
+    assert_eq!(events.len(), plan.len(), "exactly one event per request");
+    let mut ids: Vec<_> = events.iter().map(|e| e.event_id).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), plan.len(), "event ids are unique");
+    let events: BTreeMap<String, UsageEvent> = events.into_iter().map(|e| (e.request_id.clone().unwrap(), e)).collect();
+    for (i, (path, with_key, status, outcome)) in plan.iter().enumerate() {
+        let e = &events[&format!("mixed-{i}")];
+        assert_eq!(e.status, *status, "{path}");
+        assert_eq!(e.outcome, *outcome, "{path}");
+        assert_eq!(e.billable, *outcome == Outcome::Allowed, "{path}: only upstream answers below 500 are billable");
+        assert_eq!(e.method, "GET");
+        assert_eq!(e.gateway_id, "gw-local-1");
+        assert_eq!(e.units["requests"], 1);
+        assert!(e.response_bytes > 0, "{path}: response bytes counted");
+        // An unknown path is refused before the key is read: no identity.
+        if *with_key && *outcome != Outcome::Rejected {
+            assert_eq!(e.tenant_id.as_deref(), Some("tenant_abc123"), "{path}");
+            assert_eq!(e.key_id.as_deref(), Some(key_id.as_str()));
+            assert_eq!(e.plan.as_deref(), Some("enterprise"));
+        } else {
+            assert_eq!((e.tenant_id.as_deref(), e.key_id.as_deref()), (None, None));
+        }
+        assert!(!format!("{e:?}").contains(&key), "no key in an event");
+    }
+    assert_eq!(events["mixed-0"].units["compute_units"], 1, "route cost");
+    assert_eq!(events["mixed-0"].route, "v1");
+    assert_eq!(events["mixed-2"].units["compute_units"], 42, "reported cost replaces the route's 5");
+    assert_eq!(events["mixed-2"].route, "tenant-scoped");
+    assert!(events["mixed-0"].upstream_latency_ms.is_some());
+    assert!(events["mixed-3"].upstream_latency_ms.is_none());
+    gw.stop().await;
+}
+
+/// Sends requests with ids `<prefix>-<n>` until `stop`; returns the ids answered 200.
+async fn load(public: String, auth: String, prefix: String, stop: Arc<AtomicBool>) -> Vec<String> {
+    let mut answered = Vec::new();
+    let mut n = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let id = format!("{prefix}-{n}");
+        n += 1;
+        let reply = tokio::time::timeout(
+            Duration::from_secs(5),
+            try_send_with(false, "GET", &format!("{public}/v1/load"), &[("authorization", &auth), ("x-request-id", &id)], b""),
+        )
+        .await;
+        if let Ok(Ok(reply)) = reply {
+            assert_eq!(reply.status, 200, "the gateway keeps serving: {}", reply.text());
+            answered.push(id);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    answered
+}
+
+#[tokio::test]
+async fn a_broker_crash_loses_no_event_and_duplicates_none() {
+    let mut kafka = tokio::task::spawn_blocking(PrivateKafka::start).await.unwrap();
+    let upstream = EchoUpstream::start().await;
+    let keys_topic = unique("test.keys");
+    let usage_topic = unique("test.usage");
+    create_topic_on(&kafka.brokers, &keys_topic, 1, &[("cleanup.policy", "compact")]).await;
+    create_topic_on(&kafka.brokers, &usage_topic, 3, &[]).await;
+    let mut s = settings(&keys_topic, &upstream.url());
+    s.kafka.brokers = kafka.brokers.clone();
+    s.topics.usage = usage_topic.clone();
+    let gw = TestGateway::start(s, None).await;
+    let (key, _) = gw.consumer_with_key("acme-corp", json!({"tenantId": "tenant_abc123"})).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = tokio::spawn(load(gw.public.clone(), format!("Bearer {key}"), "outage".to_owned(), Arc::clone(&stop)));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    kafka = tokio::task::spawn_blocking(move || {
+        kafka.kill();
+        kafka
+    })
+    .await
+    .unwrap();
+    // The broker stays down for 20 s while tenants keep calling.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    kafka = tokio::task::spawn_blocking(move || {
+        kafka.restart();
+        kafka
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let answered = traffic.await.unwrap();
+    assert!(answered.len() > 200, "load ran through the outage: {} requests", answered.len());
+
+    let events = collect_events(&kafka.brokers, &usage_topic, answered.len()).await;
+    let seen = by_request_id(&events);
+    for id in &answered {
+        assert_eq!(seen.get(id), Some(&1), "request {id}: one event");
+    }
+    // The consumer_with_key calls are admin calls: no events. Nothing else was sent.
+    assert_eq!(events.len(), answered.len(), "no event twice, none extra");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn sigterm_under_load_loses_nothing() {
+    let upstream = EchoUpstream::start().await;
+    let usage_topic = unique("test.usage");
+    create_topic(&usage_topic, 3, &[]).await;
+    let mut s = settings(&create_keys_topic().await, &upstream.url());
+    s.topics.usage = usage_topic.clone();
+    let spool = s.events.spool_dir.clone();
+    let gw = TestGateway::start(s, None).await;
+    let (key, _) = gw.consumer_with_key("acme-corp", json!({"tenantId": "tenant_abc123"})).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..8)
+        .map(|c| tokio::spawn(load(gw.public.clone(), format!("Bearer {key}"), format!("term-{c}"), Arc::clone(&stop))))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Shutdown while requests are in flight: they finish, their events reach Kafka.
+    gw.stop().await;
+    stop.store(true, Ordering::Relaxed);
+    let mut answered = Vec::new();
+    for client in clients {
+        answered.extend(client.await.expect("client task"));
+    }
+    assert!(!answered.is_empty());
+    let events = collect_events(&tollgate_tests::kafka(), &usage_topic, answered.len()).await;
+    let seen = by_request_id(&events);
+    for id in &answered {
+        assert_eq!(seen.get(id), Some(&1), "request {id} answered before shutdown has one event");
+    }
+    let _ = std::fs::remove_dir_all(spool);
+}
