@@ -33,6 +33,8 @@ pub struct Admin {
     pub token: String,
     pub key_env: String,
     pub identity: IdentitySettings,
+    /// Defined plans: a consumer may only name one of these, and only override their limits.
+    pub plans: std::collections::BTreeMap<String, crate::limits::PlanSettings>,
 }
 
 type Reply = Result<Response<Full<Bytes>>, Problem>;
@@ -138,11 +140,29 @@ impl Admin {
                 Some(_) => Err(bad_request(format!("metadata.{key} must be a non-empty string"))),
             }
         };
+        let plan = field(&self.identity.plan_field)?;
+        if let Some(plan) = &plan {
+            let Some(settings) = self.plans.get(plan) else {
+                return Err(bad_request(format!(
+                    "plan {plan:?} is not defined (defined: {})",
+                    self.plans.keys().cloned().collect::<Vec<_>>().join(", ")
+                )));
+            };
+            crate::limits::effective_limits(settings, &Value::Object(metadata.clone())).map_err(bad_request)?;
+        }
+        for key in [&self.identity.tenant_field, &self.identity.plan_field] {
+            if let Some(Value::String(v)) = metadata.get(key) {
+                // These travel in headers to the upstream and as Kafka keys.
+                if v.len() > 256 || !v.bytes().all(|b| b.is_ascii_graphic()) {
+                    return Err(bad_request(format!("metadata.{key} must be 1 to 256 visible ASCII characters")));
+                }
+            }
+        }
         Ok(ConsumerRecord {
             id,
             name: name.to_owned(),
             tenant_id: field(&self.identity.tenant_field)?,
-            plan: field(&self.identity.plan_field)?,
+            plan,
             stripe_customer_id: field(&self.identity.stripe_customer_field)?,
             metadata_json: Value::Object(metadata).to_string(),
             created_at_ms,

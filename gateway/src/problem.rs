@@ -25,6 +25,9 @@ pub struct Problem {
     /// Extra response headers (`Retry-After`, `WWW-Authenticate`).
     #[serde(skip)]
     pub headers: Vec<(&'static str, String)>,
+    /// A complete body built elsewhere, sent instead of the fields above.
+    #[serde(skip)]
+    pub raw: Option<serde_json::Value>,
 }
 
 impl Problem {
@@ -36,7 +39,21 @@ impl Problem {
             status_code: status.as_u16(),
             detail: None,
             headers: Vec::new(),
+            raw: None,
         }
+    }
+
+    /// A problem whose body was built elsewhere (the limiter's 429 `quota-exceeded`), as
+    /// given: status from its `status` member.
+    pub fn from_json(body: serde_json::Value) -> Self {
+        let status = body
+            .get("status")
+            .and_then(serde_json::Value::as_u64)
+            .and_then(|s| StatusCode::from_u16(s as u16).ok())
+            .unwrap_or(StatusCode::TOO_MANY_REQUESTS);
+        let mut problem = Self::new(status, "", "");
+        problem.raw = Some(body);
+        problem
     }
 
     pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Self {
@@ -50,7 +67,10 @@ impl Problem {
     }
 
     pub fn into_response(self) -> Response<Full<Bytes>> {
-        let body = serde_json::to_vec(&self).expect("a problem always serializes");
+        let body = match &self.raw {
+            Some(raw) => raw.to_string().into_bytes(),
+            None => serde_json::to_vec(&self).expect("a problem always serializes"),
+        };
         let mut response = Response::builder()
             .status(self.status)
             .header(hyper::header::CONTENT_TYPE, "application/problem+json");

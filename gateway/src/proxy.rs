@@ -25,6 +25,7 @@ use tollgate_schemas::{Outcome, UsageEvent};
 use crate::apikey;
 use crate::directory::{Directory, Identity};
 use crate::events::UsageSink;
+use crate::limits::{Charge, Decision, LimitSpec, Limiter, Subject};
 use crate::problem::Problem;
 use crate::routes::{Matched, Miss, RouteTable};
 use crate::settings::GatewaySettings;
@@ -57,6 +58,17 @@ pub struct RequestContext {
     pub upstream_status: Option<u16>,
     /// Units the upstream reported in `x-tollgate-cost`, replacing the route's cost.
     pub reported_cost: BTreeMap<String, u64>,
+    /// The limit decision, once made: its headers go on the response.
+    pub limits: Option<LimitCharge>,
+}
+
+/// A request's limit decision and what to undo or add when its response ends.
+#[derive(Debug)]
+pub struct LimitCharge {
+    pub decision: Decision,
+    pub charges: Vec<Charge>,
+    pub specs: Arc<Vec<Arc<LimitSpec>>>,
+    pub subject_keys: (String, String, String),
 }
 
 pub struct Proxy {
@@ -69,13 +81,33 @@ pub struct Proxy {
     credential_headers: Vec<HeaderName>,
     strip_headers: Vec<HeaderName>,
     usage: UsageSink,
+    limiter: Arc<dyn Limiter>,
+    /// Each plan's limits, parsed once.
+    plans: HashMap<String, Arc<Vec<Arc<LimitSpec>>>>,
+    /// Consumers with their own `metadata.limits`: their effective limits, by consumer id and
+    /// record version.
+    overrides: Mutex<HashMap<String, (i64, Arc<Vec<Arc<LimitSpec>>>)>>,
 }
 
 /// Header in which an upstream reports what a request really cost: `compute_units=42, x=1`.
 const COST_HEADER: &str = "x-tollgate-cost";
 
 impl Proxy {
-    pub fn new(settings: Arc<GatewaySettings>, directory: Arc<RwLock<Directory>>, signing_secret: Option<Vec<u8>>, usage: UsageSink) -> Self {
+    pub fn new(
+        settings: Arc<GatewaySettings>,
+        directory: Arc<RwLock<Directory>>,
+        signing_secret: Option<Vec<u8>>,
+        usage: UsageSink,
+        limiter: Arc<dyn Limiter>,
+    ) -> Self {
+        let plans = settings
+            .plans
+            .iter()
+            .map(|(name, plan)| {
+                let specs = plan.specs(&format!("plans.{name}")).expect("validated by GatewaySettings::validate");
+                (name.clone(), Arc::new(specs.into_iter().map(Arc::new).collect::<Vec<_>>()))
+            })
+            .collect();
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_millis(settings.http.upstream_connect_timeout_ms)));
         connector.set_nodelay(true);
@@ -95,7 +127,34 @@ impl Proxy {
             bulkheads: Mutex::default(),
             signing_secret,
             usage,
+            limiter,
+            plans,
+            overrides: Mutex::default(),
         }
+    }
+
+    /// The limits that apply to a consumer: its plan's (or the default plan's), with its own
+    /// `metadata.limits` overrides.
+    fn limits_of(&self, consumer: &crate::directory::Consumer) -> Option<Arc<Vec<Arc<LimitSpec>>>> {
+        let plan_name = consumer.plan.as_ref().or(self.settings.identity.default_plan.as_ref())?;
+        let plan = self.plans.get(plan_name)?;
+        if !consumer.metadata.contains_key("limits") {
+            return Some(Arc::clone(plan));
+        }
+        let mut cache = self.overrides.lock().expect("override cache lock");
+        if let Some((version, specs)) = cache.get(&consumer.id) {
+            if *version == consumer.version {
+                return Some(Arc::clone(specs));
+            }
+        }
+        let metadata = serde_json::Value::Object(consumer.metadata.clone());
+        let specs = match crate::limits::effective_limits(&self.settings.plans[plan_name], &metadata) {
+            Ok(specs) => Arc::new(specs.into_iter().map(Arc::new).collect::<Vec<_>>()),
+            // The admin API refuses bad overrides; a record written otherwise keeps the plan.
+            Err(_) => Arc::clone(plan),
+        };
+        cache.insert(consumer.id.clone(), (consumer.version, Arc::clone(&specs)));
+        Some(specs)
     }
 
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
@@ -131,11 +190,26 @@ impl Proxy {
         if let Ok(value) = HeaderValue::from_str(&ctx.request_id) {
             response.headers_mut().insert("x-request-id", value);
         }
+        // Every response after a limit decision says where the tenant stands.
+        let mut release = None;
+        if let Some(limits) = ctx.limits.take() {
+            for (name, value) in crate::limits::response_headers(&limits.decision) {
+                if let Ok(value) = HeaderValue::from_str(&value) {
+                    response.headers_mut().insert(name, value);
+                }
+            }
+            // In-flight (`concurrent`) counts end with the response; a refused or degraded
+            // decision counted nothing to give back.
+            if limits.decision.allowed && !limits.decision.degraded {
+                release = Some((Arc::clone(&self.limiter), limits.charges));
+            }
+        }
         response.map(|body| {
             Metered {
                 inner: body,
                 bytes: 0,
                 pending: Some(pending),
+                release,
             }
             .boxed()
         })
@@ -225,7 +299,32 @@ impl Proxy {
                 .with_header("retry-after", "5"));
         }
 
-        // 7. Body: bounded in size and in time, so a slow or huge upload cannot pin us.
+        // 7. Limits: every dimension checked, all committed or none.
+        if let Some(specs) = self.limits_of(consumer) {
+            let content_length = parts_content_length(req.headers());
+            let units = crate::limits::upfront_units(&route.settings.cost, content_length);
+            let ip = peer.ip().to_string();
+            let subject = Subject {
+                tenant: &consumer.tenant_id,
+                key: &identity.key_id,
+                ip: &ip,
+            };
+            let charges = crate::limits::charges(&specs, &subject, &units);
+            let decision = self.limiter.decide(&charges, chrono::Utc::now().timestamp_millis()).await;
+            let refused = !decision.allowed;
+            ctx.limits = Some(LimitCharge {
+                decision,
+                charges,
+                specs,
+                subject_keys: (consumer.tenant_id.clone(), identity.key_id.clone(), ip),
+            });
+            if refused {
+                let body = crate::limits::refusal_problem_json(&ctx.limits.as_ref().expect("just set").decision);
+                return Err(Problem::from_json(body));
+            }
+        }
+
+        // 8. Body: bounded in size and in time, so a slow or huge upload cannot pin us.
         let (parts, body) = req.into_parts();
         let max = self.settings.http.max_body_bytes;
         if parts.headers.get(hyper::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok()).is_some_and(|len| len > max) {
@@ -240,7 +339,7 @@ impl Proxy {
         };
         ctx.request_bytes = body.len() as u64;
 
-        // 8. Proxy to the route's upstream, or the consumer's dedicated one.
+        // 9. Proxy to the route's upstream, or the consumer's dedicated one.
         let base = consumer
             .metadata
             .get(&self.settings.identity.upstream_field)
@@ -262,15 +361,40 @@ impl Proxy {
             Ok(Ok(response)) => response,
         };
 
-        // 9. Response: hop-by-hop headers dropped, the reported cost taken (and kept from the
+        // 10. Response: hop-by-hop headers dropped, the reported cost taken (and kept from the
         //    client); the bulkhead slot is held until the body ends.
         let (mut parts, body) = response.into_parts();
         ctx.upstream_status = Some(parts.status.as_u16());
         remove_hop_by_hop(&mut parts.headers);
         if let Some(reported) = parts.headers.remove(COST_HEADER) {
-            ctx.reported_cost = parse_cost(reported.to_str().unwrap_or_default());
+            match crate::limits::parse_cost_header(reported.to_str().unwrap_or_default()) {
+                Ok(units) => {
+                    ctx.reported_cost = units.iter().map(|(m, n)| (m.as_str().to_owned(), *n)).collect();
+                    self.charge_reported(ctx, &units).await;
+                }
+                // An upstream's typo must not fail the tenant's request.
+                Err(reason) => tracing::debug!(route = %route.settings.id, %reason, "ignored a malformed x-tollgate-cost"),
+            }
         }
         Ok(Response::from_parts(parts, Guarded { inner: body, _permit: permit }.boxed()))
+    }
+
+    /// Counts what the upstream reported, beyond what the route charged up front, so the next
+    /// request sees it.
+    async fn charge_reported(&self, ctx: &RequestContext, reported: &BTreeMap<crate::limits::Meter, u64>) {
+        let Some(limits) = &ctx.limits else { return };
+        let route_cost = ctx.route.as_ref().map(|r| r.settings.cost.clone()).unwrap_or_default();
+        let upfront = crate::limits::upfront_units(&route_cost, None);
+        let extra: BTreeMap<_, _> = reported
+            .iter()
+            .map(|(meter, n)| (*meter, n.saturating_sub(upfront.get(meter).copied().unwrap_or(0))))
+            .collect();
+        let (tenant, key, ip) = &limits.subject_keys;
+        let subject = Subject { tenant, key, ip };
+        let charges = crate::limits::charges_after(&limits.specs, &subject, &extra);
+        if !charges.is_empty() {
+            self.limiter.add(&charges, chrono::Utc::now().timestamp_millis()).await;
+        }
     }
 
     fn authenticate(&self, headers: &HeaderMap) -> Result<Identity, Problem> {
@@ -358,20 +482,6 @@ pub fn sign(secret: &[u8], timestamp: i64, method: &str, path_and_query: &str, c
     mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Parses `meter=units` pairs; malformed pairs are ignored (an upstream's typo must not fail
-/// the tenant's request).
-pub fn parse_cost(header: &str) -> BTreeMap<String, u64> {
-    header
-        .split(',')
-        .filter_map(|pair| {
-            let (meter, units) = pair.trim().split_once('=')?;
-            let meter = meter.trim();
-            let valid = !meter.is_empty() && meter.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-            Some((meter.to_owned(), units.trim().parse().ok()?)).filter(|_| valid)
-        })
-        .collect()
-}
-
 fn upstream_uri(base: &str, incoming: &Uri) -> Result<Uri, Problem> {
     let path_and_query = incoming.path_and_query().map_or("/", |pq| pq.as_str());
     format!("{}{}", base.trim_end_matches('/'), path_and_query)
@@ -412,6 +522,10 @@ fn forbidden(detail: &str) -> Problem {
     Problem::new(StatusCode::FORBIDDEN, "tenant-mismatch", "Forbidden").with_detail(detail)
 }
 
+fn parts_content_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(hyper::header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
 fn too_large(max: usize) -> Problem {
     Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "body-too-large", "Payload Too Large").with_detail(format!("request bodies are limited to {max} bytes"))
 }
@@ -445,6 +559,7 @@ struct Metered {
     inner: Body,
     bytes: u64,
     pending: Option<PendingEvent>,
+    release: Option<(Arc<dyn Limiter>, Vec<Charge>)>,
 }
 
 struct PendingEvent {
@@ -485,18 +600,19 @@ impl Drop for Metered {
             event.latency_ms = started.elapsed().as_millis() as i64;
             sink.record(event);
         }
+        if let Some((limiter, charges)) = self.release.take() {
+            if charges.iter().any(|c| c.spec.meter == crate::limits::Meter::Concurrent) {
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    runtime.spawn(async move { limiter.release(&charges).await });
+                }
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn reported_cost_parses_and_ignores_malformed_pairs() {
-        let cost = parse_cost("compute_units=42, tokens = 7,bad,=3,neg=-1,Upper=2");
-        assert_eq!(cost, BTreeMap::from([("compute_units".to_owned(), 42), ("tokens".to_owned(), 7)]));
-    }
 
     #[test]
     fn hop_by_hop_and_connection_named_headers_are_removed() {

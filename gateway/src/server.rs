@@ -51,6 +51,8 @@ pub enum GatewayError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Events(#[from] crate::events::EventError),
+    #[error(transparent)]
+    Limits(#[from] crate::limits::LimitsError),
 }
 
 /// What serves requests once the keys topic has been replayed.
@@ -139,12 +141,14 @@ impl Gateway {
         } else {
             (crate::events::UsageSink::disabled(settings.events.clone(), event_metrics), None)
         };
-        let proxy = Proxy::new(Arc::clone(&settings), Arc::clone(store.directory()), self.signing_secret, usage);
+        let limiter = crate::limits::build(&settings.limits, crate::limits::LimitsMetrics::new(&recorder))?;
+        let proxy = Proxy::new(Arc::clone(&settings), Arc::clone(store.directory()), self.signing_secret, usage, limiter);
         let admin = Admin {
             store,
             token: self.admin_token,
             key_env: settings.keys.environment.clone(),
             identity: settings.identity.clone(),
+            plans: settings.plans.clone(),
         };
         let _ = live.set(Live {
             proxy: Arc::new(proxy),

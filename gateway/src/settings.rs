@@ -26,6 +26,12 @@ pub struct GatewaySettings {
     pub http: HttpSettings,
     #[serde(default)]
     pub events: crate::events::EventSettings,
+    /// Where rate-limit counters live (`local` or `redis`) and what happens when Redis fails.
+    #[serde(default)]
+    pub limits: crate::limits::LimitsSettings,
+    /// Plans by name; a consumer's `plan` metadata picks one.
+    #[serde(default)]
+    pub plans: std::collections::BTreeMap<String, crate::limits::PlanSettings>,
     /// Routes; the most specific pattern that matches a request's path serves it.
     #[serde(default)]
     pub routes: Vec<RouteSettings>,
@@ -84,6 +90,9 @@ pub struct IdentitySettings {
     /// Query parameter that, when present, must equal the authenticated tenant (403 if not).
     #[serde(default)]
     pub tenant_query_param: Option<String>,
+    /// Plan of consumers whose metadata names none; none: such consumers are not limited.
+    #[serde(default)]
+    pub default_plan: Option<String>,
 }
 
 impl Default for IdentitySettings {
@@ -95,6 +104,7 @@ impl Default for IdentitySettings {
             upstream_field: default_upstream_field(),
             strip_headers: default_strip_headers(),
             tenant_query_param: None,
+            default_plan: None,
         }
     }
 }
@@ -279,6 +289,19 @@ impl Validate for GatewaySettings {
         in_range("http.upstream_connect_timeout_ms", self.http.upstream_connect_timeout_ms, 10, 600_000)?;
         in_range("http.tenant_max_in_flight", u64::from(self.http.tenant_max_in_flight), 1, 1_000_000)?;
         self.events.validate()?;
+        self.limits.validate("limits")?;
+        for (name, plan) in &self.plans {
+            plan.validate(&format!("plans.{name}"))?;
+        }
+        if let Some(plan) = &self.identity.default_plan {
+            if !self.plans.contains_key(plan) {
+                return Err(Invalid::new(
+                    "identity.default_plan",
+                    plan,
+                    format!("a plan defined under [plans] ({})", self.plans.keys().cloned().collect::<Vec<_>>().join(", ")),
+                ));
+            }
+        }
         let mut ids = HashSet::new();
         let mut paths = HashSet::new();
         for (i, route) in self.routes.iter().enumerate() {
@@ -302,6 +325,7 @@ impl Validate for GatewaySettings {
                 http_url(&format!("routes[{i}].upstreams.{name}"), url)?;
             }
             in_range(&format!("routes[{i}].timeout_ms"), route.timeout_ms, 10, 3_600_000)?;
+            crate::limits::validate_route_cost(&format!("routes[{i}].cost"), &route.cost)?;
         }
         Ok(())
     }
@@ -366,6 +390,26 @@ mod tests {
         assert!(load(&route("/x/", "[\"get\"]")).unwrap_err().contains("methods[0]`: found \"get\""));
         let err = load(&EXAMPLE.replace("environment = \"live\"", "environment = \"Live!\"")).unwrap_err();
         assert!(err.contains("setting `keys.environment`"), "{err}");
+    }
+
+    #[test]
+    fn rejects_an_undefined_default_plan_and_a_bad_limit() {
+        let err = load(&EXAMPLE.replace("[identity]", "[identity]\ndefault_plan = \"platinum\"")).unwrap_err();
+        assert!(err.contains("setting `identity.default_plan`: found \"platinum\", expected a plan defined"), "{err}");
+        let err = load(&EXAMPLE.replace("window = \"1m\", limit = 100 }", "window = \"1 minute\", limit = 100 }")).unwrap_err();
+        assert!(err.contains("plans.free.limits[0].window"), "{err}");
+        let err = load(&EXAMPLE.replace("cost = { compute_units = 5 }", "cost = { cpu = 5 }")).unwrap_err();
+        assert!(err.contains("routes[1].cost"), "{err}");
+    }
+
+    #[test]
+    fn example_ships_the_four_seed_plans() {
+        let s = load(EXAMPLE).unwrap();
+        for (plan, per_minute) in [("free", 100), ("starter", 500), ("professional", 2000), ("enterprise", 10000)] {
+            let limits = &s.plans[plan].limits;
+            assert!(limits.iter().any(|l| l.window == "1m" && l.limit == per_minute), "{plan}");
+            assert!(limits.iter().any(|l| l.window == "day"), "{plan} has a compute-units-per-day limit");
+        }
     }
 
     #[test]
