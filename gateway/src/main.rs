@@ -21,13 +21,7 @@ struct Args {
 async fn main() -> ExitCode {
     tollgate_runtime::init_logging();
     let args = Args::parse();
-    match run(args).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("tollgate-gateway: {err:#}");
-            ExitCode::FAILURE
-        }
-    }
+    tollgate_runtime::exit_code("tollgate-gateway", run(args).await)
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

@@ -16,6 +16,18 @@ pub mod testing;
 
 pub use settings::{load, Invalid, SettingsError};
 
+/// The exit of a service binary: success, or the refusal on one line, `<service>: <error>`,
+/// with the error's context chain (`{:#}`), and a failure code.
+pub fn exit_code<E: std::fmt::Display>(service: &str, result: Result<(), E>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("{service}: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Installs the process-wide `tracing` subscriber: plain lines on stderr, filtered by
 /// `RUST_LOG` (default `info`).
 pub fn init_logging() {

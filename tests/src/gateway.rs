@@ -61,6 +61,19 @@ pub fn settings(keys_topic: &str, upstream: &str) -> GatewaySettings {
     from_str_with_env(&text, "config/gateway.toml", env).expect("example settings load")
 }
 
+/// A route to an upstream that is never there (port 1 on loopback: connections are refused).
+pub fn dead_route() -> tollgate_gateway::settings::RouteSettings {
+    tollgate_gateway::settings::RouteSettings {
+        id: "dead".into(),
+        path: "/dead/".into(),
+        methods: vec![],
+        upstream: "http://127.0.0.1:1".into(),
+        upstreams: Default::default(),
+        timeout_ms: 1000,
+        cost: Default::default(),
+    }
+}
+
 /// A spool directory of the test's own.
 pub fn spool_dir() -> String {
     std::env::temp_dir().join(crate::unique("tollgate-spool")).display().to_string()

@@ -10,7 +10,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::{ClientConfig, Message};
 use serde_json::json;
 use tollgate_schemas::{decode, Outcome, UsageEvent};
-use tollgate_tests::gateway::{create_keys_topic, create_topic, create_topic_on, settings, TestGateway};
+use tollgate_tests::gateway::{create_keys_topic, create_topic, create_topic_on, dead_route, settings, TestGateway};
 use tollgate_tests::http::{send, try_send_with, EchoUpstream};
 use tollgate_tests::private_kafka::PrivateKafka;
 use tollgate_tests::unique;
@@ -60,15 +60,7 @@ async fn every_request_yields_exactly_one_event_with_the_right_fields() {
     create_topic(&usage_topic, 3, &[]).await;
     let mut s = settings(&create_keys_topic().await, &upstream.url());
     s.topics.usage = usage_topic.clone();
-    s.routes.push(tollgate_gateway::settings::RouteSettings {
-        id: "dead".into(),
-        path: "/dead/".into(),
-        methods: vec![],
-        upstream: "http://127.0.0.1:1".into(),
-        upstreams: Default::default(),
-        timeout_ms: 1000,
-        cost: Default::default(),
-    });
+    s.routes.push(dead_route());
     let gw = TestGateway::start(s, None).await;
     let (key, key_id) = gw.consumer_with_key("acme-corp", json!({"tenantId": "tenant_abc123", "plan": "enterprise"})).await;
     let auth = format!("Bearer {key}");

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use hmac::{KeyInit, Mac};
 use serde_json::json;
-use tollgate_tests::gateway::{create_keys_topic, settings, TestGateway};
+use tollgate_tests::gateway::{create_keys_topic, dead_route, settings, TestGateway};
 use tollgate_tests::http::{send, send_with, EchoUpstream};
 
 const SECRET: &str = "upstream-signing-secret-for-tests";
@@ -125,16 +125,7 @@ async fn bad_input_and_upstream_faults_are_problems() {
     let (gw, auth) = gateway_with_key(&upstream, |s| {
         s.http.max_body_bytes = 1024;
         s.routes[0].timeout_ms = 500;
-        s.routes.push(tollgate_gateway::settings::RouteSettings {
-            id: "dead".into(),
-            path: "/dead/".into(),
-            methods: vec![],
-            // Port 1 on loopback: nothing listens.
-            upstream: "http://127.0.0.1:1".into(),
-            upstreams: Default::default(),
-            timeout_ms: 1000,
-            cost: Default::default(),
-        });
+        s.routes.push(dead_route());
     })
     .await;
     let url = format!("{}/v1/upload", gw.public);
