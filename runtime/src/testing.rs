@@ -16,7 +16,7 @@ pub struct Exit {
 /// Runs `binary --config <file with settings>` with only `env` (plus PATH) set, and waits up
 /// to `timeout` for it to exit; a process still running then is killed and reported as such.
 pub fn run_with_settings(binary: &str, settings: &str, env: &[(&str, &str)], timeout: Duration) -> Exit {
-    let mut file = tempfile_in_target();
+    let mut file = new_settings_file();
     file.1.write_all(settings.as_bytes()).expect("write settings");
     let mut child = Command::new(binary)
         .arg("--config")
@@ -45,12 +45,12 @@ pub fn run_with_settings(binary: &str, settings: &str, env: &[(&str, &str)], tim
     let _ = std::fs::remove_file(&file.0);
     Exit {
         code: status.and_then(|s| s.code()),
-        last_line: stderr.lines().filter(|l| !l.trim().is_empty()).last().unwrap_or_default().to_owned(),
+        last_line: stderr.lines().rfind(|l| !l.trim().is_empty()).unwrap_or_default().to_owned(),
         stderr,
     }
 }
 
-fn tempfile_in_target() -> (std::path::PathBuf, std::fs::File) {
+fn new_settings_file() -> (std::path::PathBuf, std::fs::File) {
     let dir = std::env::temp_dir();
     let path = dir.join(format!(
         "tollgate-settings-{}-{}.toml",
