@@ -5,7 +5,8 @@
 //!    loaded, and resident memory per key loaded;
 //! 2. replay of N key records by `KeyStore::start` vs a plain consumer reading the same topic;
 //! 3. bulkhead: tenant B's latency while tenant A holds 500 slow requests in flight vs B alone;
-//! 4. gateway throughput with usage events on vs off (same upstream, same load);
+//! 4. gateway throughput with usage events on vs off, and with limits on vs off (same
+//!    upstream, same load);
 //! 5. encoded usage-event size vs JSON, and encode + produce events/s vs producing the same
 //!    payloads already encoded.
 //!
@@ -92,7 +93,36 @@ fn main() {
         replay(&kafka, count(200_000.0), &mut topics).await;
         let upstream = start_upstream().await;
         bulkhead(&kafka, &upstream, span(4_000.0), &mut topics, &mut spools).await;
-        events_throughput(&kafka, &upstream, span(4_000.0), &mut topics, &mut spools).await;
+        let events_off: &[(&str, &str)] = &[("TOLLGATE_EVENTS__ENABLED", "false")];
+        compare_throughput(
+            &kafka,
+            &upstream,
+            span(4_000.0),
+            &mut topics,
+            &mut spools,
+            "usage events off vs on",
+            ("events off:", events_off),
+            ("events on:", &[("TOLLGATE_EVENTS__ENABLED", "true")]),
+        )
+        .await;
+        compare_throughput(
+            &kafka,
+            &upstream,
+            span(4_000.0),
+            &mut topics,
+            &mut spools,
+            "limits off vs on (local backend, two dimensions, events off)",
+            ("limits off:", events_off),
+            (
+                "limits on:",
+                &[
+                    ("TOLLGATE_EVENTS__ENABLED", "false"),
+                    ("TOLLGATE_IDENTITY__DEFAULT_PLAN", "enterprise"),
+                    ("TOLLGATE_PLANS__ENTERPRISE__LIMITS", UNREACHABLE_LIMITS),
+                ],
+            ),
+        )
+        .await;
     });
     producer_rate(&kafka, &runtime, count(200_000.0), &mut topics);
 
@@ -426,46 +456,49 @@ fn ms(d: Duration) -> f64 {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 4. Throughput with usage events on and off
+// 4. Throughput: usage events on vs off, limits on vs off
 
-async fn events_throughput(
+/// A plan no benchmark request can exhaust, so the limits cost their decision and nothing else.
+const UNREACHABLE_LIMITS: &str = r#"[{ name = "requests_per_minute", meter = "requests", window = "1m", limit = 1000000000 }, { name = "compute_units_per_day", meter = "compute_units", window = "day", limit = 1000000000000 }]"#;
+
+/// One gateway configuration under test: a label and its settings overlays.
+type Variant<'a> = (&'a str, &'a [(&'a str, &'a str)]);
+
+async fn compare_throughput(
     kafka: &KafkaSettings,
     upstream: &Upstream,
     round: Duration,
     topics: &mut Vec<String>,
     spools: &mut Vec<PathBuf>,
+    title: &str,
+    (base_label, base_env): Variant<'_>,
+    (measured_label, measured_env): Variant<'_>,
 ) {
-    println!("\n[4] gateway throughput, {THROUGHPUT_CLIENTS} keep-alive clients, usage events off vs on");
-    let off = BenchGateway::start(
-        kafka,
-        upstream,
-        &[("TOLLGATE_EVENTS__ENABLED", "false")],
-        topics,
-        spools,
-    )
-    .await;
-    let on = BenchGateway::start(kafka, upstream, &[("TOLLGATE_EVENTS__ENABLED", "true")], topics, spools).await;
-    let key_off = off.consumer_with_key("bench-throughput", "tenant_throughput").await;
-    let key_on = on.consumer_with_key("bench-throughput", "tenant_throughput").await;
-    // Rounds in the order off, on, on, off, so drift on the shared machine weighs on both alike.
-    let (mut total_off, mut total_on) = (Throughput::default(), Throughput::default());
-    total_off.add(&throughput(&off.public, &key_off, THROUGHPUT_CLIENTS, round).await);
-    total_on.add(&throughput(&on.public, &key_on, THROUGHPUT_CLIENTS, round).await);
-    total_on.add(&throughput(&on.public, &key_on, THROUGHPUT_CLIENTS, round).await);
-    total_off.add(&throughput(&off.public, &key_off, THROUGHPUT_CLIENTS, round).await);
+    println!("\n[4] gateway throughput, {THROUGHPUT_CLIENTS} keep-alive clients, {title}");
+    let base = BenchGateway::start(kafka, upstream, base_env, topics, spools).await;
+    let measured = BenchGateway::start(kafka, upstream, measured_env, topics, spools).await;
+    let key_base = base.consumer_with_key("bench-throughput", "tenant_throughput").await;
+    let key_measured = measured.consumer_with_key("bench-throughput", "tenant_throughput").await;
+    // Rounds in the order base, measured, measured, base, so drift on the shared machine
+    // weighs on both alike.
+    let (mut total_base, mut total_measured) = (Throughput::default(), Throughput::default());
+    total_base.add(&throughput(&base.public, &key_base, THROUGHPUT_CLIENTS, round).await);
+    total_measured.add(&throughput(&measured.public, &key_measured, THROUGHPUT_CLIENTS, round).await);
+    total_measured.add(&throughput(&measured.public, &key_measured, THROUGHPUT_CLIENTS, round).await);
+    total_base.add(&throughput(&base.public, &key_base, THROUGHPUT_CLIENTS, round).await);
     println!(
-        "  events off: {:8.0} requests/s  ({} not 200, baseline)",
-        total_off.per_second(),
-        total_off.failures
+        "  {base_label:<12} {:8.0} requests/s  ({} not 200, baseline)",
+        total_base.per_second(),
+        total_base.failures
     );
     println!(
-        "  events on:  {:8.0} requests/s  ({} not 200)",
-        total_on.per_second(),
-        total_on.failures
+        "  {measured_label:<12} {:8.0} requests/s  ({} not 200)",
+        total_measured.per_second(),
+        total_measured.failures
     );
-    println!("  ratio on/off: {:.2}x", total_on.per_second() / total_off.per_second());
-    off.stop().await;
-    on.stop().await;
+    println!("  ratio: {:.2}x", total_measured.per_second() / total_base.per_second());
+    base.stop().await;
+    measured.stop().await;
 }
 
 #[derive(Default)]
