@@ -8,12 +8,13 @@
 //!   the same size.
 //! - Throughput: the events are produced first, then the consumer (in-process, default batch
 //!   settings) starts; the rate is measured from the first stored row to the last row
-//!   visible in every table (raw and every rollup).
+//!   visible in every table (raw and every rollup), and also from the consumer's start.
+//!   Traffic is steady (no late events): every late event cuts a batch at its month.
 //! - Freshness: with the consumer caught up, events are produced at a steady rate, each
 //!   timestamped when produced; the minute rollup is polled, and an event's freshness is when
 //!   the rollup first counts it minus when it was produced.
 //!
-//! `TOLLGATE_BENCH_EVENTS` (default 200000) and `TOLLGATE_BENCH_FRESH_RATE` (events/s,
+//! `TOLLGATE_BENCH_EVENTS` (default 400000) and `TOLLGATE_BENCH_FRESH_RATE` (events/s,
 //! default 5000) size it.
 
 #[path = "../tests/support/mod.rs"]
@@ -40,14 +41,14 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let events = env_u64("TOLLGATE_BENCH_EVENTS", 200_000);
+    let events = env_u64("TOLLGATE_BENCH_EVENTS", 400_000);
     let fresh_rate = env_u64("TOLLGATE_BENCH_FRESH_RATE", 5_000);
     let env = Env::new("meter_bench", 4).await;
     let settings = env.settings(&env.clickhouse, 50_000, 1_000);
     let client = env.client();
 
     // Baseline 1: Kafka produce rate.
-    let workload = Workload::new(7, events);
+    let workload = Workload::with_late_runs(7, events, false);
     let kafka = producer(&env.brokers);
     let started = Instant::now();
     produce(&kafka, &env.usage, &workload.events, None).await;
@@ -82,6 +83,7 @@ async fn main() {
     drop(rows);
 
     // The consumer, from a standing start on a full topic.
+    let consumer_start = Instant::now();
     let shutdown = Shutdown::default();
     let consumer = tokio::spawn({
         let (settings, shutdown) = (settings.clone(), shutdown.clone());
@@ -114,6 +116,7 @@ async fn main() {
     }
     let consume_secs = first_row.expect("rows appeared").elapsed().as_secs_f64();
     let consume_rate = events as f64 / consume_secs;
+    let cold_rate = events as f64 / consumer_start.elapsed().as_secs_f64();
 
     // Freshness: a steady stream, each event stamped when produced (tenant `fresh`).
     let fresh_events = fresh_rate * 10;
@@ -173,6 +176,7 @@ async fn main() {
     println!("  baseline plain CH insert   {insert_rate:>10.0} rows/s (raw table only, no decode, no rollups)");
     println!("  baseline decode, 1 thread  {decode_rate:>10.0} events/s (Avro -> rows, no IO)");
     println!("  kafka -> clickhouse        {consume_rate:>10.0} events/s (raw + 4 rollups, exactly once)");
+    println!("  same, from process start   {cold_rate:>10.0} events/s (including group join and the first batch wait)");
     println!("  ratio vs plain insert      {:>10.2}", consume_rate / insert_rate);
     println!("  ratio vs produce           {:>10.2}", consume_rate / produce_rate);
     println!(

@@ -65,7 +65,7 @@ pub struct PartitionWorker {
 }
 
 /// Records buffered between the Kafka thread and a worker.
-pub const RECORD_CHANNEL: usize = 8192;
+pub const RECORD_CHANNEL: usize = 16_384;
 
 impl PartitionWorker {
     /// Starts the worker for `partition`, whose tables hold `watermarks`.

@@ -37,7 +37,7 @@ use tollgate_runtime::kafka::KafkaSettings;
 use tollgate_runtime::shutdown::Shutdown;
 
 use crate::dlq::OncePerSecond;
-use crate::partition::{Command, PartitionWorker, Record, WorkerContext};
+use crate::partition::{Command, PartitionWorker, Record, WorkerContext, RECORD_CHANNEL};
 use crate::sink::Watermarks;
 
 #[derive(Debug, thiserror::Error)]
@@ -209,8 +209,9 @@ impl MeterContext {
         }
     }
 
-    /// Moves overflow records into their workers; resumes partitions whose overflow is empty.
-    /// Returns whether any overflow remains, and the first worker found dead.
+    /// Moves overflow records into their workers; resumes partitions whose overflow is empty
+    /// and whose worker has room again. Returns whether any partition is still paused, and
+    /// the first worker found dead.
     fn drain(&self, consumer: &BaseConsumer<Self>) -> (bool, Option<i32>) {
         let mut workers = self.workers.lock().expect("workers lock");
         let mut remaining = false;
@@ -229,13 +230,17 @@ impl MeterContext {
                     Err(TrySendError::Closed(_)) => slot.overflow.clear(),
                 }
             }
-            if slot.overflow.is_empty() && slot.paused {
+            // Resume only once the worker has room for a good part of a channel: resuming
+            // at the first free slot would pause again at once, and each pause drops what
+            // librdkafka had prefetched for the partition.
+            let room = slot.worker.records.capacity() >= RECORD_CHANNEL / 2;
+            if slot.overflow.is_empty() && slot.paused && room {
                 slot.paused = false;
                 if let Err(err) = consumer.resume(&single(&self.topic, partition)) {
                     tracing::warn!(partition, error = %err, "resume failed");
                 }
             }
-            remaining |= !slot.overflow.is_empty();
+            remaining |= slot.paused;
         }
         (remaining, dead)
     }

@@ -181,6 +181,12 @@ pub const METERS: [&str; 3] = ["requests", "compute_units", "response_bytes"];
 
 impl Workload {
     pub fn new(seed: u64, count: u64) -> Self {
+        Self::with_late_runs(seed, count, true)
+    }
+
+    /// Like `new`; without `late_runs` every event is from the last ten minutes (steady
+    /// traffic, as the benchmark wants).
+    pub fn with_late_runs(seed: u64, count: u64, late_runs: bool) -> Self {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
@@ -202,7 +208,7 @@ impl Workload {
             if n % 4 == 0 {
                 units.insert("response_bytes".to_owned(), (n % 1_000) as i64 * 10);
             }
-            let timestamp_ms = if (i / 1_000) % 20 == 7 { now_ms - 40 * 86_400_000 } else { now_ms - (n % 600_000) as i64 };
+            let timestamp_ms = if late_runs && (i / 1_000) % 20 == 7 { now_ms - 40 * 86_400_000 } else { now_ms - (n % 600_000) as i64 };
             let event = UsageEvent {
                 event_id: uuid::Uuid::now_v7(),
                 timestamp_ms,
