@@ -160,7 +160,7 @@ mod tests {
 
     #[test]
     fn rejects_retry_cap_below_first_wait() {
-        let text = EXAMPLE.replace("max_wait_ms = 1000", "max_wait_ms = 1000\nretry_initial_ms = 500\nretry_max_ms = 100");
+        let text = EXAMPLE.replace("retry_initial_ms = 200", "retry_initial_ms = 500").replace("retry_max_ms = 5000", "retry_max_ms = 100");
         let err = load(&text).unwrap_err();
         assert!(err.contains("setting `batch.retry_max_ms`: found \"100\""), "{err}");
     }
