@@ -102,6 +102,9 @@ fn no_key_or_token_appears_in_a_whole_runs_output() {
     http(admin, "DELETE", &format!("/v1/consumers/acme-corp/keys/{id}"), &admin_headers, "");
     http(admin, "GET", "/v1/consumers", &[("authorization", "Bearer wrong-token-123456789")], "");
     let (_, metrics) = http(admin, "GET", "/metrics", &[], "");
+    for line in ["gateway_requests_total{outcome=\"unauthenticated\"} 2", "gateway_requests_total{outcome=\"upstream_error\"} 4"] {
+        assert!(metrics.contains(line), "metrics count requests by outcome: {line} in\n{metrics}");
+    }
 
     // SIGTERM, then read everything it wrote.
     Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();

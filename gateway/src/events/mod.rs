@@ -173,6 +173,7 @@ impl UsageSink {
     }
 
     pub fn record(&self, event: UsageEvent) {
+        self.metrics.request(event.outcome);
         let Some(tx) = &self.tx else { return };
         self.metrics.queue_depth.increment(1.0);
         if tx.send(Command::Event(Box::new(event))).is_err() {
