@@ -60,6 +60,8 @@ pub struct RequestContext {
     pub reported_cost: BTreeMap<String, u64>,
     /// The limit decision, once made: its headers go on the response.
     pub limits: Option<LimitCharge>,
+    /// The tenant's bulkhead slot, held until the response body has been sent.
+    pub bulkhead: Option<OwnedSemaphorePermit>,
 }
 
 /// A request's limit decision and what to undo or add when its response ends.
@@ -181,10 +183,7 @@ impl Proxy {
             sink: self.usage.clone(),
         };
         let mut response = match result {
-            Ok(response) => {
-                let (parts, body) = response.into_parts();
-                Response::from_parts(parts, body)
-            }
+            Ok(response) => response,
             Err(problem) => problem.into_response().map(|b| b.map_err(|never| match never {}).boxed()),
         };
         if let Ok(value) = HeaderValue::from_str(&ctx.request_id) {
@@ -210,6 +209,7 @@ impl Proxy {
                 bytes: 0,
                 pending: Some(pending),
                 release,
+                _bulkhead: ctx.bulkhead.take(),
             }
             .boxed()
         })
@@ -288,7 +288,7 @@ impl Proxy {
         }
 
         // 5. Bulkhead: one tenant cannot hold all upstream capacity.
-        let permit = self.bulkhead(&consumer.tenant_id)?;
+        ctx.bulkhead = Some(self.bulkhead(&consumer.tenant_id)?);
 
         // 6. Usage must be recordable: with the spool full, billable traffic is refused rather
         //    than served unbilled (unless configured otherwise).
@@ -362,7 +362,7 @@ impl Proxy {
         };
 
         // 10. Response: hop-by-hop headers dropped, the reported cost taken (and kept from the
-        //    client); the bulkhead slot is held until the body ends.
+        //    client); the bulkhead slot stays in `ctx` until the body ends.
         let (mut parts, body) = response.into_parts();
         ctx.upstream_status = Some(parts.status.as_u16());
         remove_hop_by_hop(&mut parts.headers);
@@ -376,7 +376,7 @@ impl Proxy {
                 Err(reason) => tracing::debug!(route = %route.settings.id, %reason, "ignored a malformed x-tollgate-cost"),
             }
         }
-        Ok(Response::from_parts(parts, Guarded { inner: body, _permit: permit }.boxed()))
+        Ok(Response::from_parts(parts, body.map_err(Into::into).boxed()))
     }
 
     /// Counts what the upstream reported, beyond what the route charged up front, so the next
@@ -530,36 +530,16 @@ fn too_large(max: usize) -> Problem {
     Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "body-too-large", "Payload Too Large").with_detail(format!("request bodies are limited to {max} bytes"))
 }
 
-/// The upstream's response body, holding the tenant's bulkhead slot until it ends.
-struct Guarded {
-    inner: Incoming,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl hyper::body::Body for Guarded {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.inner).poll_frame(cx).map_err(Into::into)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
 
 /// The response body as sent to the client: counts its bytes and, when it ends (or the
-/// client goes away), completes and records the request's usage event.
+/// client goes away), completes and records the request's usage event, gives back the
+/// request's in-flight limit and releases the tenant's bulkhead slot.
 struct Metered {
     inner: Body,
     bytes: u64,
     pending: Option<PendingEvent>,
     release: Option<(Arc<dyn Limiter>, Vec<Charge>)>,
+    _bulkhead: Option<OwnedSemaphorePermit>,
 }
 
 struct PendingEvent {
