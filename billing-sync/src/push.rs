@@ -263,7 +263,10 @@ mod tests {
             drop(locks.lock(format!("k{i}")).await);
         }
         let len = locks.map.lock().unwrap().locks.len();
-        assert!((3_000..6_000).contains(&len), "held keys kept, released ones dropped: {len}");
+        assert!(
+            (3_000..6_000).contains(&len),
+            "held keys kept, released ones dropped: {len}"
+        );
         drop(held);
     }
 

@@ -21,15 +21,29 @@ fn missing_meters_are_refused() {
         + "[admin]\nlisten = \"127.0.0.1:0\"\n";
     let exit = run_with_settings(BIN, &settings, &[], Duration::from_secs(20));
     assert_eq!(exit.code, Some(1), "{}", exit.stderr);
-    assert!(exit.last_line.ends_with(".toml: missing field `meters`"), "{}", exit.last_line);
+    assert!(
+        exit.last_line.ends_with(".toml: missing field `meters`"),
+        "{}",
+        exit.last_line
+    );
 }
 
 #[test]
 fn unreachable_clickhouse_names_the_url() {
     let settings = example_on_free_port().replace("http://127.0.0.1:8123", "http://127.0.0.1:1");
-    let exit = run_with_settings(BIN, &settings, &[("TOLLGATE_STRIPE_API_KEY", "sk_test_123")], Duration::from_secs(30));
+    let exit = run_with_settings(
+        BIN,
+        &settings,
+        &[("TOLLGATE_STRIPE_API_KEY", "sk_test_123")],
+        Duration::from_secs(30),
+    );
     assert_eq!(exit.code, Some(1), "{}", exit.stderr);
-    assert!(exit.last_line.contains("clickhouse at http://127.0.0.1:1 is unreachable"), "{}", exit.last_line);
+    assert!(
+        exit.last_line
+            .contains("clickhouse at http://127.0.0.1:1 is unreachable"),
+        "{}",
+        exit.last_line
+    );
 }
 
 #[test]
@@ -41,5 +55,10 @@ fn stripe_key_overlay_from_a_bad_variable_is_refused() {
         Duration::from_secs(20),
     );
     assert_eq!(exit.code, Some(1), "{}", exit.stderr);
-    assert!(exit.last_line.contains("TOLLGATE_STRIPE__API_BASE: setting `stripe.api_base`"), "{}", exit.last_line);
+    assert!(
+        exit.last_line
+            .contains("TOLLGATE_STRIPE__API_BASE: setting `stripe.api_base`"),
+        "{}",
+        exit.last_line
+    );
 }

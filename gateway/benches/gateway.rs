@@ -478,7 +478,9 @@ async fn compare_throughput(
     let base = BenchGateway::start(kafka, upstream, base_env, topics, spools).await;
     let measured = BenchGateway::start(kafka, upstream, measured_env, topics, spools).await;
     let key_base = base.consumer_with_key("bench-throughput", "tenant_throughput").await;
-    let key_measured = measured.consumer_with_key("bench-throughput", "tenant_throughput").await;
+    let key_measured = measured
+        .consumer_with_key("bench-throughput", "tenant_throughput")
+        .await;
     // Rounds in the order base, measured, measured, base, so drift on the shared machine
     // weighs on both alike.
     let (mut total_base, mut total_measured) = (Throughput::default(), Throughput::default());

@@ -52,7 +52,9 @@ impl Admin {
         match (method, segments.as_slice()) {
             (Method::POST, ["v1", "consumers"]) => self.create_consumer(read_json(req).await?).await,
             (Method::GET, ["v1", "consumers"]) => Ok(self.list_consumers()),
-            (Method::GET, ["v1", "consumers", name]) => Ok(json_response(StatusCode::OK, consumer_json(&*self.consumer(name)?))),
+            (Method::GET, ["v1", "consumers", name]) => {
+                Ok(json_response(StatusCode::OK, consumer_json(&*self.consumer(name)?)))
+            }
             (Method::PATCH, ["v1", "consumers", name]) => {
                 let name = name.to_string();
                 self.patch_consumer(&name, read_json(req).await?).await
@@ -68,7 +70,11 @@ impl Admin {
                 self.roll_key(&name, read_json(req).await?).await
             }
             (Method::DELETE, ["v1", "consumers", name, "keys", id]) => self.revoke_key(name, id).await,
-            (_, ["v1", "consumers", ..]) => Err(Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "Method Not Allowed")),
+            (_, ["v1", "consumers", ..]) => Err(Problem::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method-not-allowed",
+                "Method Not Allowed",
+            )),
             _ => Err(Problem::new(StatusCode::NOT_FOUND, "not-found", "Not Found")),
         }
     }
@@ -83,8 +89,10 @@ impl Admin {
         if bool::from(presented.as_bytes().ct_eq(self.token.as_bytes())) {
             Ok(())
         } else {
-            Err(Problem::new(StatusCode::UNAUTHORIZED, "admin-unauthorized", "Unauthorized")
-                .with_detail("the admin API needs `Authorization: Bearer <TOLLGATE_ADMIN_TOKEN>`"))
+            Err(
+                Problem::new(StatusCode::UNAUTHORIZED, "admin-unauthorized", "Unauthorized")
+                    .with_detail("the admin API needs `Authorization: Bearer <TOLLGATE_ADMIN_TOKEN>`"),
+            )
         }
     }
 
@@ -100,8 +108,12 @@ impl Admin {
     async fn write(&self, key: &str, payload: Option<Vec<u8>>) -> Result<(), Problem> {
         self.store.write(key, payload).await.map_err(|err| {
             tracing::error!(error = %err, "admin write failed");
-            Problem::new(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable", "Service Unavailable")
-                .with_detail("the change could not be stored; retry later")
+            Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store-unavailable",
+                "Service Unavailable",
+            )
+            .with_detail("the change could not be stored; retry later")
         })
     }
 
@@ -113,7 +125,8 @@ impl Admin {
         }
         let now = now_ms();
         let record = self.consumer_record(uuid::Uuid::now_v7().to_string(), &body.name, body.metadata, now, now, 1)?;
-        self.write(&format!("consumer/{}", record.id), Some(encode(&record))).await?;
+        self.write(&format!("consumer/{}", record.id), Some(encode(&record)))
+            .await?;
         // Two creates of one name race on the topic: the earlier record wins everywhere.
         match self.consumer(&body.name) {
             Ok(winner) if winner.id == record.id => Ok(json_response(StatusCode::CREATED, consumer_json(&winner))),
@@ -154,7 +167,9 @@ impl Admin {
             if let Some(Value::String(v)) = metadata.get(key) {
                 // These travel in headers to the upstream and as Kafka keys.
                 if v.len() > 256 || !v.bytes().all(|b| b.is_ascii_graphic()) {
-                    return Err(bad_request(format!("metadata.{key} must be 1 to 256 visible ASCII characters")));
+                    return Err(bad_request(format!(
+                        "metadata.{key} must be 1 to 256 visible ASCII characters"
+                    )));
                 }
             }
         }
@@ -174,7 +189,10 @@ impl Admin {
 
     fn list_consumers(&self) -> Response<Full<Bytes>> {
         let all = self.store.directory().read().expect("directory lock").consumers();
-        json_response(StatusCode::OK, json!({ "data": all.iter().map(|c| consumer_json(c)).collect::<Vec<_>>() }))
+        json_response(
+            StatusCode::OK,
+            json!({ "data": all.iter().map(|c| consumer_json(c)).collect::<Vec<_>>() }),
+        )
     }
 
     async fn patch_consumer(&self, name: &str, body: Value) -> Reply {
@@ -197,13 +215,19 @@ impl Admin {
             now_ms(),
             current.version + 1,
         )?;
-        self.write(&format!("consumer/{}", record.id), Some(encode(&record))).await?;
+        self.write(&format!("consumer/{}", record.id), Some(encode(&record)))
+            .await?;
         Ok(json_response(StatusCode::OK, consumer_json(&*self.consumer(name)?)))
     }
 
     async fn delete_consumer(&self, name: &str) -> Reply {
         let consumer = self.consumer(name)?;
-        let keys = self.store.directory().read().expect("directory lock").keys_of(&consumer.id);
+        let keys = self
+            .store
+            .directory()
+            .read()
+            .expect("directory lock")
+            .keys_of(&consumer.id);
         // Keys first: a consumer is never left with keys that outlive it.
         for key in keys {
             self.write(&format!("key/{}", key.id), None).await?;
@@ -250,7 +274,12 @@ impl Admin {
 
     fn list_keys(&self, name: &str) -> Reply {
         let consumer = self.consumer(name)?;
-        let keys = self.store.directory().read().expect("directory lock").keys_of(&consumer.id);
+        let keys = self
+            .store
+            .directory()
+            .read()
+            .expect("directory lock")
+            .keys_of(&consumer.id);
         Ok(json_response(
             StatusCode::OK,
             json!({ "data": keys.iter().map(|k| key_json(k, None)).collect::<Vec<_>>() }),
@@ -300,7 +329,8 @@ impl Admin {
             revoked.revoked_at_ms = Some(now_ms());
             revoked.version += 1;
             revoked.updated_by = ACTOR.to_owned();
-            self.write(&format!("key/{}", revoked.id), Some(encode(&revoked))).await?;
+            self.write(&format!("key/{}", revoked.id), Some(encode(&revoked)))
+                .await?;
         }
         Ok(empty(StatusCode::NO_CONTENT))
     }
@@ -359,11 +389,15 @@ fn from_json<T: serde::de::DeserializeOwned>(body: Value) -> Result<T, Problem> 
 
 fn validate_name(name: &str) -> Result<(), Problem> {
     let ok = (1..=128).contains(&name.len())
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
     if ok {
         Ok(())
     } else {
-        Err(bad_request("name must be 1 to 128 characters of letters, digits, `-`, `_` and `.`"))
+        Err(bad_request(
+            "name must be 1 to 128 characters of letters, digits, `-`, `_` and `.`",
+        ))
     }
 }
 
@@ -441,5 +475,6 @@ fn not_found(detail: String) -> Problem {
 }
 
 fn conflict(name: &str) -> Problem {
-    Problem::new(StatusCode::CONFLICT, "consumer-exists", "Conflict").with_detail(format!("a consumer named {name:?} exists"))
+    Problem::new(StatusCode::CONFLICT, "consumer-exists", "Conflict")
+        .with_detail(format!("a consumer named {name:?} exists"))
 }

@@ -26,7 +26,9 @@ pub struct NewKey {
 
 impl std::fmt::Debug for NewKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NewKey").field("prefix", &self.prefix).finish_non_exhaustive()
+        f.debug_struct("NewKey")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
     }
 }
 
@@ -51,7 +53,11 @@ pub fn generate(env: &str) -> NewKey {
     while secret.len() < SECRET_LEN {
         getrandom::fill(&mut buf).expect("the OS random source is available");
         // Rejection sampling keeps every character equally likely: 248 = 4 × 62.
-        secret.extend(buf.iter().filter(|b| **b < 248).map(|b| BASE62[usize::from(*b % 62)] as char));
+        secret.extend(
+            buf.iter()
+                .filter(|b| **b < 248)
+                .map(|b| BASE62[usize::from(*b % 62)] as char),
+        );
     }
     secret.truncate(SECRET_LEN);
     from_parts(env, &secret)

@@ -90,7 +90,8 @@ impl Directory {
                     }
                 }
                 self.id_by_name.insert(record.name.clone(), record.id.clone());
-                self.consumers.insert(record.id.clone(), Arc::new(Consumer::from_record(record)));
+                self.consumers
+                    .insert(record.id.clone(), Arc::new(Consumer::from_record(record)));
             }
             None => {
                 if let Some(old) = self.consumers.remove(id) {
@@ -149,7 +150,12 @@ impl Directory {
 
     /// A consumer's keys, oldest first.
     pub fn keys_of(&self, consumer_id: &str) -> Vec<ApiKeyRecord> {
-        let mut keys: Vec<_> = self.keys.values().filter(|k| k.consumer_id == consumer_id).cloned().collect();
+        let mut keys: Vec<_> = self
+            .keys
+            .values()
+            .filter(|k| k.consumer_id == consumer_id)
+            .cloned()
+            .collect();
         keys.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
         keys
     }

@@ -113,7 +113,10 @@ impl KeyStore {
     async fn wait_applied(&self, partition: i32, next: i64) -> Result<(), StoreError> {
         let mut applied = self.applied.clone();
         let reached = tokio::time::timeout(WRITE_TIMEOUT, async {
-            applied.wait_for(|a| a.get(&partition).is_some_and(|at| *at >= next)).await.is_ok()
+            applied
+                .wait_for(|a| a.get(&partition).is_some_and(|at| *at >= next))
+                .await
+                .is_ok()
         })
         .await;
         match reached {

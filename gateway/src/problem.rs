@@ -77,6 +77,8 @@ impl Problem {
         for (name, value) in self.headers {
             response = response.header(name, value);
         }
-        response.body(Full::new(Bytes::from(body))).expect("problem headers are valid")
+        response
+            .body(Full::new(Bytes::from(body)))
+            .expect("problem headers are valid")
     }
 }

@@ -106,8 +106,13 @@ impl Proxy {
             .plans
             .iter()
             .map(|(name, plan)| {
-                let specs = plan.specs(&format!("plans.{name}")).expect("validated by GatewaySettings::validate");
-                (name.clone(), Arc::new(specs.into_iter().map(Arc::new).collect::<Vec<_>>()))
+                let specs = plan
+                    .specs(&format!("plans.{name}"))
+                    .expect("validated by GatewaySettings::validate");
+                (
+                    name.clone(),
+                    Arc::new(specs.into_iter().map(Arc::new).collect::<Vec<_>>()),
+                )
             })
             .collect();
         let mut connector = HttpConnector::new();
@@ -138,7 +143,10 @@ impl Proxy {
     /// The limits that apply to a consumer: its plan's (or the default plan's), with its own
     /// `metadata.limits` overrides.
     fn limits_of(&self, consumer: &crate::directory::Consumer) -> Option<Arc<Vec<Arc<LimitSpec>>>> {
-        let plan_name = consumer.plan.as_ref().or(self.settings.identity.default_plan.as_ref())?;
+        let plan_name = consumer
+            .plan
+            .as_ref()
+            .or(self.settings.identity.default_plan.as_ref())?;
         let plan = self.plans.get(plan_name)?;
         if !consumer.metadata.contains_key("limits") {
             return Some(Arc::clone(plan));
@@ -174,7 +182,9 @@ impl Proxy {
             ..RequestContext::default()
         };
         let result = self.chain(req, peer, &mut ctx).await;
-        let status = result.as_ref().map_or_else(|p| p.status.as_u16(), |r| r.status().as_u16());
+        let status = result
+            .as_ref()
+            .map_or_else(|p| p.status.as_u16(), |r| r.status().as_u16());
         // One usage event per request, whatever happened: built now, finished when the
         // response body has been sent (its size is known only then).
         let pending = PendingEvent {
@@ -184,7 +194,9 @@ impl Proxy {
         };
         let mut response = match result {
             Ok(response) => response,
-            Err(problem) => problem.into_response().map(|b| b.map_err(|never| match never {}).boxed()),
+            Err(problem) => problem
+                .into_response()
+                .map(|b| b.map_err(|never| match never {}).boxed()),
         };
         if let Ok(value) = HeaderValue::from_str(&ctx.request_id) {
             response.headers_mut().insert("x-request-id", value);
@@ -226,7 +238,9 @@ impl Proxy {
             (None, 502 | 504) => Outcome::UpstreamError,
             (None, _) => Outcome::Rejected,
         };
-        let billable = ctx.upstream_status.is_some_and(|s| s < self.usage.settings().billable_below_status);
+        let billable = ctx
+            .upstream_status
+            .is_some_and(|s| s < self.usage.settings().billable_below_status);
         let mut units: BTreeMap<String, i64> = BTreeMap::from([("requests".to_owned(), 1)]);
         if let Some(route) = &ctx.route {
             for (meter, cost) in route.settings.cost.iter().chain(&ctx.reported_cost) {
@@ -255,20 +269,41 @@ impl Proxy {
         }
     }
 
-    async fn chain(&self, req: Request<Incoming>, peer: SocketAddr, ctx: &mut RequestContext) -> Result<Response<Body>, Problem> {
+    async fn chain(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        ctx: &mut RequestContext,
+    ) -> Result<Response<Body>, Problem> {
         // 1. Oversized headers are refused before anything reads them.
         let header_bytes: usize = req.headers().iter().map(|(n, v)| n.as_str().len() + v.len()).sum();
         if header_bytes > self.settings.http.max_header_bytes {
-            return Err(Problem::new(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "headers-too-large", "Request Header Fields Too Large")
-                .with_detail(format!("request headers are limited to {} bytes", self.settings.http.max_header_bytes)));
+            return Err(Problem::new(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "headers-too-large",
+                "Request Header Fields Too Large",
+            )
+            .with_detail(format!(
+                "request headers are limited to {} bytes",
+                self.settings.http.max_header_bytes
+            )));
         }
 
         // 2. Route: only configured upstreams are reachable.
-        let Matched { route, params } = self.routes.find(req.method().as_str(), req.uri().path()).map_err(|miss| match miss {
-            Miss::DotSegment => Problem::new(StatusCode::BAD_REQUEST, "invalid-path", "Bad Request").with_detail("paths may not contain `.` or `..` segments"),
-            Miss::NoRoute => Problem::new(StatusCode::NOT_FOUND, "no-route", "Not Found").with_detail("no route serves this path"),
-            Miss::MethodNotAllowed => Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "Method Not Allowed"),
-        })?;
+        let Matched { route, params } = self
+            .routes
+            .find(req.method().as_str(), req.uri().path())
+            .map_err(|miss| match miss {
+                Miss::DotSegment => Problem::new(StatusCode::BAD_REQUEST, "invalid-path", "Bad Request")
+                    .with_detail("paths may not contain `.` or `..` segments"),
+                Miss::NoRoute => Problem::new(StatusCode::NOT_FOUND, "no-route", "Not Found")
+                    .with_detail("no route serves this path"),
+                Miss::MethodNotAllowed => Problem::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method-not-allowed",
+                    "Method Not Allowed",
+                ),
+            })?;
         ctx.route = Some(Arc::clone(&route));
 
         // 3. Authentication: a malformed key is refused without a lookup; every refusal is the
@@ -294,9 +329,13 @@ impl Proxy {
         //    than served unbilled (unless configured otherwise).
         if !self.usage.accepting_billable() {
             self.usage.metrics().refused.increment(1);
-            return Err(Problem::new(StatusCode::SERVICE_UNAVAILABLE, "usage-spool-full", "Service Unavailable")
-                .with_detail("usage cannot be recorded right now; retry later")
-                .with_header("retry-after", "5"));
+            return Err(Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "usage-spool-full",
+                "Service Unavailable",
+            )
+            .with_detail("usage cannot be recorded right now; retry later")
+            .with_header("retry-after", "5"));
         }
 
         // 7. Limits: every dimension checked, all committed or none.
@@ -310,7 +349,10 @@ impl Proxy {
                 ip: &ip,
             };
             let charges = crate::limits::charges(&specs, &subject, &units);
-            let decision = self.limiter.decide(&charges, chrono::Utc::now().timestamp_millis()).await;
+            let decision = self
+                .limiter
+                .decide(&charges, chrono::Utc::now().timestamp_millis())
+                .await;
             let refused = !decision.allowed;
             ctx.limits = Some(LimitCharge {
                 decision,
@@ -327,14 +369,31 @@ impl Proxy {
         // 8. Body: bounded in size and in time, so a slow or huge upload cannot pin us.
         let (parts, body) = req.into_parts();
         let max = self.settings.http.max_body_bytes;
-        if parts.headers.get(hyper::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok()).is_some_and(|len| len > max) {
+        if parts
+            .headers
+            .get(hyper::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
+            .is_some_and(|len| len > max)
+        {
             return Err(too_large(max));
         }
-        let read = tokio::time::timeout(Duration::from_millis(self.settings.http.body_read_timeout_ms), Limited::new(body, max).collect());
+        let read = tokio::time::timeout(
+            Duration::from_millis(self.settings.http.body_read_timeout_ms),
+            Limited::new(body, max).collect(),
+        );
         let body = match read.await {
-            Err(_) => return Err(Problem::new(StatusCode::REQUEST_TIMEOUT, "body-timeout", "Request Timeout").with_detail("the request body arrived too slowly")),
+            Err(_) => {
+                return Err(
+                    Problem::new(StatusCode::REQUEST_TIMEOUT, "body-timeout", "Request Timeout")
+                        .with_detail("the request body arrived too slowly"),
+                )
+            }
             Ok(Err(err)) if err.is::<http_body_util::LengthLimitError>() => return Err(too_large(max)),
-            Ok(Err(_)) => return Err(Problem::new(StatusCode::BAD_REQUEST, "body-unreadable", "Bad Request").with_detail("the request body could not be read")),
+            Ok(Err(_)) => {
+                return Err(Problem::new(StatusCode::BAD_REQUEST, "body-unreadable", "Bad Request")
+                    .with_detail("the request body could not be read"))
+            }
             Ok(Ok(collected)) => collected.to_bytes(),
         };
         ctx.request_bytes = body.len() as u64;
@@ -347,16 +406,33 @@ impl Proxy {
             .and_then(|name| route.settings.upstreams.get(name))
             .unwrap_or(&route.settings.upstream);
         let uri = upstream_uri(base, &parts.uri)?;
-        let mut upstream_req = Request::builder().method(parts.method.clone()).uri(uri).body(Full::new(body)).expect("parts are valid");
-        *upstream_req.headers_mut() = self.upstream_headers(&parts.headers, peer, &identity, ctx, &parts.method, &parts.uri);
+        let mut upstream_req = Request::builder()
+            .method(parts.method.clone())
+            .uri(uri)
+            .body(Full::new(body))
+            .expect("parts are valid");
+        *upstream_req.headers_mut() =
+            self.upstream_headers(&parts.headers, peer, &identity, ctx, &parts.method, &parts.uri);
         let sent = Instant::now();
-        let answered = tokio::time::timeout(Duration::from_millis(route.settings.timeout_ms), self.client.request(upstream_req)).await;
+        let answered = tokio::time::timeout(
+            Duration::from_millis(route.settings.timeout_ms),
+            self.client.request(upstream_req),
+        )
+        .await;
         ctx.upstream_latency = Some(sent.elapsed());
         let response = match answered {
-            Err(_) => return Err(Problem::new(StatusCode::GATEWAY_TIMEOUT, "upstream-timeout", "Gateway Timeout").with_detail("the upstream did not answer in time")),
+            Err(_) => {
+                return Err(
+                    Problem::new(StatusCode::GATEWAY_TIMEOUT, "upstream-timeout", "Gateway Timeout")
+                        .with_detail("the upstream did not answer in time"),
+                )
+            }
             Ok(Err(err)) => {
                 tracing::warn!(route = %route.settings.id, error = %err, "upstream request failed");
-                return Err(Problem::new(StatusCode::BAD_GATEWAY, "upstream-unreachable", "Bad Gateway").with_detail("the upstream could not be reached"));
+                return Err(
+                    Problem::new(StatusCode::BAD_GATEWAY, "upstream-unreachable", "Bad Gateway")
+                        .with_detail("the upstream could not be reached"),
+                );
             }
             Ok(Ok(response)) => response,
         };
@@ -373,7 +449,9 @@ impl Proxy {
                     self.charge_reported(ctx, &units).await;
                 }
                 // An upstream's typo must not fail the tenant's request.
-                Err(reason) => tracing::debug!(route = %route.settings.id, %reason, "ignored a malformed x-tollgate-cost"),
+                Err(reason) => {
+                    tracing::debug!(route = %route.settings.id, %reason, "ignored a malformed x-tollgate-cost")
+                }
             }
         }
         Ok(Response::from_parts(parts, body.map_err(Into::into).boxed()))
@@ -407,9 +485,15 @@ impl Proxy {
                 Some(value)
             }
         });
-        let digest = presented.and_then(|key| apikey::parse(key).ok()).ok_or_else(unauthorized)?;
+        let digest = presented
+            .and_then(|key| apikey::parse(key).ok())
+            .ok_or_else(unauthorized)?;
         let now_ms = chrono::Utc::now().timestamp_millis();
-        self.directory.read().expect("directory lock").authenticate(&digest, now_ms).map_err(|_| unauthorized())
+        self.directory
+            .read()
+            .expect("directory lock")
+            .authenticate(&digest, now_ms)
+            .map_err(|_| unauthorized())
     }
 
     fn bulkhead(&self, tenant: &str) -> Result<OwnedSemaphorePermit, Problem> {
@@ -422,19 +506,34 @@ impl Proxy {
         );
         semaphore.try_acquire_owned().map_err(|_| {
             Problem::new(StatusCode::TOO_MANY_REQUESTS, "tenant-concurrency", "Too Many Requests")
-                .with_detail(format!("at most {} requests of one tenant may be in flight", self.settings.http.tenant_max_in_flight))
+                .with_detail(format!(
+                    "at most {} requests of one tenant may be in flight",
+                    self.settings.http.tenant_max_in_flight
+                ))
                 .with_header("retry-after", "1")
         })
     }
 
-    fn upstream_headers(&self, incoming: &HeaderMap, peer: SocketAddr, identity: &Identity, ctx: &RequestContext, method: &hyper::Method, uri: &Uri) -> HeaderMap {
+    fn upstream_headers(
+        &self,
+        incoming: &HeaderMap,
+        peer: SocketAddr,
+        identity: &Identity,
+        ctx: &RequestContext,
+        method: &hyper::Method,
+        uri: &Uri,
+    ) -> HeaderMap {
         let mut headers = incoming.clone();
         remove_hop_by_hop(&mut headers);
         headers.remove(hyper::header::HOST);
         for name in self.credential_headers.iter().chain(&self.strip_headers) {
             headers.remove(name);
         }
-        let spoofed: Vec<HeaderName> = headers.keys().filter(|n| n.as_str().starts_with("x-tollgate-")).cloned().collect();
+        let spoofed: Vec<HeaderName> = headers
+            .keys()
+            .filter(|n| n.as_str().starts_with("x-tollgate-"))
+            .cloned()
+            .collect();
         for name in spoofed {
             headers.remove(name);
         }
@@ -465,8 +564,20 @@ impl Proxy {
         if let Some(secret) = &self.signing_secret {
             let timestamp = chrono::Utc::now().timestamp();
             let path = uri.path_and_query().map_or("/", |pq| pq.as_str());
-            let signature = sign(secret, timestamp, method.as_str(), path, &consumer.name, &consumer.tenant_id, &identity.key_id, plan);
-            headers.insert("x-tollgate-signature", HeaderValue::from_str(&format!("t={timestamp},v1={signature}")).expect("hex is a valid header"));
+            let signature = sign(
+                secret,
+                timestamp,
+                method.as_str(),
+                path,
+                &consumer.name,
+                &consumer.tenant_id,
+                &identity.key_id,
+                plan,
+            );
+            headers.insert(
+                "x-tollgate-signature",
+                HeaderValue::from_str(&format!("t={timestamp},v1={signature}")).expect("hex is a valid header"),
+            );
         }
         headers
     }
@@ -476,7 +587,16 @@ impl Proxy {
 /// `timestamp \n method \n path?query \n consumer \n tenant \n key id \n plan`. The upstream
 /// recomputes it with the shared secret and checks the timestamp is recent.
 #[allow(clippy::too_many_arguments)]
-pub fn sign(secret: &[u8], timestamp: i64, method: &str, path_and_query: &str, consumer: &str, tenant: &str, key_id: &str, plan: &str) -> String {
+pub fn sign(
+    secret: &[u8],
+    timestamp: i64,
+    method: &str,
+    path_and_query: &str,
+    consumer: &str,
+    tenant: &str,
+    key_id: &str,
+    plan: &str,
+) -> String {
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
     mac.update(format!("{timestamp}\n{method}\n{path_and_query}\n{consumer}\n{tenant}\n{key_id}\n{plan}").as_bytes());
     mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect()
@@ -486,7 +606,10 @@ fn upstream_uri(base: &str, incoming: &Uri) -> Result<Uri, Problem> {
     let path_and_query = incoming.path_and_query().map_or("/", |pq| pq.as_str());
     format!("{}{}", base.trim_end_matches('/'), path_and_query)
         .parse()
-        .map_err(|_| Problem::new(StatusCode::BAD_REQUEST, "invalid-path", "Bad Request").with_detail("the request path cannot be forwarded"))
+        .map_err(|_| {
+            Problem::new(StatusCode::BAD_REQUEST, "invalid-path", "Bad Request")
+                .with_detail("the request path cannot be forwarded")
+        })
 }
 
 fn remove_hop_by_hop(headers: &mut HeaderMap) {
@@ -503,13 +626,10 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 fn query_values<'a>(uri: &'a Uri, param: &'a str) -> impl Iterator<Item = String> + 'a {
-    uri.query()
-        .unwrap_or_default()
-        .split('&')
-        .filter_map(move |pair| {
-            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            (crate::routes::percent_decode(key) == param).then(|| crate::routes::percent_decode(&value.replace('+', " ")))
-        })
+    uri.query().unwrap_or_default().split('&').filter_map(move |pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (crate::routes::percent_decode(key) == param).then(|| crate::routes::percent_decode(&value.replace('+', " ")))
+    })
 }
 
 fn unauthorized() -> Problem {
@@ -527,9 +647,9 @@ fn parts_content_length(headers: &HeaderMap) -> Option<u64> {
 }
 
 fn too_large(max: usize) -> Problem {
-    Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "body-too-large", "Payload Too Large").with_detail(format!("request bodies are limited to {max} bytes"))
+    Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "body-too-large", "Payload Too Large")
+        .with_detail(format!("request bodies are limited to {max} bytes"))
 }
-
 
 /// The response body as sent to the client: counts its bytes and, when it ends (or the
 /// client goes away), completes and records the request's usage event, gives back the
@@ -573,7 +693,12 @@ impl hyper::body::Body for Metered {
 
 impl Drop for Metered {
     fn drop(&mut self) {
-        if let Some(PendingEvent { mut event, started, sink }) = self.pending.take() {
+        if let Some(PendingEvent {
+            mut event,
+            started,
+            sink,
+        }) = self.pending.take()
+        {
             event.response_bytes = self.bytes as i64;
             event.units.insert("request_bytes".to_owned(), event.request_bytes);
             event.units.insert("response_bytes".to_owned(), event.response_bytes);
@@ -609,8 +734,14 @@ mod tests {
     #[test]
     fn upstream_uri_joins_base_and_raw_path() {
         let incoming: Uri = "/v1/a%20b?x=1".parse().unwrap();
-        assert_eq!(upstream_uri("http://10.0.0.1:8090/", &incoming).unwrap().to_string(), "http://10.0.0.1:8090/v1/a%20b?x=1");
-        assert_eq!(upstream_uri("http://h/base", &incoming).unwrap().to_string(), "http://h/base/v1/a%20b?x=1");
+        assert_eq!(
+            upstream_uri("http://10.0.0.1:8090/", &incoming).unwrap().to_string(),
+            "http://10.0.0.1:8090/v1/a%20b?x=1"
+        );
+        assert_eq!(
+            upstream_uri("http://h/base", &incoming).unwrap().to_string(),
+            "http://h/base/v1/a%20b?x=1"
+        );
     }
 
     #[test]

@@ -61,7 +61,11 @@ impl Pattern {
 
     /// More segments first, then more literal segments, then exact before prefix.
     fn specificity(&self) -> (usize, usize, bool) {
-        let literals = self.segments.iter().filter(|s| matches!(s, Segment::Literal(_))).count();
+        let literals = self
+            .segments
+            .iter()
+            .filter(|s| matches!(s, Segment::Literal(_)))
+            .count();
         (self.segments.len(), literals, !self.prefix)
     }
 }
@@ -129,7 +133,11 @@ impl RouteTable {
                 method_mismatch = true;
             }
         }
-        Err(if method_mismatch { Miss::MethodNotAllowed } else { Miss::NoRoute })
+        Err(if method_mismatch {
+            Miss::MethodNotAllowed
+        } else {
+            Miss::NoRoute
+        })
     }
 }
 
@@ -140,7 +148,11 @@ pub fn percent_decode(s: &str) -> String {
     let mut i = 0;
     while i < bytes.len() {
         let hex = |b: u8| (b as char).to_digit(16);
-        match (bytes[i], bytes.get(i + 1).and_then(|b| hex(*b)), bytes.get(i + 2).and_then(|b| hex(*b))) {
+        match (
+            bytes[i],
+            bytes.get(i + 1).and_then(|b| hex(*b)),
+            bytes.get(i + 2).and_then(|b| hex(*b)),
+        ) {
             (b'%', Some(hi), Some(lo)) => {
                 out.push((hi * 16 + lo) as u8);
                 i += 3;

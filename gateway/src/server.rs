@@ -71,7 +71,11 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub async fn bind(settings: GatewaySettings, admin_token: Option<String>, signing_secret: Option<String>) -> Result<Self, GatewayError> {
+    pub async fn bind(
+        settings: GatewaySettings,
+        admin_token: Option<String>,
+        signing_secret: Option<String>,
+    ) -> Result<Self, GatewayError> {
         let admin_token = match admin_token {
             None => return Err(GatewayError::MissingAdminToken),
             Some(t) if t.is_empty() => return Err(GatewayError::MissingAdminToken),
@@ -107,42 +111,73 @@ impl Gateway {
 
         let admin_task = {
             let (ops, live) = (ops.clone(), Arc::clone(&live));
-            tokio::spawn(serve(self.admin, shutdown.clone(), settings.http.header_read_timeout_ms, move |req, _peer| {
-                let (ops, live) = (ops.clone(), Arc::clone(&live));
-                async move {
-                    if let Some(response) = ops.respond(&req) {
-                        return response.map(|b| b.map_err(|never| match never {}).boxed());
+            tokio::spawn(serve(
+                self.admin,
+                shutdown.clone(),
+                settings.http.header_read_timeout_ms,
+                move |req, _peer| {
+                    let (ops, live) = (ops.clone(), Arc::clone(&live));
+                    async move {
+                        if let Some(response) = ops.respond(&req) {
+                            return response.map(|b| b.map_err(|never| match never {}).boxed());
+                        }
+                        match live.get() {
+                            Some(live) => Arc::clone(&live.admin)
+                                .handle(req)
+                                .await
+                                .map(|b| b.map_err(|never| match never {}).boxed()),
+                            None => starting(),
+                        }
                     }
-                    match live.get() {
-                        Some(live) => Arc::clone(&live.admin).handle(req).await.map(|b| b.map_err(|never| match never {}).boxed()),
-                        None => starting(),
-                    }
-                }
-            }))
+                },
+            ))
         };
         let public_task = {
             let live = Arc::clone(&live);
-            tokio::spawn(serve(self.public, shutdown.clone(), settings.http.header_read_timeout_ms, move |req, peer| {
-                let live = Arc::clone(&live);
-                async move {
-                    match live.get() {
-                        Some(live) => Arc::clone(&live.proxy).handle(req, peer).await,
-                        None => starting(),
+            tokio::spawn(serve(
+                self.public,
+                shutdown.clone(),
+                settings.http.header_read_timeout_ms,
+                move |req, peer| {
+                    let live = Arc::clone(&live);
+                    async move {
+                        match live.get() {
+                            Some(live) => Arc::clone(&live.proxy).handle(req, peer).await,
+                            None => starting(),
+                        }
                     }
-                }
-            }))
+                },
+            ))
         };
 
-        tollgate_runtime::kafka::check_topics(&settings.kafka, &[settings.topics.keys.clone(), settings.topics.usage.clone()]).await?;
+        tollgate_runtime::kafka::check_topics(
+            &settings.kafka,
+            &[settings.topics.keys.clone(), settings.topics.usage.clone()],
+        )
+        .await?;
         let store = KeyStore::start(&settings.kafka, &settings.topics.keys).await?;
         let (usage, pipeline) = if settings.events.enabled {
-            let (sink, pipeline) = crate::events::start(settings.events.clone(), &settings.kafka, &settings.topics.usage, event_metrics)?;
+            let (sink, pipeline) = crate::events::start(
+                settings.events.clone(),
+                &settings.kafka,
+                &settings.topics.usage,
+                event_metrics,
+            )?;
             (sink, Some(pipeline))
         } else {
-            (crate::events::UsageSink::disabled(settings.events.clone(), event_metrics), None)
+            (
+                crate::events::UsageSink::disabled(settings.events.clone(), event_metrics),
+                None,
+            )
         };
         let limiter = crate::limits::build(&settings.limits, crate::limits::LimitsMetrics::new(&recorder))?;
-        let proxy = Proxy::new(Arc::clone(&settings), Arc::clone(store.directory()), self.signing_secret, usage, limiter);
+        let proxy = Proxy::new(
+            Arc::clone(&settings),
+            Arc::clone(store.directory()),
+            self.signing_secret,
+            usage,
+            limiter,
+        );
         let admin = Admin {
             store,
             token: self.admin_token,
@@ -169,8 +204,16 @@ impl Gateway {
 }
 
 /// Binds, replays and serves until `shutdown` fires.
-pub async fn run(settings: GatewaySettings, admin_token: Option<String>, signing_secret: Option<String>, shutdown: Shutdown) -> Result<(), GatewayError> {
-    Gateway::bind(settings, admin_token, signing_secret).await?.serve(shutdown).await
+pub async fn run(
+    settings: GatewaySettings,
+    admin_token: Option<String>,
+    signing_secret: Option<String>,
+    shutdown: Shutdown,
+) -> Result<(), GatewayError> {
+    Gateway::bind(settings, admin_token, signing_secret)
+        .await?
+        .serve(shutdown)
+        .await
 }
 
 fn starting() -> Response<Body> {
@@ -183,7 +226,9 @@ fn starting() -> Response<Body> {
 
 async fn bind(which: &'static str, listen: &str) -> Result<TcpListener, GatewayError> {
     let addr: SocketAddr = listen.parse().expect("validated by GatewaySettings::validate");
-    TcpListener::bind(addr).await.map_err(|source| GatewayError::Bind { which, addr, source })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| GatewayError::Bind { which, addr, source })
 }
 
 /// Serves HTTP/1.1 and h2c on `listener` until shutdown, then lets open connections finish

@@ -122,9 +122,15 @@ fn default_upstream_field() -> String {
     "upstream".to_owned()
 }
 fn default_strip_headers() -> Vec<String> {
-    ["x-tenant-id", "x-consumer-id", "x-consumer-name", "x-user-id", "x-forwarded-user"]
-        .map(str::to_owned)
-        .to_vec()
+    [
+        "x-tenant-id",
+        "x-consumer-id",
+        "x-consumer-name",
+        "x-user-id",
+        "x-forwarded-user",
+    ]
+    .map(str::to_owned)
+    .to_vec()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -273,21 +279,69 @@ impl Validate for GatewaySettings {
         self.kafka.validate("kafka")?;
         for (field, topic) in [("topics.keys", &self.topics.keys), ("topics.usage", &self.topics.usage)] {
             if !valid_topic(topic) {
-                return Err(Invalid::new(field, topic, "a Kafka topic name: 1-249 of [a-zA-Z0-9._-]"));
+                return Err(Invalid::new(
+                    field,
+                    topic,
+                    "a Kafka topic name: 1-249 of [a-zA-Z0-9._-]",
+                ));
             }
         }
         if !crate::apikey::valid_env(&self.keys.environment) {
-            return Err(Invalid::new("keys.environment", &self.keys.environment, "1-16 lowercase letters or digits"));
+            return Err(Invalid::new(
+                "keys.environment",
+                &self.keys.environment,
+                "1-16 lowercase letters or digits",
+            ));
         }
-        if self.keys.headers.is_empty() || self.keys.headers.iter().any(|h| hyper::header::HeaderName::from_bytes(h.as_bytes()).is_err()) {
-            return Err(Invalid::new("keys.headers", format!("{:?}", self.keys.headers), "one or more header names"));
+        if self.keys.headers.is_empty()
+            || self
+                .keys
+                .headers
+                .iter()
+                .any(|h| hyper::header::HeaderName::from_bytes(h.as_bytes()).is_err())
+        {
+            return Err(Invalid::new(
+                "keys.headers",
+                format!("{:?}", self.keys.headers),
+                "one or more header names",
+            ));
         }
-        in_range("http.max_header_bytes", self.http.max_header_bytes as u64, 1024, 1024 * 1024)?;
-        in_range("http.max_body_bytes", self.http.max_body_bytes as u64, 0, 1024 * 1024 * 1024)?;
-        in_range("http.header_read_timeout_ms", self.http.header_read_timeout_ms, 100, 600_000)?;
-        in_range("http.body_read_timeout_ms", self.http.body_read_timeout_ms, 100, 600_000)?;
-        in_range("http.upstream_connect_timeout_ms", self.http.upstream_connect_timeout_ms, 10, 600_000)?;
-        in_range("http.tenant_max_in_flight", u64::from(self.http.tenant_max_in_flight), 1, 1_000_000)?;
+        in_range(
+            "http.max_header_bytes",
+            self.http.max_header_bytes as u64,
+            1024,
+            1024 * 1024,
+        )?;
+        in_range(
+            "http.max_body_bytes",
+            self.http.max_body_bytes as u64,
+            0,
+            1024 * 1024 * 1024,
+        )?;
+        in_range(
+            "http.header_read_timeout_ms",
+            self.http.header_read_timeout_ms,
+            100,
+            600_000,
+        )?;
+        in_range(
+            "http.body_read_timeout_ms",
+            self.http.body_read_timeout_ms,
+            100,
+            600_000,
+        )?;
+        in_range(
+            "http.upstream_connect_timeout_ms",
+            self.http.upstream_connect_timeout_ms,
+            10,
+            600_000,
+        )?;
+        in_range(
+            "http.tenant_max_in_flight",
+            u64::from(self.http.tenant_max_in_flight),
+            1,
+            1_000_000,
+        )?;
         self.events.validate()?;
         self.limits.validate("limits")?;
         for (name, plan) in &self.plans {
@@ -298,7 +352,10 @@ impl Validate for GatewaySettings {
                 return Err(Invalid::new(
                     "identity.default_plan",
                     plan,
-                    format!("a plan defined under [plans] ({})", self.plans.keys().cloned().collect::<Vec<_>>().join(", ")),
+                    format!(
+                        "a plan defined under [plans] ({})",
+                        self.plans.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ),
                 ));
             }
         }
@@ -306,7 +363,11 @@ impl Validate for GatewaySettings {
         let mut paths = HashSet::new();
         for (i, route) in self.routes.iter().enumerate() {
             if route.id.is_empty() || !ids.insert(route.id.as_str()) {
-                return Err(Invalid::new(format!("routes[{i}].id"), &route.id, "a unique, non-empty route id"));
+                return Err(Invalid::new(
+                    format!("routes[{i}].id"),
+                    &route.id,
+                    "a unique, non-empty route id",
+                ));
             }
             if crate::routes::Pattern::parse(&route.path).is_none() || !paths.insert(route.path.as_str()) {
                 return Err(Invalid::new(
@@ -317,7 +378,11 @@ impl Validate for GatewaySettings {
             }
             for (j, method) in route.methods.iter().enumerate() {
                 if hyper::Method::from_bytes(method.as_bytes()).is_err() || method.to_ascii_uppercase() != *method {
-                    return Err(Invalid::new(format!("routes[{i}].methods[{j}]"), method, "an upper-case HTTP method"));
+                    return Err(Invalid::new(
+                        format!("routes[{i}].methods[{j}]"),
+                        method,
+                        "an upper-case HTTP method",
+                    ));
                 }
             }
             http_url(&format!("routes[{i}].upstream"), &route.upstream)?;
@@ -337,7 +402,9 @@ pub fn valid_topic(name: &str) -> bool {
         && name.len() <= 249
         && name != "."
         && name != ".."
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
 #[cfg(test)]
@@ -368,7 +435,8 @@ mod tests {
 
     #[test]
     fn rejects_duplicate_route_paths() {
-        let text = format!("{EXAMPLE}\n[[routes]]\nid = \"again\"\npath = \"/v1/\"\nupstream = \"http://127.0.0.1:1\"\n");
+        let text =
+            format!("{EXAMPLE}\n[[routes]]\nid = \"again\"\npath = \"/v1/\"\nupstream = \"http://127.0.0.1:1\"\n");
         let err = load(&text).unwrap_err();
         assert!(err.contains(".path`: found \"/v1/\""), "{err}");
     }
@@ -377,7 +445,10 @@ mod tests {
     fn rejects_bad_upstream_url() {
         let text = format!("{EXAMPLE}\n[[routes]]\nid = \"bad\"\npath = \"/bad/\"\nupstream = \"127.0.0.1:1\"\n");
         let err = load(&text).unwrap_err();
-        assert!(err.contains(".upstream`: found \"127.0.0.1:1\", expected an absolute http"), "{err}");
+        assert!(
+            err.contains(".upstream`: found \"127.0.0.1:1\", expected an absolute http"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -385,9 +456,15 @@ mod tests {
         let route = |path: &str, methods: &str| {
             format!("{EXAMPLE}\n[[routes]]\nid = \"x\"\npath = \"{path}\"\nmethods = {methods}\nupstream = \"http://127.0.0.1:1\"\n")
         };
-        assert!(load(&route("/a/{unclosed/", "[]")).unwrap_err().contains("path`: found \"/a/{unclosed/\""));
-        assert!(load(&route("no-slash", "[]")).unwrap_err().contains("path`: found \"no-slash\""));
-        assert!(load(&route("/x/", "[\"get\"]")).unwrap_err().contains("methods[0]`: found \"get\""));
+        assert!(load(&route("/a/{unclosed/", "[]"))
+            .unwrap_err()
+            .contains("path`: found \"/a/{unclosed/\""));
+        assert!(load(&route("no-slash", "[]"))
+            .unwrap_err()
+            .contains("path`: found \"no-slash\""));
+        assert!(load(&route("/x/", "[\"get\"]"))
+            .unwrap_err()
+            .contains("methods[0]`: found \"get\""));
         let err = load(&EXAMPLE.replace("environment = \"live\"", "environment = \"Live!\"")).unwrap_err();
         assert!(err.contains("setting `keys.environment`"), "{err}");
     }
@@ -395,8 +472,12 @@ mod tests {
     #[test]
     fn rejects_an_undefined_default_plan_and_a_bad_limit() {
         let err = load(&EXAMPLE.replace("[identity]", "[identity]\ndefault_plan = \"platinum\"")).unwrap_err();
-        assert!(err.contains("setting `identity.default_plan`: found \"platinum\", expected a plan defined"), "{err}");
-        let err = load(&EXAMPLE.replace("window = \"1m\", limit = 100 }", "window = \"1 minute\", limit = 100 }")).unwrap_err();
+        assert!(
+            err.contains("setting `identity.default_plan`: found \"platinum\", expected a plan defined"),
+            "{err}"
+        );
+        let err = load(&EXAMPLE.replace("window = \"1m\", limit = 100 }", "window = \"1 minute\", limit = 100 }"))
+            .unwrap_err();
         assert!(err.contains("plans.free.limits[0].window"), "{err}");
         let err = load(&EXAMPLE.replace("cost = { compute_units = 5 }", "cost = { cpu = 5 }")).unwrap_err();
         assert!(err.contains("routes[1].cost"), "{err}");
@@ -405,10 +486,21 @@ mod tests {
     #[test]
     fn example_ships_the_four_seed_plans() {
         let s = load(EXAMPLE).unwrap();
-        for (plan, per_minute) in [("free", 100), ("starter", 500), ("professional", 2000), ("enterprise", 10000)] {
+        for (plan, per_minute) in [
+            ("free", 100),
+            ("starter", 500),
+            ("professional", 2000),
+            ("enterprise", 10000),
+        ] {
             let limits = &s.plans[plan].limits;
-            assert!(limits.iter().any(|l| l.window == "1m" && l.limit == per_minute), "{plan}");
-            assert!(limits.iter().any(|l| l.window == "day"), "{plan} has a compute-units-per-day limit");
+            assert!(
+                limits.iter().any(|l| l.window == "1m" && l.limit == per_minute),
+                "{plan}"
+            );
+            assert!(
+                limits.iter().any(|l| l.window == "day"),
+                "{plan} has a compute-units-per-day limit"
+            );
         }
     }
 

@@ -19,13 +19,20 @@ fn kafka() -> String {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// One HTTP/1.1 request over a fresh connection; returns status and body.
 fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
     for (name, value) in headers {
         request.push_str(&format!("{name}: {value}\r\n"));
     }
@@ -34,8 +41,15 @@ fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &st
     stream.write_all(request.as_bytes()).unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
-    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -84,30 +98,70 @@ fn no_key_or_token_appears_in_a_whole_runs_output() {
 
     let auth = format!("Bearer {TOKEN}");
     let admin_headers = [("authorization", auth.as_str()), ("content-type", "application/json")];
-    let (status, _) = http(admin, "POST", "/v1/consumers", &admin_headers, r#"{"name":"acme-corp","metadata":{"tenantId":"t1"}}"#);
+    let (status, _) = http(
+        admin,
+        "POST",
+        "/v1/consumers",
+        &admin_headers,
+        r#"{"name":"acme-corp","metadata":{"tenantId":"t1"}}"#,
+    );
     assert_eq!(status, 201);
     let (status, body) = http(admin, "POST", "/v1/consumers/acme-corp/keys", &admin_headers, "{}");
     assert_eq!(status, 201);
     let key = field(&body, "key");
     let id = field(&body, "id");
-    let (_, rolled) = http(admin, "POST", "/v1/consumers/acme-corp/roll-key", &admin_headers, r#"{"expiresOn":"2099-01-01T00:00:00Z"}"#);
+    let (_, rolled) = http(
+        admin,
+        "POST",
+        "/v1/consumers/acme-corp/roll-key",
+        &admin_headers,
+        r#"{"expiresOn":"2099-01-01T00:00:00Z"}"#,
+    );
     let rolled = field(&rolled, "key");
     let mut typo = key.clone();
     typo.replace_range(10..11, if &key[10..11] == "Z" { "Y" } else { "Z" });
     for presented in [&key, &rolled, &typo] {
         // The upstream is down: the gateway logs a 502 for the valid keys, a 401 for the typo.
-        http(public, "GET", "/v1/orders", &[("authorization", &format!("Bearer {presented}"))], "");
+        http(
+            public,
+            "GET",
+            "/v1/orders",
+            &[("authorization", &format!("Bearer {presented}"))],
+            "",
+        );
         http(public, "GET", "/v1/orders", &[("x-api-key", presented)], "");
     }
-    http(admin, "DELETE", &format!("/v1/consumers/acme-corp/keys/{id}"), &admin_headers, "");
-    http(admin, "GET", "/v1/consumers", &[("authorization", "Bearer wrong-token-123456789")], "");
+    http(
+        admin,
+        "DELETE",
+        &format!("/v1/consumers/acme-corp/keys/{id}"),
+        &admin_headers,
+        "",
+    );
+    http(
+        admin,
+        "GET",
+        "/v1/consumers",
+        &[("authorization", "Bearer wrong-token-123456789")],
+        "",
+    );
     let (_, metrics) = http(admin, "GET", "/metrics", &[], "");
-    for line in ["gateway_requests_total{outcome=\"unauthenticated\"} 2", "gateway_requests_total{outcome=\"upstream_error\"} 4"] {
-        assert!(metrics.contains(line), "metrics count requests by outcome: {line} in\n{metrics}");
+    for line in [
+        "gateway_requests_total{outcome=\"unauthenticated\"} 2",
+        "gateway_requests_total{outcome=\"upstream_error\"} 4",
+    ] {
+        assert!(
+            metrics.contains(line),
+            "metrics count requests by outcome: {line} in\n{metrics}"
+        );
     }
 
     // SIGTERM, then read everything it wrote.
-    Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
     let status = child.wait().unwrap();
     let mut output = String::new();
     child.stdout.take().unwrap().read_to_string(&mut output).unwrap();
@@ -119,7 +173,10 @@ fn no_key_or_token_appears_in_a_whole_runs_output() {
         assert!(!metrics.contains(secret), "a secret appears in the metrics");
         // Nor its secret part alone.
         let secret_part = secret.split('_').nth(2).unwrap_or(secret);
-        assert!(!output.contains(secret_part), "a key's secret part appears in the output");
+        assert!(
+            !output.contains(secret_part),
+            "a key's secret part appears in the output"
+        );
     }
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -131,9 +188,14 @@ fn http_ready(port: u16) -> Option<()> {
 
 fn create_topic(brokers: &str, topic: &str) {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
-        rdkafka::ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let results = runtime
         .block_on(admin.create_topics(
             &[NewTopic::new(topic, 1, TopicReplication::Fixed(1)).set("cleanup.policy", "compact")],

@@ -10,7 +10,9 @@ const TOKEN: (&str, &str) = ("TOLLGATE_ADMIN_TOKEN", "test-admin-token-012345678
 
 /// Listeners on port 0 so the test never collides with a running stack.
 fn example_on_free_ports() -> String {
-    EXAMPLE.replace("127.0.0.1:8080", "127.0.0.1:0").replace("127.0.0.1:8081", "127.0.0.1:0")
+    EXAMPLE
+        .replace("127.0.0.1:8080", "127.0.0.1:0")
+        .replace("127.0.0.1:8081", "127.0.0.1:0")
 }
 
 #[test]
@@ -19,7 +21,11 @@ fn unknown_field_names_the_file_and_field() {
     let exit = run_with_settings(BIN, &settings, &[TOKEN], Duration::from_secs(20));
     assert_eq!(exit.code, Some(1), "{}", exit.stderr);
     assert!(exit.last_line.starts_with("tollgate-gateway: "), "{}", exit.last_line);
-    assert!(exit.last_line.contains("unknown field `listen_adress`"), "{}", exit.last_line);
+    assert!(
+        exit.last_line.contains("unknown field `listen_adress`"),
+        "{}",
+        exit.last_line
+    );
 }
 
 #[test]
@@ -31,22 +37,41 @@ fn bad_value_from_environment_names_the_variable() {
         Duration::from_secs(20),
     );
     assert_eq!(exit.code, Some(1), "{}", exit.stderr);
-    assert!(exit.last_line.contains("TOLLGATE_KAFKA__BROKERS: setting `kafka.brokers`: found \"no-port-here\""), "{}", exit.last_line);
+    assert!(
+        exit.last_line
+            .contains("TOLLGATE_KAFKA__BROKERS: setting `kafka.brokers`: found \"no-port-here\""),
+        "{}",
+        exit.last_line
+    );
 }
 
 #[test]
 fn missing_admin_token_is_refused() {
     let exit = run_with_settings(BIN, &example_on_free_ports(), &[], Duration::from_secs(20));
     assert_eq!(exit.code, Some(1), "{}", exit.stderr);
-    assert!(exit.last_line.contains("TOLLGATE_ADMIN_TOKEN is not set"), "{}", exit.last_line);
+    assert!(
+        exit.last_line.contains("TOLLGATE_ADMIN_TOKEN is not set"),
+        "{}",
+        exit.last_line
+    );
 }
 
 #[test]
 fn unreachable_broker_names_the_broker() {
     // Port 1 on loopback: nothing listens, the connection is refused at once.
-    let settings = example_on_free_ports().replace("brokers = \"127.0.0.1:9092\"", "brokers = \"127.0.0.1:1\"\nconnect_timeout_ms = 1500");
+    let settings = example_on_free_ports().replace(
+        "brokers = \"127.0.0.1:9092\"",
+        "brokers = \"127.0.0.1:1\"\nconnect_timeout_ms = 1500",
+    );
     let exit = run_with_settings(BIN, &settings, &[TOKEN], Duration::from_secs(30));
     assert_eq!(exit.code, Some(1), "{}", exit.stderr);
-    assert!(exit.last_line.contains("kafka at 127.0.0.1:1 is unreachable"), "{}", exit.last_line);
-    assert!(!exit.stderr.contains(TOKEN.1), "the admin token never appears in output");
+    assert!(
+        exit.last_line.contains("kafka at 127.0.0.1:1 is unreachable"),
+        "{}",
+        exit.last_line
+    );
+    assert!(
+        !exit.stderr.contains(TOKEN.1),
+        "the admin token never appears in output"
+    );
 }

@@ -31,7 +31,11 @@ fn env_u64(name: &str, default: u64) -> u64 {
 }
 
 async fn count(client: &clickhouse::Client, sql: &str) -> u64 {
-    client.query(sql).fetch_one::<u64>().await.unwrap_or_else(|e| panic!("{sql}: {e}"))
+    client
+        .query(sql)
+        .fetch_one::<u64>()
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -55,10 +59,20 @@ async fn main() {
     let produce_rate = events as f64 / started.elapsed().as_secs_f64();
 
     // Baseline 2: plain ClickHouse inserts of the same rows.
-    let server = clickhouse::Client::default().with_url(&env.clickhouse).with_validation(false);
-    server.query(&format!("CREATE DATABASE {}", env.database)).execute().await.expect("database");
+    let server = clickhouse::Client::default()
+        .with_url(&env.clickhouse)
+        .with_validation(false);
+    server
+        .query(&format!("CREATE DATABASE {}", env.database))
+        .execute()
+        .await
+        .expect("database");
     tollgate_meter_consumer::schema::migrate(&client).await.expect("schema");
-    client.query("CREATE TABLE baseline AS usage_events").execute().await.expect("baseline table");
+    client
+        .query("CREATE TABLE baseline AS usage_events")
+        .execute()
+        .await
+        .expect("baseline table");
     // Baseline 3 (by the way): Avro decoding into rows alone, on one thread.
     let started = Instant::now();
     let rows: Vec<UsageRow> = workload
@@ -67,7 +81,15 @@ async fn main() {
         .enumerate()
         .map(|(i, (_, bytes))| {
             let event = tollgate_schemas::decode(bytes).expect("decodes");
-            UsageRow::from_event(event, &env.usage, Origin { partition: 0, offset: i as i64 }).expect("row")
+            UsageRow::from_event(
+                event,
+                &env.usage,
+                Origin {
+                    partition: 0,
+                    offset: i as i64,
+                },
+            )
+            .expect("row")
         })
         .collect();
     let decode_rate = events as f64 / started.elapsed().as_secs_f64();
@@ -87,7 +109,11 @@ async fn main() {
     let shutdown = Shutdown::default();
     let consumer = tokio::spawn({
         let (settings, shutdown) = (settings.clone(), shutdown.clone());
-        async move { tollgate_meter_consumer::run(settings, shutdown).await.expect("meter-consumer runs") }
+        async move {
+            tollgate_meter_consumer::run(settings, shutdown)
+                .await
+                .expect("meter-consumer runs")
+        }
     });
     let mut first_row = None;
     // Every table must hold every event: the raw rows, and the `requests` meter (one per
@@ -143,25 +169,37 @@ async fn main() {
     for i in 0..fresh_events {
         let due = stream_start + Duration::from_secs_f64(i as f64 / fresh_rate as f64);
         tokio::time::sleep_until(due.into()).await;
-        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
         let mut event = tollgate_schemas::decode::<tollgate_schemas::UsageEvent>(&workload.events[0].1).unwrap();
         event.event_id = uuid::Uuid::now_v7();
         event.timestamp_ms = now_ms;
         event.tenant_id = Some("fresh".to_owned());
         let payload = tollgate_schemas::encode(&event);
         // Keys spread over the partitions; delivery is awaited in the background.
-        let record = rdkafka::producer::FutureRecord::to(&env.usage).key("fresh-key").payload(&payload);
+        let record = rdkafka::producer::FutureRecord::to(&env.usage)
+            .key("fresh-key")
+            .payload(&payload);
         let record = record.partition((i % 4) as i32);
         let delivery = kafka.send_result(record).map_err(|(e, _)| e).expect("enqueued");
         tokio::spawn(delivery);
         produced_at.push(Instant::now());
     }
-    let seen = tokio::time::timeout(Duration::from_secs(120), poller).await.expect("fresh events visible").expect("poller");
+    let seen = tokio::time::timeout(Duration::from_secs(120), poller)
+        .await
+        .expect("fresh events visible")
+        .expect("poller");
     let mut ages: Vec<f64> = produced_at
         .iter()
         .enumerate()
         .map(|(i, at)| {
-            let visible = seen.iter().find(|(_, n)| *n > i as u64).map(|(t, _)| *t).expect("counted");
+            let visible = seen
+                .iter()
+                .find(|(_, n)| *n > i as u64)
+                .map(|(t, _)| *t)
+                .expect("counted");
             visible.saturating_duration_since(*at).as_secs_f64()
         })
         .collect();

@@ -147,7 +147,9 @@ meter_rollup_fn!(
 
 /// Rows for `usage_route_day` summing `rows`.
 pub fn route_day(topic: &str, rows: &[UsageRow]) -> Vec<RouteDayRow> {
-    let Some(stamp) = stamp(topic, rows) else { return Vec::new() };
+    let Some(stamp) = stamp(topic, rows) else {
+        return Vec::new();
+    };
     let mut sums: BTreeMap<(String, String, u16), [i64; 7]> = BTreeMap::new();
     for row in rows {
         let day = (row.time / 86_400) as u16;
@@ -223,7 +225,9 @@ mod tests {
         let mut builder = BatchBuilder::new(100, Duration::from_secs(1));
         assert!(builder.push(row(0, NEAR_MONTH_END, "a", &[], true)).is_none());
         assert!(builder.push(row(1, NEAR_MONTH_END + 59, "a", &[], true)).is_none());
-        let sealed = builder.push(row(2, NEAR_MONTH_END + 60, "a", &[], true)).expect("sealed");
+        let sealed = builder
+            .push(row(2, NEAR_MONTH_END + 60, "a", &[], true))
+            .expect("sealed");
         assert_eq!(sealed.rows.len(), 2);
         assert_eq!(sealed.month, 202611);
         assert_eq!(builder.take().unwrap().month, 202612);
@@ -249,8 +253,19 @@ mod tests {
         ];
         let minute = meter_minute("t", &rows);
         assert!(minute.iter().all(|r| r.kafka_offset == 9 && r.kafka_partition == 1));
-        let a_requests = minute.iter().find(|r| r.tenant_id == "a" && r.meter == "requests").unwrap();
-        assert_eq!((a_requests.minute, a_requests.events, a_requests.units, a_requests.billable_units), (120, 2, 2, 1));
+        let a_requests = minute
+            .iter()
+            .find(|r| r.tenant_id == "a" && r.meter == "requests")
+            .unwrap();
+        assert_eq!(
+            (
+                a_requests.minute,
+                a_requests.events,
+                a_requests.units,
+                a_requests.billable_units
+            ),
+            (120, 2, 2, 1)
+        );
         assert_eq!(meter_hour("t", &rows).len(), 3);
         assert_eq!(meter_day("t", &rows).len(), 3);
         let routes = route_day("t", &rows);
@@ -273,8 +288,10 @@ mod tests {
                 .into_iter()
                 .enumerate()
                 .map(|(i, (time, tenant, units, billable))| {
-                    let units: Vec<(&str, i64)> =
-                        units.into_iter().map(|(m, v)| (["requests", "cu", "bytes"][m], v)).collect();
+                    let units: Vec<(&str, i64)> = units
+                        .into_iter()
+                        .map(|(m, v)| (["requests", "cu", "bytes"][m], v))
+                        .collect();
                     row(i as i64, time, ["a", "b", ""][tenant], &units, billable)
                 })
                 .collect()

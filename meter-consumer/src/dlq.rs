@@ -106,11 +106,26 @@ impl DeadLetters {
         let partition = letter.partition.to_string();
         let offset = letter.offset.to_string();
         let headers = OwnedHeaders::new()
-            .insert(Header { key: REASON_HEADER, value: Some(letter.reason.as_str()) })
-            .insert(Header { key: KIND_HEADER, value: Some(letter.kind) })
-            .insert(Header { key: SOURCE_TOPIC_HEADER, value: Some(self.source_topic.as_str()) })
-            .insert(Header { key: SOURCE_PARTITION_HEADER, value: Some(partition.as_str()) })
-            .insert(Header { key: SOURCE_OFFSET_HEADER, value: Some(offset.as_str()) });
+            .insert(Header {
+                key: REASON_HEADER,
+                value: Some(letter.reason.as_str()),
+            })
+            .insert(Header {
+                key: KIND_HEADER,
+                value: Some(letter.kind),
+            })
+            .insert(Header {
+                key: SOURCE_TOPIC_HEADER,
+                value: Some(self.source_topic.as_str()),
+            })
+            .insert(Header {
+                key: SOURCE_PARTITION_HEADER,
+                value: Some(partition.as_str()),
+            })
+            .insert(Header {
+                key: SOURCE_OFFSET_HEADER,
+                value: Some(offset.as_str()),
+            });
         let mut backoff = Backoff::new(self.retry_initial, self.retry_max);
         loop {
             let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic).headers(headers.clone());

@@ -99,7 +99,11 @@ pub fn key_action(record: &ApiKeyRecord, record_time_ms: i64) -> (&'static str, 
         return ("revoked", revoked);
     }
     if record.version <= 1 {
-        let action = if record.rolled_from.is_some() { "rolled" } else { "created" };
+        let action = if record.rolled_from.is_some() {
+            "rolled"
+        } else {
+            "created"
+        };
         return (action, record.created_at_ms);
     }
     match record.expires_at_ms {
@@ -233,10 +237,17 @@ struct Mirror {
 
 impl Mirror {
     async fn apply(&mut self, message: &BorrowedMessage<'_>) {
-        let key = message.key().and_then(|k| std::str::from_utf8(k).ok()).unwrap_or_default().to_owned();
+        let key = message
+            .key()
+            .and_then(|k| std::str::from_utf8(k).ok())
+            .unwrap_or_default()
+            .to_owned();
         let time_ms = message.timestamp().to_millis().unwrap_or(0);
         match message.payload() {
-            None => self.tombstone(&key, time_ms, message.partition(), message.offset()).await,
+            None => {
+                self.tombstone(&key, time_ms, message.partition(), message.offset())
+                    .await
+            }
             Some(bytes) => {
                 let record = match tollgate_schemas::writer_schema_of(bytes) {
                     Ok(schema) => schema.record,
@@ -255,7 +266,10 @@ impl Mirror {
                     }
                 } else if record == ApiKeyRecord::NAME {
                     match tollgate_schemas::decode::<ApiKeyRecord>(bytes) {
-                        Ok(record) => self.audit.push(audit_row(record, time_ms, message.partition(), message.offset())),
+                        Ok(record) => {
+                            self.audit
+                                .push(audit_row(record, time_ms, message.partition(), message.offset()))
+                        }
                         Err(err) => self.skip(&key, &err.to_string()),
                     }
                 } else {
@@ -418,6 +432,9 @@ mod tests {
         let row = audit_row(key(1), 5_000, 0, 3);
         let text = format!("{row:?}");
         assert!(!text.contains("[7, 7"), "{text}");
-        assert_eq!((row.key_id.as_str(), row.action, row.kafka_offset), ("key_1", "created", 3));
+        assert_eq!(
+            (row.key_id.as_str(), row.action, row.kafka_offset),
+            ("key_1", "created", 3)
+        );
     }
 }

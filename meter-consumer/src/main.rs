@@ -10,7 +10,10 @@ use tollgate_meter_consumer::MeterSettings;
 use tollgate_runtime::shutdown::Shutdown;
 
 #[derive(Parser)]
-#[command(name = "tollgate-meter-consumer", about = "Tollgate meter-consumer: usage events into ClickHouse")]
+#[command(
+    name = "tollgate-meter-consumer",
+    about = "Tollgate meter-consumer: usage events into ClickHouse"
+)]
 struct Args {
     /// Settings file (TOML); every field can be overridden by `TOLLGATE_<SECTION>__<FIELD>`.
     #[arg(long, env = "TOLLGATE_CONFIG")]

@@ -27,7 +27,10 @@ impl Metrics {
     pub fn new(recorder: PrometheusRecorder) -> Self {
         let recorder = Arc::new(recorder);
         metrics::with_local_recorder(&*recorder, || {
-            metrics::describe_counter!("meter_consumer_rows_written_total", "Rows inserted into ClickHouse, by table.");
+            metrics::describe_counter!(
+                "meter_consumer_rows_written_total",
+                "Rows inserted into ClickHouse, by table."
+            );
             metrics::describe_counter!("meter_consumer_batches_total", "Batches written to usage_events.");
             metrics::describe_counter!(
                 "meter_consumer_insert_retries_total",
@@ -47,7 +50,8 @@ impl Metrics {
             );
             metrics::describe_counter!("meter_consumer_keys_records_total", "Keys-topic records mirrored.");
             Self {
-                rows_written: Table::ALL.map(|t| metrics::counter!("meter_consumer_rows_written_total", "table" => t.name())),
+                rows_written: Table::ALL
+                    .map(|t| metrics::counter!("meter_consumer_rows_written_total", "table" => t.name())),
                 insert_retries: Table::ALL
                     .map(|t| metrics::counter!("meter_consumer_insert_retries_total", "table" => t.name())),
                 batches: metrics::counter!("meter_consumer_batches_total"),
@@ -82,9 +86,10 @@ impl Metrics {
     }
 
     pub fn lag(&self, partition: i32) -> Gauge {
-        metrics::with_local_recorder(&*self.recorder, || {
-            metrics::gauge!("meter_consumer_lag_messages", "partition" => partition.to_string())
-        })
+        metrics::with_local_recorder(
+            &*self.recorder,
+            || metrics::gauge!("meter_consumer_lag_messages", "partition" => partition.to_string()),
+        )
     }
 
     pub fn freshness(&self, age: Duration) {

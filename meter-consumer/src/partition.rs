@@ -163,7 +163,10 @@ impl Builder {
             };
             let Some(mut record) = record else {
                 if let Some(batch) = builder.take() {
-                    let sealed = SealedBatch { batch, sources: std::mem::take(&mut sources) };
+                    let sealed = SealedBatch {
+                        batch,
+                        sources: std::mem::take(&mut sources),
+                    };
                     if batches.send(sealed).await.is_err() {
                         return;
                     }
@@ -195,7 +198,10 @@ impl Builder {
                 payload: record.payload.take(),
             };
             if let Some(batch) = sealed {
-                let sealed = SealedBatch { batch, sources: std::mem::take(&mut sources) };
+                let sealed = SealedBatch {
+                    batch,
+                    sources: std::mem::take(&mut sources),
+                };
                 if batches.send(sealed).await.is_err() {
                     return;
                 }
@@ -203,7 +209,10 @@ impl Builder {
             sources.push(source);
             if builder.is_full() {
                 let batch = builder.take().expect("a full batch is open");
-                let sealed = SealedBatch { batch, sources: std::mem::take(&mut sources) };
+                let sealed = SealedBatch {
+                    batch,
+                    sources: std::mem::take(&mut sources),
+                };
                 if batches.send(sealed).await.is_err() {
                     return;
                 }
@@ -223,12 +232,14 @@ impl Builder {
         let Some(payload) = record.payload.as_deref() else {
             return Err(letter("empty", "record has no payload".to_owned()));
         };
-        let event = tollgate_schemas::decode::<UsageEvent>(payload).map_err(|e| letter(decode_kind(&e), e.to_string()))?;
+        let event =
+            tollgate_schemas::decode::<UsageEvent>(payload).map_err(|e| letter(decode_kind(&e), e.to_string()))?;
         let origin = Origin {
             partition: self.partition,
             offset: record.offset,
         };
-        UsageRow::from_event(event, self.ctx.sink.topic(), origin).map_err(|e| letter("time_out_of_range", e.to_string()))
+        UsageRow::from_event(event, self.ctx.sink.topic(), origin)
+            .map_err(|e| letter("time_out_of_range", e.to_string()))
     }
 }
 
@@ -278,17 +289,48 @@ impl Writer {
         let rows: Cow<'_, [UsageRow]> = if refused.is_empty() {
             Cow::Borrowed(&batch.rows)
         } else {
-            Cow::Owned(batch.rows.iter().filter(|r| !refused.contains(&r.offset())).cloned().collect())
+            Cow::Owned(
+                batch
+                    .rows
+                    .iter()
+                    .filter(|r| !refused.contains(&r.offset()))
+                    .cloned()
+                    .collect(),
+            )
         };
         let rollups = TableRows::for_batch(self.ctx.sink.topic(), &rows, &self.watermarks);
         let sink = &self.ctx.sink;
         let p = self.partition;
         let stamp = |offsets: Option<u64>| offsets.map_or(-1, |o| o as i64);
         let (minute, hour, day, route) = tokio::join!(
-            sink.write(Table::MeterMinute, p, &rollups.minute, stamp(rollups.minute.first().map(|r| r.kafka_offset)), &self.stop),
-            sink.write(Table::MeterHour, p, &rollups.hour, stamp(rollups.hour.first().map(|r| r.kafka_offset)), &self.stop),
-            sink.write(Table::MeterDay, p, &rollups.day, stamp(rollups.day.first().map(|r| r.kafka_offset)), &self.stop),
-            sink.write(Table::RouteDay, p, &rollups.route, stamp(rollups.route.first().map(|r| r.kafka_offset)), &self.stop),
+            sink.write(
+                Table::MeterMinute,
+                p,
+                &rollups.minute,
+                stamp(rollups.minute.first().map(|r| r.kafka_offset)),
+                &self.stop
+            ),
+            sink.write(
+                Table::MeterHour,
+                p,
+                &rollups.hour,
+                stamp(rollups.hour.first().map(|r| r.kafka_offset)),
+                &self.stop
+            ),
+            sink.write(
+                Table::MeterDay,
+                p,
+                &rollups.day,
+                stamp(rollups.day.first().map(|r| r.kafka_offset)),
+                &self.stop
+            ),
+            sink.write(
+                Table::RouteDay,
+                p,
+                &rollups.route,
+                stamp(rollups.route.first().map(|r| r.kafka_offset)),
+                &self.stop
+            ),
         );
         minute?;
         hour?;
@@ -299,9 +341,13 @@ impl Writer {
             *mark = Some(mark.unwrap_or(-1).max(last_offset));
         }
 
-        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
         for row in rows.iter().filter(|r| r.offset() > minute_mark) {
-            self.ctx.metrics.freshness(Duration::from_millis((now_ms - row.time_millis()).max(0) as u64));
+            self.ctx
+                .metrics
+                .freshness(Duration::from_millis((now_ms - row.time_millis()).max(0) as u64));
         }
         self.ctx.metrics.batch();
         self.next_offset.store(last_offset + 1, Ordering::Release);
@@ -325,7 +371,12 @@ impl Writer {
             }
             let slice = &rows[range.clone()];
             let last = slice.last().map_or(-1, UsageRow::offset);
-            match self.ctx.sink.write(Table::Raw, self.partition, slice, last, &self.stop).await {
+            match self
+                .ctx
+                .sink
+                .write(Table::Raw, self.partition, slice, last, &self.stop)
+                .await
+            {
                 Ok(()) => {}
                 Err(WriteError::Rejected(reason)) if range.len() == 1 => {
                     let source = &sources[range.start];

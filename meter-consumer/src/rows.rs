@@ -196,7 +196,15 @@ mod tests {
 
     #[test]
     fn unauthenticated_event_becomes_a_row_with_empty_identity() {
-        let row = UsageRow::from_event(event(1_795_000_000_123), "t", Origin { partition: 2, offset: 9 }).unwrap();
+        let row = UsageRow::from_event(
+            event(1_795_000_000_123),
+            "t",
+            Origin {
+                partition: 2,
+                offset: 9,
+            },
+        )
+        .unwrap();
         assert_eq!((row.time, row.time_ms), (1_795_000_000, 123));
         assert_eq!(row.tenant_id, "");
         assert_eq!(row.upstream_latency_ms, -1);
@@ -207,7 +215,10 @@ mod tests {
 
     #[test]
     fn times_outside_datetime_are_refused() {
-        let origin = Origin { partition: 0, offset: 0 };
+        let origin = Origin {
+            partition: 0,
+            offset: 0,
+        };
         assert_eq!(
             UsageRow::from_event(event(-1), "t", origin).unwrap_err(),
             RowError::TimeOutOfRange(-1)

@@ -296,7 +296,11 @@ pub async fn migrate(client: &Client) -> Result<(), SchemaError> {
             .await
             .map_err(SchemaError::Ledger)?;
         insert.end().await.map_err(SchemaError::Ledger)?;
-        tracing::info!(version = migration.version, name = migration.name, "schema migration applied");
+        tracing::info!(
+            version = migration.version,
+            name = migration.name,
+            "schema migration applied"
+        );
     }
     Ok(())
 }
@@ -310,11 +314,7 @@ pub fn latest_version() -> u32 {
 /// database already exists) reached the state it asked for.
 fn already_exists(err: clickhouse::error::Error) -> Result<(), clickhouse::error::Error> {
     match &err {
-        clickhouse::error::Error::BadResponse(text)
-            if text.contains("Code: 57") || text.contains("Code: 82") =>
-        {
-            Ok(())
-        }
+        clickhouse::error::Error::BadResponse(text) if text.contains("Code: 57") || text.contains("Code: 82") => Ok(()),
         _ => Err(err),
     }
 }

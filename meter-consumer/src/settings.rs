@@ -121,7 +121,12 @@ impl Validate for MeterSettings {
         in_range("batch.max_rows", self.batch.max_rows, 1, 1_000_000)?;
         in_range("batch.max_wait_ms", self.batch.max_wait_ms, 10, 600_000)?;
         in_range("batch.retry_initial_ms", self.batch.retry_initial_ms, 10, 60_000)?;
-        in_range("batch.retry_max_ms", self.batch.retry_max_ms, self.batch.retry_initial_ms, 600_000)?;
+        in_range(
+            "batch.retry_max_ms",
+            self.batch.retry_max_ms,
+            self.batch.retry_initial_ms,
+            600_000,
+        )?;
         in_range("batch.insert_timeout_ms", self.batch.insert_timeout_ms, 1_000, 600_000)?;
         socket_addr("admin.listen", &self.admin.listen)?;
         if self.topics.group.trim().is_empty() {
@@ -160,7 +165,9 @@ mod tests {
 
     #[test]
     fn rejects_retry_cap_below_first_wait() {
-        let text = EXAMPLE.replace("retry_initial_ms = 200", "retry_initial_ms = 500").replace("retry_max_ms = 5000", "retry_max_ms = 100");
+        let text = EXAMPLE
+            .replace("retry_initial_ms = 200", "retry_initial_ms = 500")
+            .replace("retry_max_ms = 5000", "retry_max_ms = 100");
         let err = load(&text).unwrap_err();
         assert!(err.contains("setting `batch.retry_max_ms`: found \"100\""), "{err}");
     }

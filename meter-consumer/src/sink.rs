@@ -305,7 +305,12 @@ impl ClickhouseSink {
 
     /// Waits until the insert `query_id` no longer runs on the server (killing it once it has
     /// run longer than the insert timeout), then returns `table`'s watermark.
-    async fn settle(&self, table: Table, partition: i32, query_id: &str) -> Result<Option<i64>, clickhouse::error::Error> {
+    async fn settle(
+        &self,
+        table: Table,
+        partition: i32,
+        query_id: &str,
+    ) -> Result<Option<i64>, clickhouse::error::Error> {
         let started = tokio::time::Instant::now();
         loop {
             let running: u64 = self
@@ -384,7 +389,10 @@ mod tests {
         );
         let overloaded = clickhouse::error::Error::BadResponse("Code: 252, too many parts".to_owned());
         assert!(matches!(classify(&overloaded), Failure::Retriable(_)));
-        assert!(matches!(classify(&clickhouse::error::Error::TimedOut), Failure::Retriable(_)));
+        assert!(matches!(
+            classify(&clickhouse::error::Error::TimedOut),
+            Failure::Retriable(_)
+        ));
         assert_eq!(server_code("Code: 60. DB::Exception: Table x doesn't exist"), Some(60));
         assert_eq!(server_code("no code"), None);
     }

@@ -67,7 +67,9 @@ pub struct MeterContext {
 
 impl ClientContext for MeterContext {
     fn stats(&self, statistics: Statistics) {
-        let Some(topic) = statistics.topics.get(&self.topic) else { return };
+        let Some(topic) = statistics.topics.get(&self.topic) else {
+            return;
+        };
         let workers = self.workers.lock().expect("workers lock");
         for (partition, slot) in workers.iter() {
             if let Some(stats) = topic.partitions.get(partition).filter(|s| s.hi_offset >= 0) {
@@ -91,7 +93,9 @@ impl ConsumerContext for MeterContext {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let mut starts = Vec::new();
                 for &partition in &partitions {
-                    let Some(watermarks) = self.watermarks_blocking(partition) else { continue };
+                    let Some(watermarks) = self.watermarks_blocking(partition) else {
+                        continue;
+                    };
                     let offset = match resume_offset(&watermarks) {
                         Some(next) => Offset::Offset(next),
                         None => Offset::Beginning,
@@ -102,23 +106,44 @@ impl ConsumerContext for MeterContext {
                     }
                     starts.push((partition, watermarks, offset));
                 }
-                let assigned = if cooperative { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) };
+                let assigned = if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                };
                 if let Err(err) = assigned {
                     tracing::error!(error = %err, "assign failed");
                     return;
                 }
                 let mut workers = self.workers.lock().expect("workers lock");
                 for (partition, watermarks, offset) in starts {
-                    tracing::info!(partition, ?offset, ?watermarks, "partition assigned; resuming after the stored watermark");
+                    tracing::info!(
+                        partition,
+                        ?offset,
+                        ?watermarks,
+                        "partition assigned; resuming after the stored watermark"
+                    );
                     let worker = PartitionWorker::spawn(&self.runtime, self.workers_ctx.clone(), partition, watermarks);
                     let lag = self.workers_ctx.metrics.lag(partition);
-                    workers.insert(partition, Slot { worker, overflow: VecDeque::new(), paused: false, lag });
+                    workers.insert(
+                        partition,
+                        Slot {
+                            worker,
+                            overflow: VecDeque::new(),
+                            paused: false,
+                            lag,
+                        },
+                    );
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 tracing::info!(?partitions, lost = consumer.assignment_lost(), "partitions revoked");
                 self.stop_workers(Some(&partitions));
-                let unassigned = if cooperative { consumer.incremental_unassign(tpl) } else { consumer.unassign() };
+                let unassigned = if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
                 if let Err(err) = unassigned {
                     tracing::warn!(error = %err, "unassign failed");
                 }
@@ -191,7 +216,9 @@ impl MeterContext {
         };
         let mut workers = self.workers.lock().expect("workers lock");
         // Not ours (any more): whoever owns it resumes from ClickHouse.
-        let Some(slot) = workers.get_mut(&partition) else { return };
+        let Some(slot) = workers.get_mut(&partition) else {
+            return;
+        };
         if slot.overflow.is_empty() {
             match slot.worker.records.try_send(record) {
                 Ok(()) => return,
@@ -305,7 +332,11 @@ pub fn run_blocking(
         if let Some(partition) = dead {
             break Err(SourceError::WorkerDied(partition));
         }
-        let timeout = if backlog { Duration::from_millis(10) } else { Duration::from_millis(100) };
+        let timeout = if backlog {
+            Duration::from_millis(10)
+        } else {
+            Duration::from_millis(100)
+        };
         match consumer.poll(timeout) {
             Some(Ok(message)) => ctx.route(&consumer, &message),
             Some(Err(err)) if ctx.poll_errors.allow() => {

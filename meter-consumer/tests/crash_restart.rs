@@ -31,7 +31,11 @@ impl Drop for Running {
 }
 
 fn spawn(config: &std::path::Path, log: &std::path::Path) -> Running {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log file");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log file");
     let child = Command::new(BIN)
         .arg("--config")
         .arg(config)

@@ -16,15 +16,27 @@ fn bad_batch_size_names_the_field_and_the_allowed_range() {
     let settings = example_on_free_port().replace("max_rows = 50000", "max_rows = 0");
     let exit = run_with_settings(BIN, &settings, &[], Duration::from_secs(20));
     assert_eq!(exit.code, Some(1), "{}", exit.stderr);
-    assert!(exit.last_line.contains("setting `batch.max_rows`: found \"0\", expected a number from 1"), "{}", exit.last_line);
+    assert!(
+        exit.last_line
+            .contains("setting `batch.max_rows`: found \"0\", expected a number from 1"),
+        "{}",
+        exit.last_line
+    );
 }
 
 #[test]
 fn unreachable_broker_names_the_broker() {
-    let settings = example_on_free_port().replace("brokers = \"127.0.0.1:9092\"", "brokers = \"127.0.0.1:1\"\nconnect_timeout_ms = 1500");
+    let settings = example_on_free_port().replace(
+        "brokers = \"127.0.0.1:9092\"",
+        "brokers = \"127.0.0.1:1\"\nconnect_timeout_ms = 1500",
+    );
     let exit = run_with_settings(BIN, &settings, &[], Duration::from_secs(30));
     assert_eq!(exit.code, Some(1), "{}", exit.stderr);
-    assert!(exit.last_line.contains("kafka at 127.0.0.1:1 is unreachable"), "{}", exit.last_line);
+    assert!(
+        exit.last_line.contains("kafka at 127.0.0.1:1 is unreachable"),
+        "{}",
+        exit.last_line
+    );
 }
 
 #[test]

@@ -36,10 +36,7 @@ impl ClickhouseSettings {
     pub fn validate(&self, section: &str) -> Result<(), Invalid> {
         http_url(&format!("{section}.url"), &self.url)?;
         let valid_name = !self.database.is_empty()
-            && self
-                .database
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && self.database.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
             && !self.database.starts_with(|c: char| c.is_ascii_digit());
         if !valid_name {
             return Err(Invalid::new(
@@ -77,11 +74,7 @@ impl ClickhouseSettings {
             url: self.url.clone(),
             reason: e.to_string(),
         };
-        server
-            .query("SELECT 1")
-            .fetch_one::<u8>()
-            .await
-            .map_err(unreachable)?;
+        server.query("SELECT 1").fetch_one::<u8>().await.map_err(unreachable)?;
         server
             .query(&format!("CREATE DATABASE IF NOT EXISTS {}", self.database))
             .execute()

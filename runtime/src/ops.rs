@@ -60,13 +60,13 @@ impl Ops {
             "/readyz" if self.is_ready() => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
             "/readyz" => {
                 let reason = self.reason.lock().expect("readiness reason lock").clone();
-                (StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {reason}\n"))
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!("not ready: {reason}\n"),
+                )
             }
-            "/metrics" => (
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                self.metrics.render(),
-            ),
+            "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", self.metrics.render()),
             _ => return None,
         };
         let response = Response::builder()

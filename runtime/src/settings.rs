@@ -26,10 +26,7 @@ pub const ENV_SEPARATOR: &str = "__";
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
     #[error("{path}: cannot read: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("{origin}: not valid TOML: {message}")]
     Syntax { origin: String, message: String },
     #[error("{var}: {message}")]
@@ -209,7 +206,11 @@ impl Overlay {
     /// own path; the unknown key may be any segment of the overlay's path.
     fn names_unknown_field(&self, field: &str, message: &str) -> bool {
         (0..self.path.len()).any(|i| {
-            let parent = if i == 0 { ".".to_owned() } else { self.path[..i].join(".") };
+            let parent = if i == 0 {
+                ".".to_owned()
+            } else {
+                self.path[..i].join(".")
+            };
             (field == parent || field == self.path[..=i].join("."))
                 && message.contains(&format!("unknown field `{}`", self.path[i]))
         })

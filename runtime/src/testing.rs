@@ -45,7 +45,11 @@ pub fn run_with_settings(binary: &str, settings: &str, env: &[(&str, &str)], tim
     let _ = std::fs::remove_file(&file.0);
     Exit {
         code: status.and_then(|s| s.code()),
-        last_line: stderr.lines().rfind(|l| !l.trim().is_empty()).unwrap_or_default().to_owned(),
+        last_line: stderr
+            .lines()
+            .rfind(|l| !l.trim().is_empty())
+            .unwrap_or_default()
+            .to_owned(),
         stderr,
     }
 }

@@ -8,9 +8,7 @@
 use std::io::{self, Read};
 use std::panic::{self, AssertUnwindSafe};
 
-use apache_avro::{
-    from_value, reader::datum::GenericDatumReader, types::Value, writer::datum::GenericDatumWriter,
-};
+use apache_avro::{from_value, reader::datum::GenericDatumReader, types::Value, writer::datum::GenericDatumWriter};
 
 use crate::registry::{self, ShippedSchema};
 use crate::AvroRecord;
@@ -151,9 +149,7 @@ pub fn decode<T: AvroRecord>(bytes: &[u8]) -> Result<T, DecodeError> {
         rest: body,
         ran_out: false,
     };
-    let decoded = panic::catch_unwind(AssertUnwindSafe(|| {
-        read_record::<T>(writer, reader, &mut input)
-    }));
+    let decoded = panic::catch_unwind(AssertUnwindSafe(|| read_record::<T>(writer, reader, &mut input)));
     let record = match decoded {
         // Checked before the result: apache-avro turns some early ends into nulls rather than
         // errors, and a null can then pass as a legitimate optional field.
@@ -200,9 +196,7 @@ fn read_record<T: AvroRecord>(
     input: &mut BodyReader<'_>,
 ) -> Result<T, apache_avro::Error> {
     let value = if writer.fingerprint == reader.fingerprint {
-        GenericDatumReader::builder(&writer.schema)
-            .build()?
-            .read_value(input)?
+        GenericDatumReader::builder(&writer.schema).build()?.read_value(input)?
     } else {
         // Not `read_deser`: with a reader schema it panics ("does not resolve schemas yet").
         GenericDatumReader::builder(&writer.schema)

@@ -30,8 +30,7 @@ mod records;
 mod registry;
 
 pub use codec::{
-    decode, encode, encode_value, writer_schema_of, BodyError, DecodeError, EncodeError,
-    MAX_DECODE_ALLOCATION_BYTES,
+    decode, encode, encode_value, writer_schema_of, BodyError, DecodeError, EncodeError, MAX_DECODE_ALLOCATION_BYTES,
 };
 pub use records::{ApiKeyRecord, ConsumerRecord, Outcome, UsageEvent};
 pub use registry::{fingerprint_of, shipped, ShippedSchema};

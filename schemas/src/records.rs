@@ -128,9 +128,7 @@ mod uuid_text {
         serializer.serialize_str(id.hyphenated().encode_lower(&mut Uuid::encode_buffer()))
     }
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
-        deserializer: D,
-    ) -> Result<Uuid, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Uuid, D::Error> {
         let text = String::deserialize(deserializer)?;
         // The error names the field but not the text: a garbage value can be megabytes long.
         Uuid::parse_str(&text).map_err(|e| D::Error::custom(format!("event_id: {e}")))

@@ -66,8 +66,7 @@ static SHIPPED: LazyLock<Vec<ShippedSchema>> = LazyLock::new(|| {
                     let schema = Schema::parse(&json).map_err(|e| e.to_string())?;
                     Ok((schema, fingerprint(json)?))
                 });
-            let (schema, fingerprint) =
-                parsed.unwrap_or_else(|e| panic!("schemas/avro/{}: {e}", source.file));
+            let (schema, fingerprint) = parsed.unwrap_or_else(|e| panic!("schemas/avro/{}: {e}", source.file));
             ShippedSchema {
                 record: source.record,
                 version: source.version,
@@ -118,9 +117,7 @@ pub fn fingerprint_of<T: AvroRecord>(version: u32) -> Option<u64> {
 }
 
 pub(crate) fn version_of<T: AvroRecord>(version: u32) -> Option<&'static ShippedSchema> {
-    shipped()
-        .iter()
-        .find(|s| s.record == T::NAME && s.version == version)
+    shipped().iter().find(|s| s.record == T::NAME && s.version == version)
 }
 
 /// The newest version of `T`'s schema: what [`crate::encode`] writes and what
@@ -160,10 +157,7 @@ mod tests {
         let text = r#"{"type":"record","name":"R","namespace":"n","fields":[
             {"name":"a","type":["null","string"],"default":null},
             {"name":"m","type":{"type":"map","values":"long"}}]}"#;
-        let digest = Schema::parse_str(text)
-            .unwrap()
-            .fingerprint::<Rabin>()
-            .bytes;
+        let digest = Schema::parse_str(text).unwrap().fingerprint::<Rabin>().bytes;
         let expected = u64::from_le_bytes(digest[..8].try_into().unwrap());
         assert_eq!(fingerprint_of_text(text), expected);
     }
@@ -171,9 +165,6 @@ mod tests {
     #[test]
     fn the_primitive_schema_null_has_the_specification_fingerprint() {
         // CRC-64-AVRO of "null", a test vector of the Avro project.
-        assert_eq!(
-            fingerprint_of_text(r#"{"type":"null"}"#),
-            7_195_948_357_588_979_594
-        );
+        assert_eq!(fingerprint_of_text(r#"{"type":"null"}"#), 7_195_948_357_588_979_594);
     }
 }

@@ -3,9 +3,7 @@
 mod common;
 
 use proptest::prelude::*;
-use tollgate_schemas::{
-    decode, encode, shipped, ApiKeyRecord, BodyError, ConsumerRecord, DecodeError, UsageEvent,
-};
+use tollgate_schemas::{decode, encode, shipped, ApiKeyRecord, BodyError, ConsumerRecord, DecodeError, UsageEvent};
 
 fn sample_event() -> UsageEvent {
     UsageEvent {
@@ -47,19 +45,8 @@ fn wrong_magic() {
     let mut bytes = encode(&sample_event());
     bytes[0] = 0x4f;
     let err = decode::<UsageEvent>(&bytes).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            DecodeError::BadMagic {
-                found: [0x4f, 0x01]
-            }
-        ),
-        "{err:?}"
-    );
-    assert_eq!(
-        err.to_string(),
-        "single-object header: magic 4f 01, expected c3 01"
-    );
+    assert!(matches!(err, DecodeError::BadMagic { found: [0x4f, 0x01] }), "{err:?}");
+    assert_eq!(err.to_string(), "single-object header: magic 4f 01, expected c3 01");
 }
 
 #[test]
@@ -147,8 +134,7 @@ fn garbage_body_is_a_body_error() {
         "{err:?}"
     );
     assert!(
-        err.to_string()
-            .starts_with("dev.tollgate.UsageEvent v2 body: "),
+        err.to_string().starts_with("dev.tollgate.UsageEvent v2 body: "),
         "{err}"
     );
 }

@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use apache_avro::{reader::datum::GenericDatumReader, types::Value};
 use proptest::prelude::*;
 use tollgate_schemas::{
-    decode, encode, encode_value, fingerprint_of, shipped, ApiKeyRecord, AvroRecord,
-    ConsumerRecord, Outcome, UsageEvent,
+    decode, encode, encode_value, fingerprint_of, shipped, ApiKeyRecord, AvroRecord, ConsumerRecord, Outcome,
+    UsageEvent,
 };
 
 /// What a v1 writer (which predates `request_id`) would have sent for `event`.
@@ -26,17 +26,10 @@ fn v1_value(event: &UsageEvent) -> Value {
     .iter()
     .position(|o| *o == event.outcome)
     .unwrap();
-    let units: HashMap<String, Value> = event
-        .units
-        .iter()
-        .map(|(k, v)| (k.clone(), Value::Long(*v)))
-        .collect();
+    let units: HashMap<String, Value> = event.units.iter().map(|(k, v)| (k.clone(), Value::Long(*v))).collect();
     Value::Record(vec![
         ("event_id".into(), text(&event.event_id.to_string())),
-        (
-            "timestamp_ms".into(),
-            Value::TimestampMillis(event.timestamp_ms),
-        ),
+        ("timestamp_ms".into(), Value::TimestampMillis(event.timestamp_ms)),
         ("tenant_id".into(), nullable(&event.tenant_id)),
         ("consumer".into(), nullable(&event.consumer)),
         ("key_id".into(), nullable(&event.key_id)),

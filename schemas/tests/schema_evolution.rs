@@ -4,9 +4,7 @@
 use std::collections::BTreeSet;
 
 use apache_avro::schema_compatibility::SchemaCompatibility;
-use tollgate_schemas::{
-    fingerprint_of, shipped, ApiKeyRecord, AvroRecord, ConsumerRecord, UsageEvent,
-};
+use tollgate_schemas::{fingerprint_of, shipped, ApiKeyRecord, AvroRecord, ConsumerRecord, UsageEvent};
 
 /// Fingerprints of the released schemas, pinned when each was released (and checked against an
 /// independent implementation of the specification's canonical form and CRC-64-AVRO). A failure
@@ -37,20 +35,13 @@ fn every_avsc_file_is_shipped() {
         .filter(|name| name.ends_with(".avsc"))
         .collect();
     let listed: BTreeSet<String> = shipped().iter().map(|s| s.file.to_owned()).collect();
-    assert_eq!(
-        on_disk, listed,
-        "add new files to SOURCES in src/registry.rs"
-    );
+    assert_eq!(on_disk, listed, "add new files to SOURCES in src/registry.rs");
 }
 
 #[test]
 fn shipped_schemas_are_consistent() {
     let fingerprints: BTreeSet<u64> = shipped().iter().map(|s| s.fingerprint).collect();
-    assert_eq!(
-        fingerprints.len(),
-        shipped().len(),
-        "two versions share a fingerprint"
-    );
+    assert_eq!(fingerprints.len(), shipped().len(), "two versions share a fingerprint");
     for s in shipped() {
         let apache_avro::Schema::Record(record) = &s.schema else {
             panic!("{}: not a record", s.file);
@@ -71,10 +62,7 @@ fn shipped_schemas_are_consistent() {
             .map(|s| s.version)
             .collect();
         let expected: Vec<u32> = (1..=versions.len() as u32).collect();
-        assert_eq!(
-            versions, expected,
-            "{name}: versions must run 1, 2, ... in order"
-        );
+        assert_eq!(versions, expected, "{name}: versions must run 1, 2, ... in order");
     }
     assert!(fingerprint_of::<UsageEvent>(2).is_some());
     assert!(fingerprint_of::<UsageEvent>(3).is_none());
@@ -99,26 +87,17 @@ fn every_pair_of_versions_is_fully_compatible() {
 #[test]
 fn compatibility_check_would_catch_a_breaking_change() {
     // The check above can fail: a new required field without a default breaks old writers.
-    let current = shipped()
-        .iter()
-        .find(|s| s.file == "usage_event.v2.avsc")
-        .unwrap();
+    let current = shipped().iter().find(|s| s.file == "usage_event.v2.avsc").unwrap();
     let broken = apache_avro::Schema::parse_str(
-        &std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/avro/usage_event.v2.avsc"
-        ))
-        .unwrap()
-        .replace(
-            r#"{"name": "request_id", "type": ["null", "string"], "default": null,"#,
-            r#"{"name": "request_id", "type": "string","#,
-        ),
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/avro/usage_event.v2.avsc"))
+            .unwrap()
+            .replace(
+                r#"{"name": "request_id", "type": ["null", "string"], "default": null,"#,
+                r#"{"name": "request_id", "type": "string","#,
+            ),
     )
     .unwrap();
     assert!(SchemaCompatibility::can_read(&current.schema, &broken).is_ok());
-    let v1 = shipped()
-        .iter()
-        .find(|s| s.file == "usage_event.v1.avsc")
-        .unwrap();
+    let v1 = shipped().iter().find(|s| s.file == "usage_event.v1.avsc").unwrap();
     assert!(SchemaCompatibility::can_read(&v1.schema, &broken).is_err());
 }

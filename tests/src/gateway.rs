@@ -37,7 +37,10 @@ pub async fn create_topic_on(brokers: &str, topic: &str, partitions: i32, config
         new = new.set(key, value);
     }
     let results = admin
-        .create_topics(&[new], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))))
+        .create_topics(
+            &[new],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
         .await
         .expect("create_topics request");
     for result in results {
@@ -47,7 +50,8 @@ pub async fn create_topic_on(brokers: &str, topic: &str, partitions: i32, config
 
 /// The example settings (`config/gateway.toml`) pointed at the test's topic and upstream.
 pub fn settings(keys_topic: &str, upstream: &str) -> GatewaySettings {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../config/gateway.toml")).expect("example config");
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../config/gateway.toml"))
+        .expect("example config");
     let env = [
         ("TOLLGATE_PUBLIC__LISTEN", "127.0.0.1:0"),
         ("TOLLGATE_ADMIN__LISTEN", "127.0.0.1:0"),
@@ -76,7 +80,10 @@ pub fn dead_route() -> tollgate_gateway::settings::RouteSettings {
 
 /// A spool directory of the test's own.
 pub fn spool_dir() -> String {
-    std::env::temp_dir().join(crate::unique("tollgate-spool")).display().to_string()
+    std::env::temp_dir()
+        .join(crate::unique("tollgate-spool"))
+        .display()
+        .to_string()
 }
 
 pub struct TestGateway {
@@ -89,9 +96,13 @@ pub struct TestGateway {
 impl TestGateway {
     /// Starts a gateway and waits until it has replayed its keys topic.
     pub async fn start(settings: GatewaySettings, signing_secret: Option<&str>) -> Self {
-        let gateway = Gateway::bind(settings, Some(ADMIN_TOKEN.to_owned()), signing_secret.map(str::to_owned))
-            .await
-            .expect("gateway binds");
+        let gateway = Gateway::bind(
+            settings,
+            Some(ADMIN_TOKEN.to_owned()),
+            signing_secret.map(str::to_owned),
+        )
+        .await
+        .expect("gateway binds");
         let public = format!("http://{}", gateway.public_addr());
         let admin = format!("http://{}", gateway.admin_addr());
         let shutdown = Shutdown::default();
@@ -104,23 +115,49 @@ impl TestGateway {
             (send("GET", &ready_url, &[], b"").await.status == 200).then_some(())
         })
         .await;
-        Self { public, admin, shutdown, task }
+        Self {
+            public,
+            admin,
+            shutdown,
+            task,
+        }
     }
 
     pub async fn admin(&self, method: &str, path: &str, body: Option<Value>) -> Reply {
         let auth = format!("Bearer {ADMIN_TOKEN}");
         let body = body.map(|b| b.to_string()).unwrap_or_default();
-        send(method, &format!("{}{path}", self.admin), &[("authorization", &auth), ("content-type", "application/json")], body.as_bytes()).await
+        send(
+            method,
+            &format!("{}{path}", self.admin),
+            &[("authorization", &auth), ("content-type", "application/json")],
+            body.as_bytes(),
+        )
+        .await
     }
 
     /// Creates a consumer and one key; returns the key's plaintext and id.
     pub async fn consumer_with_key(&self, name: &str, metadata: Value) -> (String, String) {
-        let created = self.admin("POST", "/v1/consumers", Some(serde_json::json!({"name": name, "metadata": metadata}))).await;
+        let created = self
+            .admin(
+                "POST",
+                "/v1/consumers",
+                Some(serde_json::json!({"name": name, "metadata": metadata})),
+            )
+            .await;
         assert_eq!(created.status, 201, "{}", created.text());
-        let key = self.admin("POST", &format!("/v1/consumers/{name}/keys"), Some(serde_json::json!({}))).await;
+        let key = self
+            .admin(
+                "POST",
+                &format!("/v1/consumers/{name}/keys"),
+                Some(serde_json::json!({})),
+            )
+            .await;
         assert_eq!(key.status, 201, "{}", key.text());
         let key = key.json();
-        (key["key"].as_str().expect("plaintext").to_owned(), key["id"].as_str().expect("id").to_owned())
+        (
+            key["key"].as_str().expect("plaintext").to_owned(),
+            key["id"].as_str().expect("id").to_owned(),
+        )
     }
 
     pub async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Reply {

@@ -28,7 +28,8 @@ pub struct Reply {
 
 impl Reply {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("status {}: body is not JSON ({e}): {}", self.status, self.text()))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("status {}: body is not JSON ({e}): {}", self.status, self.text()))
     }
 
     pub fn text(&self) -> String {
@@ -42,7 +43,13 @@ impl Reply {
 
 /// Sends one HTTP/1.1 request (or h2c with `http2_only`); a failure to get an answer is an
 /// error, for tests that expect some (a server shutting down).
-pub async fn try_send_with(http2_only: bool, method: &str, url: &str, headers: &[(&str, &str)], body: &[u8]) -> Result<Reply, String> {
+pub async fn try_send_with(
+    http2_only: bool,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<Reply, String> {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .http2_only(http2_only)
         .build_http::<Full<Bytes>>();
@@ -50,17 +57,30 @@ pub async fn try_send_with(http2_only: bool, method: &str, url: &str, headers: &
     for (name, value) in headers {
         request = request.header(*name, *value);
     }
-    let request = request.body(Full::new(Bytes::copy_from_slice(body))).expect("valid request");
-    let response = client.request(request).await.map_err(|e| format!("{method} {url}: {e}"))?;
+    let request = request
+        .body(Full::new(Bytes::copy_from_slice(body)))
+        .expect("valid request");
+    let response = client
+        .request(request)
+        .await
+        .map_err(|e| format!("{method} {url}: {e}"))?;
     let status = response.status().as_u16();
     let headers = response.headers().clone();
-    let body = response.into_body().collect().await.map_err(|e| format!("{method} {url}: body: {e}"))?.to_bytes().to_vec();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("{method} {url}: body: {e}"))?
+        .to_bytes()
+        .to_vec();
     Ok(Reply { status, headers, body })
 }
 
 /// Sends one request and panics, naming it, when no answer comes.
 pub async fn send_with(http2_only: bool, method: &str, url: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
-    try_send_with(http2_only, method, url, headers, body).await.unwrap_or_else(|e| panic!("{e}"))
+    try_send_with(http2_only, method, url, headers, body)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 pub async fn send(method: &str, url: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
@@ -82,7 +102,9 @@ impl EchoUpstream {
         let counter = Arc::clone(&received);
         tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let counter = Arc::clone(&counter);
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
@@ -113,12 +135,20 @@ async fn echo(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallibl
     }
     let mut headers = serde_json::Map::new();
     for (name, value) in req.headers() {
-        headers.insert(name.as_str().to_owned(), String::from_utf8_lossy(value.as_bytes()).into_owned().into());
+        headers.insert(
+            name.as_str().to_owned(),
+            String::from_utf8_lossy(value.as_bytes()).into_owned().into(),
+        );
     }
     let method = req.method().to_string();
     let path = req.uri().path().to_owned();
     let query = req.uri().query().map(str::to_owned);
-    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     let json = serde_json::json!({
         "method": method,
         "path": path,

@@ -17,27 +17,46 @@ pub struct PrivateKafka {
 }
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repo root")
+        .to_path_buf()
 }
 
 fn libs() -> PathBuf {
-    let stack = std::env::var("TOLLGATE_STACK_DIR").map(PathBuf::from).unwrap_or_else(|_| repo().join(".stack"));
+    let stack = std::env::var("TOLLGATE_STACK_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| repo().join(".stack"));
     let libs = stack.join("kafka").join("libs");
-    assert!(libs.is_dir(), "no Kafka jars at {}: {}", libs.display(), crate::START_HINT);
+    assert!(
+        libs.is_dir(),
+        "no Kafka jars at {}: {}",
+        libs.display(),
+        crate::START_HINT
+    );
     libs
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 fn java(log4j: &str) -> Command {
-    let java = std::env::var("JAVA_HOME").map(|h| format!("{h}/bin/java")).unwrap_or_else(|_| "java".to_owned());
+    let java = std::env::var("JAVA_HOME")
+        .map(|h| format!("{h}/bin/java"))
+        .unwrap_or_else(|_| "java".to_owned());
     let mut command = Command::new(java);
     command
         .arg("-Xmx384m")
         .arg("-XX:TieredStopAtLevel=1")
-        .arg(format!("-Dlog4j2.configurationFile={}", repo().join("scripts/kafka").join(log4j).display()))
+        .arg(format!(
+            "-Dlog4j2.configurationFile={}",
+            repo().join("scripts/kafka").join(log4j).display()
+        ))
         .arg("-cp")
         .arg(format!("{}/*", libs().display()));
     command
@@ -49,16 +68,27 @@ impl PrivateKafka {
         let (port, controller) = (free_port(), free_port());
         let dir = std::env::temp_dir().join(crate::unique("tollgate-kafka"));
         std::fs::create_dir_all(dir.join("data")).expect("data dir");
-        let template = std::fs::read_to_string(repo().join("scripts/kafka/server.properties.in")).expect("broker template");
+        let template =
+            std::fs::read_to_string(repo().join("scripts/kafka/server.properties.in")).expect("broker template");
         let properties = template
             .replace("@BROKER_PORT@", &port.to_string())
             .replace("@CONTROLLER_PORT@", &controller.to_string())
             .replace("@DATA_DIR@", &dir.join("data").display().to_string());
         std::fs::write(dir.join("server.properties"), properties).expect("write properties");
-        let cluster = java("tools-log4j2.xml").args(["kafka.tools.StorageTool", "random-uuid"]).output().expect("run java");
+        let cluster = java("tools-log4j2.xml")
+            .args(["kafka.tools.StorageTool", "random-uuid"])
+            .output()
+            .expect("run java");
         let cluster = String::from_utf8_lossy(&cluster.stdout).trim().to_owned();
         let formatted = java("tools-log4j2.xml")
-            .args(["kafka.tools.StorageTool", "format", "--standalone", "--cluster-id", &cluster, "--config"])
+            .args([
+                "kafka.tools.StorageTool",
+                "format",
+                "--standalone",
+                "--cluster-id",
+                &cluster,
+                "--config",
+            ])
             .arg(dir.join("server.properties"))
             .stdout(Stdio::null())
             .status()
@@ -88,7 +118,11 @@ impl PrivateKafka {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(90);
         while !self.answers() {
-            assert!(Instant::now() < deadline, "private broker not ready in 90 s; see {}", self.dir.join("broker.log").display());
+            assert!(
+                Instant::now() < deadline,
+                "private broker not ready in 90 s; see {}",
+                self.dir.join("broker.log").display()
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }
@@ -109,7 +143,9 @@ impl PrivateKafka {
             Ok(c) => c,
             Err(_) => return false,
         };
-        consumer.fetch_metadata(None, Duration::from_secs(2)).is_ok_and(|m| !m.brokers().is_empty())
+        consumer
+            .fetch_metadata(None, Duration::from_secs(2))
+            .is_ok_and(|m| !m.brokers().is_empty())
     }
 }
 

@@ -13,7 +13,10 @@ use tollgate_meter_consumer::MeterSettings;
 use tollgate_runtime::settings::{from_str_with_env, Validate};
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repo root")
+        .to_path_buf()
 }
 
 fn read(path: &str) -> String {
@@ -96,11 +99,17 @@ fn settings_of<T: DeserializeOwned + Validate>(compose: &Value, name: &str, bina
 }
 
 fn port_of(addr: &str) -> u16 {
-    addr.rsplit_once(':').and_then(|(_, p)| p.trim_end_matches('/').parse().ok()).unwrap_or_else(|| panic!("no port in {addr}"))
+    addr.rsplit_once(':')
+        .and_then(|(_, p)| p.trim_end_matches('/').parse().ok())
+        .unwrap_or_else(|| panic!("no port in {addr}"))
 }
 
 fn host_port_of(url: &str) -> &str {
-    url.split_once("://").map_or(url, |(_, rest)| rest).split('/').next().expect("authority")
+    url.split_once("://")
+        .map_or(url, |(_, rest)| rest)
+        .split('/')
+        .next()
+        .expect("authority")
 }
 
 fn published_container_ports(svc: &Value) -> BTreeSet<u16> {
@@ -122,7 +131,10 @@ fn healthcheck_port(svc: &Value) -> u16 {
         .iter()
         .map(|v| v.as_str().expect("string"))
         .collect();
-    let url = test.iter().find(|a| a.starts_with("http://")).expect("healthcheck probes a URL");
+    let url = test
+        .iter()
+        .find(|a| a.starts_with("http://"))
+        .expect("healthcheck probes a URL");
     assert!(url.ends_with("/healthz"), "{url}");
     port_of(host_port_of(url))
 }
@@ -149,7 +161,11 @@ fn native_topics() -> BTreeSet<String> {
     let infra = read("scripts/stack.d/infra.sh");
     let start = infra.find("KAFKA_TOPICS=(").expect("KAFKA_TOPICS in infra.sh");
     let block = &infra[start..start + infra[start..].find(')').expect("closed list")];
-    block.lines().skip(1).filter_map(|l| l.trim().strip_prefix('"')?.strip_suffix('"').map(str::to_owned)).collect()
+    block
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.trim().strip_prefix('"')?.strip_suffix('"').map(str::to_owned))
+        .collect()
 }
 
 /// Topics as `name partitions config`, from compose's one-shot kafka-init.
@@ -186,7 +202,10 @@ fn secrets_use_the_variable_names_the_services_read() {
     for name in ["gateway", "meter-consumer", "billing-sync"] {
         for var in environment(service(&compose, name)).keys() {
             if !var.contains("__") {
-                assert!(read_by_services.contains(var.as_str()), "{name}: {var} is read by no service");
+                assert!(
+                    read_by_services.contains(var.as_str()),
+                    "{name}: {var} is read by no service"
+                );
             }
         }
     }
@@ -202,8 +221,14 @@ fn ports_and_healthchecks_match_the_listeners() {
     let gateway: GatewaySettings = settings_of(&compose, "gateway", "tollgate-gateway");
     let svc = service(&compose, "gateway");
     let published = published_container_ports(svc);
-    assert!(published.contains(&port_of(&gateway.public.listen)), "public port published");
-    assert!(published.contains(&port_of(&gateway.admin.listen)), "admin port published");
+    assert!(
+        published.contains(&port_of(&gateway.public.listen)),
+        "public port published"
+    );
+    assert!(
+        published.contains(&port_of(&gateway.admin.listen)),
+        "admin port published"
+    );
     assert_eq!(healthcheck_port(svc), port_of(&gateway.admin.listen));
     // The admin API is for operators: published on the host's loopback only.
     let admin_mapping = svc["ports"]
@@ -215,19 +240,36 @@ fn ports_and_healthchecks_match_the_listeners() {
         .unwrap();
     assert!(admin_mapping.starts_with("127.0.0.1:"), "{admin_mapping}");
     // The usage spool outlives the container: it holds events Kafka does not have yet.
-    let volumes: Vec<&str> = svc["volumes"].as_sequence().expect("gateway volumes").iter().map(|v| v.as_str().unwrap()).collect();
+    let volumes: Vec<&str> = svc["volumes"]
+        .as_sequence()
+        .expect("gateway volumes")
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
     assert!(
-        volumes.iter().any(|v| v.split(':').nth(1) == Some(gateway.events.spool_dir.as_str())),
+        volumes
+            .iter()
+            .any(|v| v.split(':').nth(1) == Some(gateway.events.spool_dir.as_str())),
         "the spool dir {} is on a volume: {volumes:?}",
         gateway.events.spool_dir
     );
     // In a container, 127.0.0.1 is unreachable from other containers and the host.
-    assert!(gateway.public.listen.starts_with("0.0.0.0:"), "{}", gateway.public.listen);
+    assert!(
+        gateway.public.listen.starts_with("0.0.0.0:"),
+        "{}",
+        gateway.public.listen
+    );
 
     let meter: MeterSettings = settings_of(&compose, "meter-consumer", "tollgate-meter-consumer");
-    assert_eq!(healthcheck_port(service(&compose, "meter-consumer")), port_of(&meter.admin.listen));
+    assert_eq!(
+        healthcheck_port(service(&compose, "meter-consumer")),
+        port_of(&meter.admin.listen)
+    );
     let billing: BillingSettings = settings_of(&compose, "billing-sync", "tollgate-billing-sync");
-    assert_eq!(healthcheck_port(service(&compose, "billing-sync")), port_of(&billing.admin.listen));
+    assert_eq!(
+        healthcheck_port(service(&compose, "billing-sync")),
+        port_of(&billing.admin.listen)
+    );
 }
 
 #[test]
@@ -241,7 +283,9 @@ fn services_reach_each_other_by_compose_names() {
     assert_eq!(meter.kafka.brokers, kafka);
 
     let clickhouse_port = port_of(
-        service(&compose, "clickhouse")["ports"][0].as_str().expect("clickhouse port"),
+        service(&compose, "clickhouse")["ports"][0]
+            .as_str()
+            .expect("clickhouse port"),
     );
     for url in [&meter.clickhouse.url, &billing.clickhouse.url] {
         assert_eq!(host_port_of(url), format!("clickhouse:{clickhouse_port}"));
@@ -250,8 +294,15 @@ fn services_reach_each_other_by_compose_names() {
     assert_eq!(meter.clickhouse.user, ch_user);
     assert_eq!(billing.clickhouse.user, ch_user);
 
-    let stripe_port = port_of(service(&compose, "stripe-mock")["ports"][0].as_str().expect("stripe port"));
-    assert_eq!(host_port_of(&billing.stripe.api_base), format!("stripe-mock:{stripe_port}"));
+    let stripe_port = port_of(
+        service(&compose, "stripe-mock")["ports"][0]
+            .as_str()
+            .expect("stripe port"),
+    );
+    assert_eq!(
+        host_port_of(&billing.stripe.api_base),
+        format!("stripe-mock:{stripe_port}")
+    );
 
     let services: BTreeSet<&str> = compose["services"]
         .as_mapping()
@@ -262,7 +313,11 @@ fn services_reach_each_other_by_compose_names() {
     assert!(!gateway.routes.is_empty());
     for route in &gateway.routes {
         let host = host_port_of(&route.upstream).split(':').next().unwrap();
-        assert!(services.contains(host), "route {} goes to {host}, not a compose service", route.id);
+        assert!(
+            services.contains(host),
+            "route {} goes to {host}, not a compose service",
+            route.id
+        );
         let upstream_svc = service(&compose, host);
         let listen_at = upstream_svc["command"]
             .as_sequence()
@@ -279,29 +334,61 @@ fn services_reach_each_other_by_compose_names() {
 fn topics_match_the_native_stack_and_the_services() {
     let compose = compose();
     let created = compose_topics(&compose);
-    assert_eq!(created, native_topics(), "compose kafka-init and scripts/stack.d/infra.sh");
-    let names: BTreeSet<String> = created.iter().map(|t| t.split(' ').next().unwrap().to_owned()).collect();
+    assert_eq!(
+        created,
+        native_topics(),
+        "compose kafka-init and scripts/stack.d/infra.sh"
+    );
+    let names: BTreeSet<String> = created
+        .iter()
+        .map(|t| t.split(' ').next().unwrap().to_owned())
+        .collect();
     let gateway: GatewaySettings = settings_of(&compose, "gateway", "tollgate-gateway");
     let meter: MeterSettings = settings_of(&compose, "meter-consumer", "tollgate-meter-consumer");
-    for topic in [&gateway.topics.keys, &gateway.topics.usage, &meter.topics.usage, &meter.topics.dlq, &meter.topics.keys] {
+    for topic in [
+        &gateway.topics.keys,
+        &gateway.topics.usage,
+        &meter.topics.usage,
+        &meter.topics.dlq,
+        &meter.topics.keys,
+    ] {
         assert!(names.contains(topic), "topic {topic} is used but never created");
     }
-    let keys = created.iter().find(|t| t.starts_with(&format!("{} ", gateway.topics.keys))).unwrap();
-    assert!(keys.ends_with("cleanup.policy=compact"), "the keys topic must be compacted: {keys}");
+    let keys = created
+        .iter()
+        .find(|t| t.starts_with(&format!("{} ", gateway.topics.keys)))
+        .unwrap();
+    assert!(
+        keys.ends_with("cleanup.policy=compact"),
+        "the keys topic must be compacted: {keys}"
+    );
 }
 
 #[test]
 fn startup_order_waits_for_what_each_service_needs() {
     let compose = compose();
     for name in ["gateway", "meter-consumer"] {
-        assert_eq!(depends_on(service(&compose, name), "kafka-init"), "service_completed_successfully");
+        assert_eq!(
+            depends_on(service(&compose, name), "kafka-init"),
+            "service_completed_successfully"
+        );
     }
     for name in ["meter-consumer", "billing-sync"] {
         assert_eq!(depends_on(service(&compose, name), "clickhouse"), "service_healthy");
     }
     assert_eq!(depends_on(service(&compose, "kafka-init"), "kafka"), "service_healthy");
-    for name in ["kafka", "clickhouse", "redis", "gateway", "meter-consumer", "billing-sync"] {
-        assert!(!service(&compose, name)["healthcheck"].is_null(), "{name} has a healthcheck");
+    for name in [
+        "kafka",
+        "clickhouse",
+        "redis",
+        "gateway",
+        "meter-consumer",
+        "billing-sync",
+    ] {
+        assert!(
+            !service(&compose, name)["healthcheck"].is_null(),
+            "{name} has a healthcheck"
+        );
     }
 }
 
@@ -315,7 +402,10 @@ fn image_versions_match_the_native_stack_pins() {
         .and_then(|s| s.split('<').next())
         .expect("kafka.version in the pom");
     for name in ["kafka", "kafka-init"] {
-        assert_eq!(service(&compose, name)["image"].as_str(), Some(format!("apache/kafka:{kafka_version}").as_str()));
+        assert_eq!(
+            service(&compose, name)["image"].as_str(),
+            Some(format!("apache/kafka:{kafka_version}").as_str())
+        );
     }
     let install = read("scripts/stack.d/install.sh");
     let stripe_version = install

@@ -65,7 +65,10 @@ async fn produce_and_consume(brokers: &str, topic: &str, payloads: &[(String, Ve
         .expect("producer");
     for (key, payload) in payloads {
         producer
-            .send(FutureRecord::to(topic).key(key).payload(payload), Duration::from_secs(10))
+            .send(
+                FutureRecord::to(topic).key(key).payload(payload),
+                Duration::from_secs(10),
+            )
             .await
             .map_err(|(e, _)| e)
             .expect("broker acked the event");
@@ -100,7 +103,11 @@ async fn usage_event_round_trips_through_kafka_and_v1_resolves_to_current() {
     let mut v1 = sample_event("tenant_v1");
     v1.request_id = None;
     let v1_bytes = encode_value::<UsageEvent>(v1_value(&v1), 1).expect("v1 encodes");
-    assert_ne!(v1_bytes[2..10], encode(&v1)[2..10], "v1 and current fingerprints differ");
+    assert_ne!(
+        v1_bytes[2..10],
+        encode(&v1)[2..10],
+        "v1 and current fingerprints differ"
+    );
 
     let received = produce_and_consume(
         &brokers,
@@ -173,7 +180,10 @@ async fn clickhouse_table_created_rows_inserted_and_read_back() {
         database: unique("foundation"),
         user: "default".to_owned(),
     };
-    let client = settings.connect().await.expect("clickhouse answers and the database is created");
+    let client = settings
+        .connect()
+        .await
+        .expect("clickhouse answers and the database is created");
     // DateTime plus a millisecond column: 18.16 has no DateTime64 (DESIGN.md).
     client
         .query(

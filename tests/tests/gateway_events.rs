@@ -29,19 +29,31 @@ async fn collect_events(brokers: &str, topic: &str, expected: usize) -> Vec<Usag
     let mut events = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let wait = if events.len() >= expected { Duration::from_secs(2) } else { deadline.saturating_duration_since(tokio::time::Instant::now()) };
+        let wait = if events.len() >= expected {
+            Duration::from_secs(2)
+        } else {
+            deadline.saturating_duration_since(tokio::time::Instant::now())
+        };
         match tokio::time::timeout(wait, consumer.recv()).await {
             Ok(Ok(message)) => {
                 let event = decode::<UsageEvent>(message.payload().expect("payload")).expect("an event decodes");
                 let key = String::from_utf8_lossy(message.key().expect("keyed")).into_owned();
-                assert_eq!(key, event.tenant_id.clone().unwrap_or_else(|| "-".to_owned()), "keyed by tenant");
+                assert_eq!(
+                    key,
+                    event.tenant_id.clone().unwrap_or_else(|| "-".to_owned()),
+                    "keyed by tenant"
+                );
                 events.push(event);
             }
             Ok(Err(err)) => panic!("consume: {err}"),
             Err(_) => break,
         }
     }
-    assert!(events.len() >= expected, "only {} of {expected} events arrived", events.len());
+    assert!(
+        events.len() >= expected,
+        "only {} of {expected} events arrived",
+        events.len()
+    );
     events
 }
 
@@ -62,7 +74,9 @@ async fn every_request_yields_exactly_one_event_with_the_right_fields() {
     s.topics.usage = usage_topic.clone();
     s.routes.push(dead_route());
     let gw = TestGateway::start(s, None).await;
-    let (key, key_id) = gw.consumer_with_key("acme-corp", json!({"tenantId": "tenant_abc123", "plan": "enterprise"})).await;
+    let (key, key_id) = gw
+        .consumer_with_key("acme-corp", json!({"tenantId": "tenant_abc123", "plan": "enterprise"}))
+        .await;
     let auth = format!("Bearer {key}");
 
     // (path, credentials?, expected status, outcome)
@@ -84,7 +98,10 @@ async fn every_request_yields_exactly_one_event_with_the_right_fields() {
         let reply = send("GET", &format!("{}{path}", gw.public), &headers, b"").await;
         assert_eq!(reply.status, *status, "{path}: {}", reply.text());
         if path.ends_with("/cost") {
-            assert!(reply.header("x-tollgate-cost").is_none(), "the reported cost stays between upstream and gateway");
+            assert!(
+                reply.header("x-tollgate-cost").is_none(),
+                "the reported cost stays between upstream and gateway"
+            );
         }
     }
     let events = collect_events(&tollgate_tests::kafka(), &usage_topic, plan.len()).await;
@@ -98,7 +115,11 @@ async fn every_request_yields_exactly_one_event_with_the_right_fields() {
         let e = &events[&format!("mixed-{i}")];
         assert_eq!(e.status, *status, "{path}");
         assert_eq!(e.outcome, *outcome, "{path}");
-        assert_eq!(e.billable, *outcome == Outcome::Allowed, "{path}: only upstream answers below 500 are billable");
+        assert_eq!(
+            e.billable,
+            *outcome == Outcome::Allowed,
+            "{path}: only upstream answers below 500 are billable"
+        );
         assert_eq!(e.method, "GET");
         assert_eq!(e.gateway_id, "gw-local-1");
         assert_eq!(e.units["requests"], 1);
@@ -115,7 +136,10 @@ async fn every_request_yields_exactly_one_event_with_the_right_fields() {
     }
     assert_eq!(events["mixed-0"].units["compute_units"], 1, "route cost");
     assert_eq!(events["mixed-0"].route, "v1");
-    assert_eq!(events["mixed-2"].units["compute_units"], 42, "reported cost replaces the route's 5");
+    assert_eq!(
+        events["mixed-2"].units["compute_units"], 42,
+        "reported cost replaces the route's 5"
+    );
     assert_eq!(events["mixed-2"].route, "tenant-scoped");
     assert!(events["mixed-0"].upstream_latency_ms.is_some());
     assert!(events["mixed-3"].upstream_latency_ms.is_none());
@@ -131,7 +155,13 @@ async fn load(public: String, auth: String, prefix: String, stop: Arc<AtomicBool
         n += 1;
         let reply = tokio::time::timeout(
             Duration::from_secs(5),
-            try_send_with(false, "GET", &format!("{public}/v1/load"), &[("authorization", &auth), ("x-request-id", &id)], b""),
+            try_send_with(
+                false,
+                "GET",
+                &format!("{public}/v1/load"),
+                &[("authorization", &auth), ("x-request-id", &id)],
+                b"",
+            ),
         )
         .await;
         if let Ok(Ok(reply)) = reply {
@@ -155,10 +185,17 @@ async fn a_broker_crash_loses_no_event_and_duplicates_none() {
     s.kafka.brokers = kafka.brokers.clone();
     s.topics.usage = usage_topic.clone();
     let gw = TestGateway::start(s, None).await;
-    let (key, _) = gw.consumer_with_key("acme-corp", json!({"tenantId": "tenant_abc123"})).await;
+    let (key, _) = gw
+        .consumer_with_key("acme-corp", json!({"tenantId": "tenant_abc123"}))
+        .await;
 
     let stop = Arc::new(AtomicBool::new(false));
-    let traffic = tokio::spawn(load(gw.public.clone(), format!("Bearer {key}"), "outage".to_owned(), Arc::clone(&stop)));
+    let traffic = tokio::spawn(load(
+        gw.public.clone(),
+        format!("Bearer {key}"),
+        "outage".to_owned(),
+        Arc::clone(&stop),
+    ));
     tokio::time::sleep(Duration::from_secs(2)).await;
     kafka = tokio::task::spawn_blocking(move || {
         kafka.kill();
@@ -177,7 +214,11 @@ async fn a_broker_crash_loses_no_event_and_duplicates_none() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Ordering::Relaxed);
     let answered = traffic.await.unwrap();
-    assert!(answered.len() > 200, "load ran through the outage: {} requests", answered.len());
+    assert!(
+        answered.len() > 200,
+        "load ran through the outage: {} requests",
+        answered.len()
+    );
 
     let events = collect_events(&kafka.brokers, &usage_topic, answered.len()).await;
     let seen = by_request_id(&events);
@@ -198,10 +239,19 @@ async fn sigterm_under_load_loses_nothing() {
     s.topics.usage = usage_topic.clone();
     let spool = s.events.spool_dir.clone();
     let gw = TestGateway::start(s, None).await;
-    let (key, _) = gw.consumer_with_key("acme-corp", json!({"tenantId": "tenant_abc123"})).await;
+    let (key, _) = gw
+        .consumer_with_key("acme-corp", json!({"tenantId": "tenant_abc123"}))
+        .await;
     let stop = Arc::new(AtomicBool::new(false));
     let clients: Vec<_> = (0..8)
-        .map(|c| tokio::spawn(load(gw.public.clone(), format!("Bearer {key}"), format!("term-{c}"), Arc::clone(&stop))))
+        .map(|c| {
+            tokio::spawn(load(
+                gw.public.clone(),
+                format!("Bearer {key}"),
+                format!("term-{c}"),
+                Arc::clone(&stop),
+            ))
+        })
         .collect();
     tokio::time::sleep(Duration::from_secs(2)).await;
     // Shutdown while requests are in flight: they finish, their events reach Kafka.
@@ -215,7 +265,11 @@ async fn sigterm_under_load_loses_nothing() {
     let events = collect_events(&tollgate_tests::kafka(), &usage_topic, answered.len()).await;
     let seen = by_request_id(&events);
     for id in &answered {
-        assert_eq!(seen.get(id), Some(&1), "request {id} answered before shutdown has one event");
+        assert_eq!(
+            seen.get(id),
+            Some(&1),
+            "request {id} answered before shutdown has one event"
+        );
     }
     let _ = std::fs::remove_dir_all(spool);
 }

@@ -11,7 +11,9 @@ use tollgate_tests::gateway::{create_keys_topic, settings, TestGateway};
 use tollgate_tests::http::{send, EchoUpstream, Reply};
 
 fn header<'a>(reply: &'a Reply, name: &str) -> &'a str {
-    reply.header(name).unwrap_or_else(|| panic!("no {name} header: {:?}", reply.headers))
+    reply
+        .header(name)
+        .unwrap_or_else(|| panic!("no {name} header: {:?}", reply.headers))
 }
 
 /// `r=` of one limit in the `RateLimit` structured field.
@@ -32,21 +34,47 @@ fn remaining(reply: &Reply, limit: &str) -> u64 {
 async fn the_seed_plans_show_in_the_headers() {
     let upstream = EchoUpstream::start().await;
     let gw = TestGateway::start(settings(&create_keys_topic().await, &upstream.url()), None).await;
-    for (plan, limit) in [("free", 100), ("starter", 500), ("professional", 2000), ("enterprise", 10000)] {
-        let (key, _) = gw.consumer_with_key(&format!("seed-{plan}"), json!({"tenantId": format!("tenant_{plan}"), "plan": plan})).await;
-        let reply = gw.get("/v1/orders", &[("authorization", &format!("Bearer {key}"))]).await;
+    for (plan, limit) in [
+        ("free", 100),
+        ("starter", 500),
+        ("professional", 2000),
+        ("enterprise", 10000),
+    ] {
+        let (key, _) = gw
+            .consumer_with_key(
+                &format!("seed-{plan}"),
+                json!({"tenantId": format!("tenant_{plan}"), "plan": plan}),
+            )
+            .await;
+        let reply = gw
+            .get("/v1/orders", &[("authorization", &format!("Bearer {key}"))])
+            .await;
         assert_eq!(reply.status, 200, "{}", reply.text());
         assert_eq!(header(&reply, "ratelimit-limit"), limit.to_string(), "{plan}");
         assert_eq!(header(&reply, "ratelimit-remaining"), (limit - 1).to_string(), "{plan}");
         let reset: u64 = header(&reply, "ratelimit-reset").parse().unwrap();
         assert!(reset <= 60, "{plan}: reset {reset}");
         let policy = header(&reply, "ratelimit-policy");
-        assert!(policy.contains("\"requests_per_minute\";q=") && policy.contains(&format!("q={limit}")), "{policy}");
+        assert!(
+            policy.contains("\"requests_per_minute\";q=") && policy.contains(&format!("q={limit}")),
+            "{policy}"
+        );
         assert!(policy.contains("\"compute_units_per_day\""), "{policy}");
         assert_eq!(remaining(&reply, "requests_per_minute"), limit - 1);
     }
-    let unknown_plan = gw.admin("POST", "/v1/consumers", Some(json!({"name": "x", "metadata": {"plan": "platinum"}}))).await;
-    assert_eq!(unknown_plan.status, 400, "a plan must be defined: {}", unknown_plan.text());
+    let unknown_plan = gw
+        .admin(
+            "POST",
+            "/v1/consumers",
+            Some(json!({"name": "x", "metadata": {"plan": "platinum"}})),
+        )
+        .await;
+    assert_eq!(
+        unknown_plan.status,
+        400,
+        "a plan must be defined: {}",
+        unknown_plan.text()
+    );
     gw.stop().await;
 }
 
@@ -66,12 +94,18 @@ async fn a_refusal_consumes_nothing_and_reported_cost_counts() {
     assert_eq!(remaining(&first, "compute_units_per_day"), 55, "the route costs 5");
 
     // The upstream reports 42 for this one: 5 up front, 37 more after the response.
-    let costly = gw.get("/v1/tenants/tenant_deal/cost", &[("authorization", &auth)]).await;
+    let costly = gw
+        .get("/v1/tenants/tenant_deal/cost", &[("authorization", &auth)])
+        .await;
     assert_eq!(costly.status, 200);
     assert_eq!(remaining(&costly, "compute_units_per_day"), 50);
     let next = gw.get("/v1/orders", &[("authorization", &auth)]).await;
     assert_eq!(next.status, 200);
-    assert_eq!(remaining(&next, "compute_units_per_day"), 55 - 42 - 1, "the reported 42 moved the meter");
+    assert_eq!(
+        remaining(&next, "compute_units_per_day"),
+        55 - 42 - 1,
+        "the reported 42 moved the meter"
+    );
     assert_eq!(remaining(&next, "requests_per_minute"), 997);
 
     // 12 units left; the scoped route costs 5: two more pass, the third is refused on
@@ -84,11 +118,22 @@ async fn a_refusal_consumes_nothing_and_reported_cost_counts() {
     assert_eq!(refused.status, 429, "{}", refused.text());
     assert_eq!(refused.header("content-type"), Some("application/problem+json"));
     let problem = refused.json();
-    assert!(problem["type"].as_str().unwrap().ends_with("quota-exceeded"), "{problem}");
+    assert!(
+        problem["type"].as_str().unwrap().ends_with("quota-exceeded"),
+        "{problem}"
+    );
     assert_eq!(problem["violated-policies"], json!(["compute_units_per_day"]));
     assert!(header(&refused, "retry-after").parse::<u64>().unwrap() > 0);
-    assert_eq!(upstream.received(), before, "a refused request never reaches the upstream");
-    assert_eq!(remaining(&refused, "requests_per_minute"), 995, "the refusal took no request");
+    assert_eq!(
+        upstream.received(),
+        before,
+        "a refused request never reaches the upstream"
+    );
+    assert_eq!(
+        remaining(&refused, "requests_per_minute"),
+        995,
+        "the refusal took no request"
+    );
     // The next request that fits (1 unit) sees every counter as the refusal left it.
     let after = gw.get("/v1/orders", &[("authorization", &auth)]).await;
     assert_eq!(after.status, 200);
@@ -113,11 +158,22 @@ async fn two_gateways_on_redis_admit_exactly_the_allowance() {
     let a = TestGateway::start(on_redis(), None).await;
     let b = TestGateway::start(on_redis(), None).await;
     let limits = json!({"requests_per_minute": 1000, "compute_units_per_day": 1000000});
-    let (key, _) = a.consumer_with_key("flood", json!({"tenantId": "tenant_flood", "plan": "free", "limits": limits})).await;
-    let (other, _) = a.consumer_with_key("calm", json!({"tenantId": "tenant_calm", "plan": "free"})).await;
+    let (key, _) = a
+        .consumer_with_key(
+            "flood",
+            json!({"tenantId": "tenant_flood", "plan": "free", "limits": limits}),
+        )
+        .await;
+    let (other, _) = a
+        .consumer_with_key("calm", json!({"tenantId": "tenant_calm", "plan": "free"}))
+        .await;
     let urls = [format!("{}/v1/x", a.public), format!("{}/v1/x", b.public)];
     tollgate_tests::eventually("B knows the keys", std::time::Duration::from_secs(2), || async {
-        (send("GET", &urls[1], &[("authorization", &format!("Bearer {key}"))], b"").await.status != 401).then_some(())
+        (send("GET", &urls[1], &[("authorization", &format!("Bearer {key}"))], b"")
+            .await
+            .status
+            != 401)
+            .then_some(())
     })
     .await;
 
@@ -143,7 +199,11 @@ async fn two_gateways_on_redis_admit_exactly_the_allowance() {
     for client in clients {
         client.await.unwrap();
     }
-    assert_eq!(admitted.load(Ordering::SeqCst), 1000, "exactly the allowance, across both gateways");
+    assert_eq!(
+        admitted.load(Ordering::SeqCst),
+        1000,
+        "exactly the allowance, across both gateways"
+    );
     assert_eq!(refused.load(Ordering::SeqCst), 301);
     // Another tenant is untouched by the flood.
     let calm = send("GET", &urls[1], &[("authorization", &format!("Bearer {other}"))], b"").await;

@@ -11,11 +11,16 @@ use tollgate_tests::http::{send, send_with, EchoUpstream};
 
 const SECRET: &str = "upstream-signing-secret-for-tests";
 
-async fn gateway_with_key(upstream: &EchoUpstream, tweak: impl FnOnce(&mut tollgate_gateway::GatewaySettings)) -> (TestGateway, String) {
+async fn gateway_with_key(
+    upstream: &EchoUpstream,
+    tweak: impl FnOnce(&mut tollgate_gateway::GatewaySettings),
+) -> (TestGateway, String) {
     let mut s = settings(&create_keys_topic().await, &upstream.url());
     tweak(&mut s);
     let gw = TestGateway::start(s, Some(SECRET)).await;
-    let (key, _) = gw.consumer_with_key("acme-corp", json!({"tenantId": "tenant_abc123", "plan": "enterprise"})).await;
+    let (key, _) = gw
+        .consumer_with_key("acme-corp", json!({"tenantId": "tenant_abc123", "plan": "enterprise"}))
+        .await;
     (gw, format!("Bearer {key}"))
 }
 
@@ -33,8 +38,16 @@ async fn unauthenticated_requests_get_one_indistinguishable_401() {
     // Well-formed keys with valid checksums: one never issued, one issued then revoked.
     let never_issued = tollgate_gateway::apikey::generate("live").plaintext;
     let revoked = {
-        let issued = gw.admin("POST", "/v1/consumers/acme-corp/keys", Some(json!({}))).await.json();
-        gw.admin("DELETE", &format!("/v1/consumers/acme-corp/keys/{}", issued["id"].as_str().unwrap()), None).await;
+        let issued = gw
+            .admin("POST", "/v1/consumers/acme-corp/keys", Some(json!({})))
+            .await
+            .json();
+        gw.admin(
+            "DELETE",
+            &format!("/v1/consumers/acme-corp/keys/{}", issued["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
         issued["key"].as_str().unwrap().to_owned()
     };
     let mut typo = real.clone().into_bytes();
@@ -110,12 +123,36 @@ async fn identity_comes_only_from_the_key() {
 
     // Another tenant's path or query: 403 before the upstream is touched.
     let before = upstream.received();
-    assert_problem(&gw.get("/v1/tenants/tenant_other/orders", &[("authorization", &auth)]).await, 403);
-    assert_problem(&gw.get("/v1/tenants/tenant%5Fother/orders", &[("authorization", &auth)]).await, 403);
-    assert_problem(&gw.get("/v1/orders?tenant_id=tenant_other", &[("authorization", &auth)]).await, 403);
-    assert_problem(&gw.get("/v1/tenants/tenant_abc123/../tenant_other/x", &[("authorization", &auth)]).await, 400);
+    assert_problem(
+        &gw.get("/v1/tenants/tenant_other/orders", &[("authorization", &auth)])
+            .await,
+        403,
+    );
+    assert_problem(
+        &gw.get("/v1/tenants/tenant%5Fother/orders", &[("authorization", &auth)])
+            .await,
+        403,
+    );
+    assert_problem(
+        &gw.get("/v1/orders?tenant_id=tenant_other", &[("authorization", &auth)])
+            .await,
+        403,
+    );
+    assert_problem(
+        &gw.get(
+            "/v1/tenants/tenant_abc123/../tenant_other/x",
+            &[("authorization", &auth)],
+        )
+        .await,
+        400,
+    );
     assert_eq!(upstream.received(), before);
-    assert_eq!(gw.get("/v1/orders?tenant_id=tenant_abc123", &[("authorization", &auth)]).await.status, 200);
+    assert_eq!(
+        gw.get("/v1/orders?tenant_id=tenant_abc123", &[("authorization", &auth)])
+            .await
+            .status,
+        200
+    );
     gw.stop().await;
 }
 
@@ -132,10 +169,16 @@ async fn bad_input_and_upstream_faults_are_problems() {
     let ok = send("POST", &url, &[("authorization", &auth)], &[b'x'; 1024]).await;
     assert_eq!(ok.status, 200);
     assert_eq!(ok.json()["body_bytes"], 1024);
-    assert_problem(&send("POST", &url, &[("authorization", &auth)], &[b'x'; 1025]).await, 413);
+    assert_problem(
+        &send("POST", &url, &[("authorization", &auth)], &[b'x'; 1025]).await,
+        413,
+    );
 
     let huge = "h".repeat(20 * 1024);
-    assert_problem(&gw.get("/v1/x", &[("authorization", &auth), ("x-huge", &huge)]).await, 431);
+    assert_problem(
+        &gw.get("/v1/x", &[("authorization", &auth), ("x-huge", &huge)]).await,
+        431,
+    );
 
     assert_problem(&gw.get("/dead/x", &[("authorization", &auth)]).await, 502);
     let slow = gw.get("/v1/slow", &[("authorization", &auth)]).await;
@@ -145,7 +188,10 @@ async fn bad_input_and_upstream_faults_are_problems() {
     // Hop-by-hop headers of the upstream's response stay on its connection.
     let reply = gw.get("/v1/x", &[("authorization", &auth)]).await;
     assert!(reply.header("x-upstream-private").is_none());
-    assert!(reply.header("x-request-id").is_some(), "a request id is generated when none came");
+    assert!(
+        reply.header("x-request-id").is_some(),
+        "a request id is generated when none came"
+    );
     gw.stop().await;
 }
 
@@ -153,7 +199,14 @@ async fn bad_input_and_upstream_faults_are_problems() {
 async fn h2c_is_served() {
     let upstream = EchoUpstream::start().await;
     let (gw, auth) = gateway_with_key(&upstream, |_| {}).await;
-    let reply = send_with(true, "GET", &format!("{}/v1/h2", gw.public), &[("authorization", &auth)], b"").await;
+    let reply = send_with(
+        true,
+        "GET",
+        &format!("{}/v1/h2", gw.public),
+        &[("authorization", &auth)],
+        b"",
+    )
+    .await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(reply.json()["headers"]["x-tollgate-consumer"], "acme-corp");
     gw.stop().await;
@@ -169,7 +222,10 @@ async fn slow_body_gets_408() {
     let head = format!("POST /v1/slow-upload HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {auth}\r\nContent-Length: 100\r\n\r\nonly-part");
     stream.write_all(head.as_bytes()).await.unwrap();
     let mut response = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut response)).await.expect("answered").unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut response))
+        .await
+        .expect("answered")
+        .unwrap();
     let text = String::from_utf8_lossy(&response[..n]);
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
     assert_eq!(upstream.received(), 0);
@@ -180,7 +236,9 @@ async fn slow_body_gets_408() {
 async fn one_tenants_flood_cannot_take_another_tenants_slots() {
     let upstream = EchoUpstream::start().await;
     let (gw, flooder) = gateway_with_key(&upstream, |s| s.http.tenant_max_in_flight = 4).await;
-    let (other_key, _) = gw.consumer_with_key("globex", json!({"tenantId": "tenant_globex"})).await;
+    let (other_key, _) = gw
+        .consumer_with_key("globex", json!({"tenantId": "tenant_globex"}))
+        .await;
     let other = format!("Bearer {other_key}");
     let url = format!("{}/v1/slow", gw.public);
     let flood: Vec<_> = (0..8)
@@ -201,7 +259,11 @@ async fn one_tenants_flood_cannot_take_another_tenants_slots() {
         statuses.push(task.await.unwrap());
     }
     // Route timeout is 30 s, the slow path 3 s: admitted ones succeed, the rest were refused.
-    assert_eq!(statuses.iter().filter(|s| **s == 504 || **s == 200).count(), 4, "{statuses:?}");
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 504 || **s == 200).count(),
+        4,
+        "{statuses:?}"
+    );
     assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 4, "{statuses:?}");
     gw.stop().await;
 }

@@ -19,7 +19,9 @@ fn start(settings: tollgate_meter_consumer::MeterSettings) -> (Shutdown, tokio::
     let task = tokio::spawn({
         let shutdown = shutdown.clone();
         async move {
-            tollgate_meter_consumer::run(settings, shutdown).await.expect("meter-consumer runs");
+            tollgate_meter_consumer::run(settings, shutdown)
+                .await
+                .expect("meter-consumer runs");
         }
     });
     (shutdown, task)
@@ -40,7 +42,13 @@ async fn hundred_thousand_events_counted_once_in_raw_and_every_rollup() {
     produce(&producer(&env.brokers), &env.usage, &workload.events, None).await;
 
     let consumer = start(env.settings(&env.clickhouse, 20_000, 500));
-    assert_exact(&env.client(), &workload.totals, workload.count, Duration::from_secs(120)).await;
+    assert_exact(
+        &env.client(),
+        &workload.totals,
+        workload.count,
+        Duration::from_secs(120),
+    )
+    .await;
     stop(consumer).await;
     env.drop_database().await;
 }
@@ -99,7 +107,11 @@ async fn poison_records_are_dead_lettered_and_every_good_one_lands() {
         if let Some(payload) = payload {
             record = record.payload(payload.as_slice());
         }
-        producer.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| e).expect("acked");
+        producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .map_err(|(e, _)| e)
+            .expect("acked");
         expected_kinds.push(*kind);
     }
 
@@ -114,12 +126,22 @@ async fn poison_records_are_dead_lettered_and_every_good_one_lands() {
     assert_eq!(kinds, expected_kinds, "one dead letter per poison record");
     for (headers, _) in &letters {
         assert_eq!(headers["tollgate-source-topic"], env.usage);
-        assert!(headers["tollgate-source-partition"].parse::<i32>().is_ok(), "{headers:?}");
+        assert!(
+            headers["tollgate-source-partition"].parse::<i32>().is_ok(),
+            "{headers:?}"
+        );
         assert!(headers["tollgate-source-offset"].parse::<i64>().is_ok(), "{headers:?}");
         assert!(!headers["tollgate-dlq-reason"].is_empty(), "{headers:?}");
     }
-    let garbage = letters.iter().find(|(h, _)| h["tollgate-dlq-kind"] == "too_short").expect("garbage letter");
-    assert_eq!(garbage.1.as_deref(), Some(&b"garbage"[..]), "the original payload is kept");
+    let garbage = letters
+        .iter()
+        .find(|(h, _)| h["tollgate-dlq-kind"] == "too_short")
+        .expect("garbage letter");
+    assert_eq!(
+        garbage.1.as_deref(),
+        Some(&b"garbage"[..]),
+        "the original payload is kept"
+    );
     env.drop_database().await;
 }
 

@@ -57,9 +57,18 @@ async fn consumers_and_key_audit_are_mirrored_and_joined_by_the_invoice_preview(
     let env = Env::new("meter_keys", 1).await;
     let producer = producer(&env.brokers);
     let records: Vec<(String, Option<Vec<u8>>)> = vec![
-        ("consumer/c1".into(), Some(encode(&consumer("c1", "tenant_1", "cus_old", 1)))),
-        ("consumer/c1".into(), Some(encode(&consumer("c1", "tenant_1", "cus_new", 2)))),
-        ("consumer/c2".into(), Some(encode(&consumer("c2", "tenant_2", "cus_two", 1)))),
+        (
+            "consumer/c1".into(),
+            Some(encode(&consumer("c1", "tenant_1", "cus_old", 1))),
+        ),
+        (
+            "consumer/c1".into(),
+            Some(encode(&consumer("c1", "tenant_1", "cus_new", 2))),
+        ),
+        (
+            "consumer/c2".into(),
+            Some(encode(&consumer("c2", "tenant_2", "cus_two", 1))),
+        ),
         ("consumer/c2".into(), None),
         ("key/key_1".into(), Some(encode(&key(1, false)))),
         ("key/key_1".into(), Some(encode(&key(2, true)))),
@@ -69,7 +78,11 @@ async fn consumers_and_key_audit_are_mirrored_and_joined_by_the_invoice_preview(
         if let Some(payload) = payload {
             record = record.payload(payload.as_slice());
         }
-        producer.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| e).expect("acked");
+        producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .map_err(|(e, _)| e)
+            .expect("acked");
     }
     let workload = Workload::new(6, 500);
     produce(&producer, &env.usage, &workload.events, None).await;
@@ -92,8 +105,16 @@ async fn consumers_and_key_audit_are_mirrored_and_joined_by_the_invoice_preview(
     assert_eq!(
         live,
         vec![
-            Live { consumer_id: "c1".into(), stripe_customer_id: "cus_new".into(), deleted: 0 },
-            Live { consumer_id: "c2".into(), stripe_customer_id: "cus_two".into(), deleted: 1 },
+            Live {
+                consumer_id: "c1".into(),
+                stripe_customer_id: "cus_new".into(),
+                deleted: 0
+            },
+            Live {
+                consumer_id: "c2".into(),
+                stripe_customer_id: "cus_two".into(),
+                deleted: 1
+            },
         ]
     );
     let actions = tollgate_tests::eventually("key audit mirrored", Duration::from_secs(60), || async {
@@ -107,7 +128,10 @@ async fn consumers_and_key_audit_are_mirrored_and_joined_by_the_invoice_preview(
     .await;
     assert_eq!(
         actions,
-        vec![("created".to_owned(), "ops@example.com".to_owned()), ("revoked".to_owned(), "ops@example.com".to_owned())]
+        vec![
+            ("created".to_owned(), "ops@example.com".to_owned()),
+            ("revoked".to_owned(), "ops@example.com".to_owned())
+        ]
     );
     support::assert_exact(&client, &workload.totals, workload.count, Duration::from_secs(60)).await;
     let customers: Vec<String> = client

@@ -41,14 +41,18 @@ enum Consumers {
         meta: Vec<(String, String)>,
     },
     List,
-    Get { name: String },
+    Get {
+        name: String,
+    },
     /// Sets metadata fields (`key=value`), or removes them (`key=`).
     Update {
         name: String,
         #[arg(long = "meta", value_parser = parse_meta)]
         meta: Vec<(String, String)>,
     },
-    Delete { name: String },
+    Delete {
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -62,7 +66,9 @@ enum Keys {
         #[arg(long)]
         expires_on: Option<String>,
     },
-    List { consumer: String },
+    List {
+        consumer: String,
+    },
     /// Issues a new key; the current ones keep working until `--expires-on`.
     Roll {
         consumer: String,
@@ -70,7 +76,10 @@ enum Keys {
         expires_on: String,
     },
     /// Revokes a key at once, on every gateway.
-    Revoke { consumer: String, id: String },
+    Revoke {
+        consumer: String,
+        id: String,
+    },
 }
 
 fn parse_meta(s: &str) -> Result<(String, String), String> {
@@ -83,7 +92,16 @@ fn parse_meta(s: &str) -> Result<(String, String), String> {
 fn meta_object(meta: Vec<(String, String)>, empty_removes: bool) -> Value {
     let map: Map<String, Value> = meta
         .into_iter()
-        .map(|(k, v)| (k, if v.is_empty() && empty_removes { Value::Null } else { Value::String(v) }))
+        .map(|(k, v)| {
+            (
+                k,
+                if v.is_empty() && empty_removes {
+                    Value::Null
+                } else {
+                    Value::String(v)
+                },
+            )
+        })
         .collect();
     Value::Object(map)
 }
@@ -97,18 +115,34 @@ async fn main() -> ExitCode {
     };
     let path = |p: &str| format!("{}/v1/consumers{p}", cli.admin_url.trim_end_matches('/'));
     let (method, url, body) = match cli.command {
-        Command::Consumers(Consumers::Create { name, meta }) => (Method::POST, path(""), Some(json!({"name": name, "metadata": meta_object(meta, false)}))),
+        Command::Consumers(Consumers::Create { name, meta }) => (
+            Method::POST,
+            path(""),
+            Some(json!({"name": name, "metadata": meta_object(meta, false)})),
+        ),
         Command::Consumers(Consumers::List) => (Method::GET, path(""), None),
         Command::Consumers(Consumers::Get { name }) => (Method::GET, path(&format!("/{name}")), None),
-        Command::Consumers(Consumers::Update { name, meta }) => (Method::PATCH, path(&format!("/{name}")), Some(json!({"metadata": meta_object(meta, true)}))),
+        Command::Consumers(Consumers::Update { name, meta }) => (
+            Method::PATCH,
+            path(&format!("/{name}")),
+            Some(json!({"metadata": meta_object(meta, true)})),
+        ),
         Command::Consumers(Consumers::Delete { name }) => (Method::DELETE, path(&format!("/{name}")), None),
-        Command::Keys(Keys::Create { consumer, description, expires_on }) => (
+        Command::Keys(Keys::Create {
+            consumer,
+            description,
+            expires_on,
+        }) => (
             Method::POST,
             path(&format!("/{consumer}/keys")),
             Some(json!({"description": description, "expiresOn": expires_on})),
         ),
         Command::Keys(Keys::List { consumer }) => (Method::GET, path(&format!("/{consumer}/keys")), None),
-        Command::Keys(Keys::Roll { consumer, expires_on }) => (Method::POST, path(&format!("/{consumer}/roll-key")), Some(json!({"expiresOn": expires_on}))),
+        Command::Keys(Keys::Roll { consumer, expires_on }) => (
+            Method::POST,
+            path(&format!("/{consumer}/roll-key")),
+            Some(json!({"expiresOn": expires_on})),
+        ),
         Command::Keys(Keys::Revoke { consumer, id }) => (Method::DELETE, path(&format!("/{consumer}/keys/{id}")), None),
     };
     match call(method, &url, &token, body).await {
@@ -121,7 +155,12 @@ async fn main() -> ExitCode {
         Ok((status, text)) => {
             let detail = serde_json::from_str::<Value>(&text)
                 .ok()
-                .and_then(|v| v.get("detail").or(v.get("title")).and_then(Value::as_str).map(str::to_owned))
+                .and_then(|v| {
+                    v.get("detail")
+                        .or(v.get("title"))
+                        .and_then(Value::as_str)
+                        .map(str::to_owned)
+                })
                 .unwrap_or(text);
             eprintln!("tollgate: {status}: {detail}");
             ExitCode::FAILURE
@@ -141,7 +180,8 @@ async fn call(method: Method, url: &str, token: &str, body: Option<Value>) -> Re
         }
         v
     });
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<Bytes>>();
     let request = Request::builder()
         .method(method)
         .uri(url)
@@ -149,8 +189,16 @@ async fn call(method: Method, url: &str, token: &str, body: Option<Value>) -> Re
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body.map(|b| b.to_string()).unwrap_or_default())))
         .map_err(|e| e.to_string())?;
-    let response = client.request(request).await.map_err(|e| format!("cannot reach the admin API: {e}"))?;
+    let response = client
+        .request(request)
+        .await
+        .map_err(|e| format!("cannot reach the admin API: {e}"))?;
     let status = response.status().as_u16();
-    let bytes = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
     Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
 }

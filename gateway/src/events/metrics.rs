@@ -30,7 +30,10 @@ impl EventMetrics {
     pub fn new(recorder: &dyn Recorder) -> Self {
         let counter = |name: &'static str| recorder.register_counter(&Key::from_static_name(name), &METADATA);
         let dropped = |reason: &'static str| {
-            recorder.register_counter(&Key::from_parts("gateway_events_dropped_total", vec![Label::new("reason", reason)]), &METADATA)
+            recorder.register_counter(
+                &Key::from_parts("gateway_events_dropped_total", vec![Label::new("reason", reason)]),
+                &METADATA,
+            )
         };
         use tollgate_schemas::Outcome;
         let requests = [
@@ -42,7 +45,10 @@ impl EventMetrics {
             Outcome::Rejected,
         ]
         .map(|outcome| {
-            let key = Key::from_parts("gateway_requests_total", vec![Label::new("outcome", outcome.as_str().to_ascii_lowercase())]);
+            let key = Key::from_parts(
+                "gateway_requests_total",
+                vec![Label::new("outcome", outcome.as_str().to_ascii_lowercase())],
+            );
             (outcome, recorder.register_counter(&key, &METADATA))
         });
         Self {
@@ -57,7 +63,8 @@ impl EventMetrics {
             dropped_closed: dropped("closed"),
             queue_depth: recorder.register_gauge(&Key::from_static_name("gateway_events_queue_depth"), &METADATA),
             replay_pending: recorder.register_gauge(&Key::from_static_name("gateway_events_replay_pending"), &METADATA),
-            delivery_seconds: recorder.register_histogram(&Key::from_static_name("gateway_events_delivery_seconds"), &METADATA),
+            delivery_seconds: recorder
+                .register_histogram(&Key::from_static_name("gateway_events_delivery_seconds"), &METADATA),
             last_drop_log: Mutex::new(None),
         }
     }

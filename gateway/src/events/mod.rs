@@ -130,9 +130,19 @@ impl EventSettings {
             return Err(Invalid::new("events.spool_dir", &self.spool_dir, "a directory path"));
         }
         in_range("events.segment_bytes", self.segment_bytes, 4096, 1 << 30)?;
-        in_range("events.max_spool_bytes", self.max_spool_bytes, self.segment_bytes, 1 << 40)?;
+        in_range(
+            "events.max_spool_bytes",
+            self.max_spool_bytes,
+            self.segment_bytes,
+            1 << 40,
+        )?;
         in_range("events.fsync_interval_ms", self.fsync_interval_ms, 1, 60_000)?;
-        in_range("events.billable_below_status", u64::from(self.billable_below_status), 100, 600)?;
+        in_range(
+            "events.billable_below_status",
+            u64::from(self.billable_below_status),
+            100,
+            600,
+        )?;
         in_range("events.shutdown_flush_ms", self.shutdown_flush_ms, 0, 600_000)?;
         Ok(())
     }
@@ -218,7 +228,12 @@ struct ShipperControl {
 }
 
 /// Opens the spool, starts the writer and the shipper.
-pub fn start(settings: EventSettings, kafka: &KafkaSettings, topic: &str, metrics: Arc<EventMetrics>) -> Result<(UsageSink, UsagePipeline), EventError> {
+pub fn start(
+    settings: EventSettings,
+    kafka: &KafkaSettings,
+    topic: &str,
+    metrics: Arc<EventMetrics>,
+) -> Result<(UsageSink, UsagePipeline), EventError> {
     let dir = PathBuf::from(&settings.spool_dir);
     let spool_error = |source| EventError::Spool {
         dir: settings.spool_dir.clone(),
@@ -255,19 +270,29 @@ pub fn start(settings: EventSettings, kafka: &KafkaSettings, topic: &str, metric
         let (settings, metrics, control) = (Arc::clone(&settings), Arc::clone(&metrics), Arc::clone(&control));
         move || write_loop(writer, rx, &settings, &metrics, &control.written)
     });
-    let shipper_task = tokio::spawn(ship_loop(reader, producer, topic.to_owned(), Arc::clone(&metrics), Arc::clone(&control), recovery.pending_records));
+    let shipper_task = tokio::spawn(ship_loop(
+        reader,
+        producer,
+        topic.to_owned(),
+        Arc::clone(&metrics),
+        Arc::clone(&control),
+        recovery.pending_records,
+    ));
     let sink = UsageSink {
         tx: Some(tx.clone()),
         watermark,
         settings: Arc::clone(&settings),
         metrics,
     };
-    Ok((sink, UsagePipeline {
-        tx,
-        shipper: shipper_task,
-        control,
-        settings,
-    }))
+    Ok((
+        sink,
+        UsagePipeline {
+            tx,
+            shipper: shipper_task,
+            control,
+            settings,
+        },
+    ))
 }
 
 impl UsagePipeline {
@@ -308,7 +333,13 @@ fn split_record(record: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((key, &record[2 + len..]))
 }
 
-fn write_loop(mut writer: SpoolWriter, mut rx: mpsc::UnboundedReceiver<Command>, settings: &EventSettings, metrics: &EventMetrics, written: &Notify) {
+fn write_loop(
+    mut writer: SpoolWriter,
+    mut rx: mpsc::UnboundedReceiver<Command>,
+    settings: &EventSettings,
+    metrics: &EventMetrics,
+    written: &Notify,
+) {
     let mut last_sync = Instant::now();
     let interval = Duration::from_millis(settings.fsync_interval_ms);
     while let Some(first) = rx.blocking_recv() {
@@ -335,7 +366,9 @@ fn write_loop(mut writer: SpoolWriter, mut rx: mpsc::UnboundedReceiver<Command>,
                 command = rx.try_recv().ok();
             }
         }
-        let sync = !syncs.is_empty() || settings.fsync == FsyncPolicy::Always || (settings.fsync == FsyncPolicy::Interval && last_sync.elapsed() >= interval);
+        let sync = !syncs.is_empty()
+            || settings.fsync == FsyncPolicy::Always
+            || (settings.fsync == FsyncPolicy::Interval && last_sync.elapsed() >= interval);
         match writer.flush(sync) {
             Ok(()) => metrics.spooled.increment(appended),
             Err(err) => metrics.log_drop(&err),
@@ -352,7 +385,14 @@ fn write_loop(mut writer: SpoolWriter, mut rx: mpsc::UnboundedReceiver<Command>,
     written.notify_one();
 }
 
-async fn ship_loop(mut reader: SpoolReader, producer: FutureProducer, topic: String, metrics: Arc<EventMetrics>, control: Arc<ShipperControl>, mut from_earlier_run: u64) {
+async fn ship_loop(
+    mut reader: SpoolReader,
+    producer: FutureProducer,
+    topic: String,
+    metrics: Arc<EventMetrics>,
+    control: Arc<ShipperControl>,
+    mut from_earlier_run: u64,
+) {
     loop {
         let batch = match reader.read_batch(2000) {
             Ok(batch) => batch,
@@ -416,7 +456,10 @@ async fn produce_all(producer: &FutureProducer, topic: &str, records: &[Vec<u8>]
                     deliveries.push(delivery);
                     break;
                 }
-                Err((rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), _)) => {
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                    _,
+                )) => {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 Err((err, _)) => return Err(err.to_string()),

@@ -146,18 +146,31 @@ pub fn open(dir: &Path, segment_bytes: u64) -> io::Result<(SpoolWriter, SpoolRea
         }
         let bytes = fs::read(segment_path(dir, *segment))?;
         let (records, end, _) = scan(&bytes);
-        let from = if *segment == position.segment { position.offset as usize } else { 0 };
+        let from = if *segment == position.segment {
+            position.offset as usize
+        } else {
+            0
+        };
         recovery.pending_records += records.iter().filter(|r| r.start >= from + HEADER).count() as u64;
         pending_bytes += (end.saturating_sub(from)) as u64;
         if Some(segment) == existing.last() && end < bytes.len() {
             recovery.truncated_bytes = (bytes.len() - end) as u64;
-            OpenOptions::new().write(true).open(segment_path(dir, *segment))?.set_len(end as u64)?;
+            OpenOptions::new()
+                .write(true)
+                .open(segment_path(dir, *segment))?
+                .set_len(end as u64)?;
         }
     }
     // Appends always start a fresh segment: the previous run's last one is never reopened for
     // writing, so a damaged tail can only ever be at the end of a file.
-    let segment = existing.last().map_or(position.segment.max(1), |s| s + 1).max(position.segment);
-    let file = OpenOptions::new().create(true).append(true).open(segment_path(dir, segment))?;
+    let segment = existing
+        .last()
+        .map_or(position.segment.max(1), |s| s + 1)
+        .max(position.segment);
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(segment_path(dir, segment))?;
     let watermark = Arc::new(Watermark::default());
     watermark.set(Position { segment, offset: 0 });
     watermark.pending_bytes.store(pending_bytes, Ordering::Release);
@@ -189,13 +202,18 @@ impl SpoolWriter {
         if self.offset >= self.segment_bytes {
             self.rotate()?;
         }
-        let len = u32::try_from(payload.len()).ok().filter(|l| *l <= MAX_RECORD).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "record too large"))?;
+        let len = u32::try_from(payload.len())
+            .ok()
+            .filter(|l| *l <= MAX_RECORD)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "record too large"))?;
         self.file.write_all(&MAGIC)?;
         self.file.write_all(&len.to_le_bytes())?;
         self.file.write_all(&crc32fast::hash(payload).to_le_bytes())?;
         self.file.write_all(payload)?;
         self.offset += (HEADER + payload.len()) as u64;
-        self.watermark.pending_bytes.fetch_add((HEADER + payload.len()) as u64, Ordering::AcqRel);
+        self.watermark
+            .pending_bytes
+            .fetch_add((HEADER + payload.len()) as u64, Ordering::AcqRel);
         Ok(())
     }
 
@@ -217,7 +235,10 @@ impl SpoolWriter {
         self.flush(true)?;
         self.segment += 1;
         self.offset = 0;
-        let file = OpenOptions::new().create(true).append(true).open(segment_path(&self.dir, self.segment))?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(segment_path(&self.dir, self.segment))?;
         self.file = BufWriter::with_capacity(256 * 1024, file);
         self.watermark.set(Position {
             segment: self.segment,
@@ -283,10 +304,17 @@ impl SpoolReader {
                 at.offset = next_offset;
                 break;
             }
-            at = Position { segment: at.segment + 1, offset: 0 };
+            at = Position {
+                segment: at.segment + 1,
+                offset: 0,
+            };
         }
         self.skipped += skipped;
-        Ok(Batch { records, next: at, skipped })
+        Ok(Batch {
+            records,
+            next: at,
+            skipped,
+        })
     }
 
     /// Records that everything before `next` is in Kafka: persists the position and deletes
@@ -299,7 +327,12 @@ impl SpoolReader {
             let _ = fs::remove_file(segment_path(&self.dir, segment));
         }
         self.position = next;
-        let _ = self.watermark.pending_bytes.fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| Some(p.saturating_sub(shipped_bytes)));
+        let _ = self
+            .watermark
+            .pending_bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| {
+                Some(p.saturating_sub(shipped_bytes))
+            });
         Ok(())
     }
 

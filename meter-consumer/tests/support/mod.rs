@@ -111,7 +111,12 @@ listen = "127.0.0.1:0"
         )
     }
 
-    pub fn settings(&self, clickhouse_url: &str, max_rows: u64, max_wait_ms: u64) -> tollgate_meter_consumer::MeterSettings {
+    pub fn settings(
+        &self,
+        clickhouse_url: &str,
+        max_rows: u64,
+        max_wait_ms: u64,
+    ) -> tollgate_meter_consumer::MeterSettings {
         tollgate_runtime::settings::from_str_with_env(
             &self.settings_toml(clickhouse_url, max_rows, max_wait_ms),
             "test settings",
@@ -139,14 +144,19 @@ listen = "127.0.0.1:0"
 }
 
 pub async fn create_topics(brokers: &str, topics: &[(&str, i32)]) {
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", brokers).create().expect("admin client");
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("admin client");
     let new: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1)))
         .collect();
     let results = admin
-        .create_topics(&new, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))))
+        .create_topics(
+            &new,
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
         .await
         .expect("create_topics request");
     for result in results {
@@ -208,7 +218,11 @@ impl Workload {
             if n % 4 == 0 {
                 units.insert("response_bytes".to_owned(), (n % 1_000) as i64 * 10);
             }
-            let timestamp_ms = if late_runs && (i / 1_000) % 20 == 7 { now_ms - 40 * 86_400_000 } else { now_ms - (n % 600_000) as i64 };
+            let timestamp_ms = if late_runs && (i / 1_000) % 20 == 7 {
+                now_ms - 40 * 86_400_000
+            } else {
+                now_ms - (n % 600_000) as i64
+            };
             let event = UsageEvent {
                 event_id: uuid::Uuid::now_v7(),
                 timestamp_ms,
@@ -260,7 +274,11 @@ pub async fn produce(producer: &FutureProducer, topic: &str, records: &[(String,
             pending.push(producer.send_result(record).map_err(|(e, _)| e).expect("enqueued"));
         }
         for delivery in pending {
-            delivery.await.expect("delivery reported").map_err(|(e, _)| e).expect("broker acked the event");
+            delivery
+                .await
+                .expect("delivery reported")
+                .map_err(|(e, _)| e)
+                .expect("broker acked the event");
         }
         if let Some(rate) = rate {
             let due = Duration::from_secs_f64(((i + 1) * 2_000) as f64 / rate as f64);
@@ -298,7 +316,13 @@ pub async fn totals(client: &clickhouse::Client, table: &str) -> Totals {
         .collect()
 }
 
-pub const TOTAL_TABLES: [&str; 5] = ["usage_events", "usage_meter_minute", "usage_meter_hour", "usage_meter_day", "usage_daily"];
+pub const TOTAL_TABLES: [&str; 5] = [
+    "usage_events",
+    "usage_meter_minute",
+    "usage_meter_hour",
+    "usage_meter_day",
+    "usage_daily",
+];
 
 /// Rows in the raw table, and rows whose event id appears more than once.
 pub async fn raw_counts(client: &clickhouse::Client) -> (u64, u64) {
@@ -355,7 +379,10 @@ pub async fn assert_exact(client: &clickhouse::Client, expected: &Totals, count:
 pub async fn wait_for_rows(client: &clickhouse::Client, rows: u64, deadline: Duration) {
     let started = Instant::now();
     while raw_counts(client).await.0 < rows {
-        assert!(started.elapsed() < deadline, "{rows} rows not stored within {deadline:?}");
+        assert!(
+            started.elapsed() < deadline,
+            "{rows} rows not stored within {deadline:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -370,7 +397,10 @@ pub struct CuttableProxy {
 
 impl CuttableProxy {
     pub async fn start(target_url: &str) -> Self {
-        let target = target_url.trim_start_matches("http://").trim_end_matches('/').to_owned();
+        let target = target_url
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_owned();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let url = format!("http://{}", listener.local_addr().unwrap());
         let up = Arc::new(AtomicBool::new(true));
@@ -378,7 +408,9 @@ impl CuttableProxy {
         let up_accept = up.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else { continue };
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    continue;
+                };
                 if !up_accept.load(Ordering::SeqCst) {
                     drop(inbound);
                     continue;
@@ -387,7 +419,9 @@ impl CuttableProxy {
                 let mut cut_rx = cut_rx.clone();
                 cut_rx.borrow_and_update();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else { return };
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
                         _ = cut_rx.changed() => {}
@@ -410,7 +444,12 @@ impl CuttableProxy {
 
 /// Every record on `topic` (a fresh group reading from the start) until `count` arrived or
 /// `deadline` passed: (headers, payload).
-pub async fn read_topic(brokers: &str, topic: &str, count: usize, deadline: Duration) -> Vec<(HashMap<String, String>, Option<Vec<u8>>)> {
+pub async fn read_topic(
+    brokers: &str,
+    topic: &str,
+    count: usize,
+    deadline: Duration,
+) -> Vec<(HashMap<String, String>, Option<Vec<u8>>)> {
     use rdkafka::consumer::{Consumer, StreamConsumer};
     use rdkafka::message::Headers;
     use rdkafka::Message;
@@ -425,11 +464,16 @@ pub async fn read_topic(brokers: &str, topic: &str, count: usize, deadline: Dura
     let started = Instant::now();
     let mut out = Vec::new();
     while out.len() < count && started.elapsed() < deadline {
-        let Ok(Ok(message)) = tokio::time::timeout(Duration::from_millis(500), consumer.recv()).await else { continue };
+        let Ok(Ok(message)) = tokio::time::timeout(Duration::from_millis(500), consumer.recv()).await else {
+            continue;
+        };
         let mut headers = HashMap::new();
         if let Some(h) = message.headers() {
             for header in h.iter() {
-                let value = header.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default();
+                let value = header
+                    .value
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_default();
                 headers.insert(header.key.to_owned(), value);
             }
         }

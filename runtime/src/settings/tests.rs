@@ -110,34 +110,44 @@ fn typo_in_file_names_the_field() {
 
 #[test]
 fn typo_in_overlay_names_the_variable() {
-    let err = load_with(FILE, &[("TOLLGATE_KAFKA__BROKRS", "x:1")]).unwrap_err().to_string();
+    let err = load_with(FILE, &[("TOLLGATE_KAFKA__BROKRS", "x:1")])
+        .unwrap_err()
+        .to_string();
     assert!(err.starts_with("TOLLGATE_KAFKA__BROKRS: "), "{err}");
     assert!(err.contains("unknown field `brokrs`"), "{err}");
 }
 
 #[test]
 fn overlay_for_a_section_the_service_lacks_is_an_error() {
-    let err = load_with(FILE, &[("TOLLGATE_STRIPE__API_BASE", "http://x")]).unwrap_err().to_string();
+    let err = load_with(FILE, &[("TOLLGATE_STRIPE__API_BASE", "http://x")])
+        .unwrap_err()
+        .to_string();
     assert!(err.starts_with("TOLLGATE_STRIPE__API_BASE: "), "{err}");
     assert!(err.contains("unknown field `stripe`"), "{err}");
 }
 
 #[test]
 fn bad_type_in_overlay_names_the_variable() {
-    let err = load_with(FILE, &[("TOLLGATE_KAFKA__CONNECT_TIMEOUT_MS", "soon")]).unwrap_err().to_string();
+    let err = load_with(FILE, &[("TOLLGATE_KAFKA__CONNECT_TIMEOUT_MS", "soon")])
+        .unwrap_err()
+        .to_string();
     assert!(err.starts_with("TOLLGATE_KAFKA__CONNECT_TIMEOUT_MS: "), "{err}");
     assert!(err.contains("kafka.connect_timeout_ms"), "{err}");
 }
 
 #[test]
 fn overlay_into_a_scalar_is_refused() {
-    let err = load_with(FILE, &[("TOLLGATE_KAFKA__BROKERS__HOST", "x")]).unwrap_err().to_string();
+    let err = load_with(FILE, &[("TOLLGATE_KAFKA__BROKERS__HOST", "x")])
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("`kafka.brokers` is not a table"), "{err}");
 }
 
 #[test]
 fn validation_error_names_field_value_and_allowed() {
-    let err = load_with(FILE, &[("TOLLGATE_PUBLIC__LISTEN", "localhost")]).unwrap_err().to_string();
+    let err = load_with(FILE, &[("TOLLGATE_PUBLIC__LISTEN", "localhost")])
+        .unwrap_err()
+        .to_string();
     assert_eq!(
         err,
         "TOLLGATE_PUBLIC__LISTEN: setting `public.listen`: found \"localhost\", expected an address like 127.0.0.1:8080"
@@ -158,7 +168,9 @@ fn syntax_error_names_the_file() {
 
 #[test]
 fn missing_file_names_the_path() {
-    let err = load::<Sample>(Path::new("/nonexistent/tollgate.toml")).unwrap_err().to_string();
+    let err = load::<Sample>(Path::new("/nonexistent/tollgate.toml"))
+        .unwrap_err()
+        .to_string();
     assert!(err.starts_with("/nonexistent/tollgate.toml: cannot read"), "{err}");
 }
 
@@ -211,7 +223,12 @@ upstream = "http://127.0.0.1:8091"
 
 #[test]
 fn overlay_enters_a_list_of_tables_by_index() {
-    let s: WithRoutes = from_str_with_env(ROUTES, "g.toml", env(&[("TOLLGATE_ROUTES__1__UPSTREAM", "http://upstream:80")])).unwrap();
+    let s: WithRoutes = from_str_with_env(
+        ROUTES,
+        "g.toml",
+        env(&[("TOLLGATE_ROUTES__1__UPSTREAM", "http://upstream:80")]),
+    )
+    .unwrap();
     assert_eq!(s.routes[0].upstream, "http://127.0.0.1:8090");
     assert_eq!(s.routes[1].upstream, "http://upstream:80");
     assert_eq!(s.routes[1].path, "/v2/");
@@ -219,7 +236,11 @@ fn overlay_enters_a_list_of_tables_by_index() {
 
 #[test]
 fn overlay_with_index_out_of_range_or_missing_is_refused() {
-    for var in ["TOLLGATE_ROUTES__2__UPSTREAM", "TOLLGATE_ROUTES__UPSTREAM", "TOLLGATE_ROUTES__X__UPSTREAM"] {
+    for var in [
+        "TOLLGATE_ROUTES__2__UPSTREAM",
+        "TOLLGATE_ROUTES__UPSTREAM",
+        "TOLLGATE_ROUTES__X__UPSTREAM",
+    ] {
         let err = from_str_with_env::<WithRoutes>(ROUTES, "g.toml", env(&[(var, "http://x")]))
             .unwrap_err()
             .to_string();

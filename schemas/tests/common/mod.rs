@@ -44,15 +44,7 @@ pub fn usage_event() -> impl Strategy<Value = UsageEvent> {
         |(
             (event_id, timestamp_ms, tenant_id, consumer, key_id, plan),
             (route, method, status, outcome, billable),
-            (
-                units,
-                request_bytes,
-                response_bytes,
-                latency_ms,
-                upstream_latency_ms,
-                gateway_id,
-                request_id,
-            ),
+            (units, request_bytes, response_bytes, latency_ms, upstream_latency_ms, gateway_id, request_id),
         )| UsageEvent {
             event_id,
             timestamp_ms,
@@ -122,15 +114,7 @@ pub fn api_key_record() -> impl Strategy<Value = ApiKeyRecord> {
         .prop_map(
             |(
                 (id, consumer_id, consumer_name, prefix, secret_sha256, description),
-                (
-                    labels,
-                    created_at_ms,
-                    expires_at_ms,
-                    revoked_at_ms,
-                    rolled_from,
-                    version,
-                    updated_by,
-                ),
+                (labels, created_at_ms, expires_at_ms, revoked_at_ms, rolled_from, version, updated_by),
             )| ApiKeyRecord {
                 id,
                 consumer_id,

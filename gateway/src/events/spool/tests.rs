@@ -5,7 +5,11 @@ use proptest::prelude::*;
 use super::*;
 
 fn tempdir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("tollgate-spool-{name}-{}-{}", std::process::id(), uuid::Uuid::now_v7().simple()));
+    let dir = std::env::temp_dir().join(format!(
+        "tollgate-spool-{name}-{}-{}",
+        std::process::id(),
+        uuid::Uuid::now_v7().simple()
+    ));
     fs::create_dir_all(&dir).unwrap();
     dir
 }
@@ -72,7 +76,10 @@ fn a_record_cut_short_by_a_crash_is_dropped_at_open_and_whole_ones_recovered() {
     let segment = segments(&dir).unwrap()[0];
     drop(w);
     // A crash mid-write: half of a sixth record.
-    let mut file = OpenOptions::new().append(true).open(segment_path(&dir, segment)).unwrap();
+    let mut file = OpenOptions::new()
+        .append(true)
+        .open(segment_path(&dir, segment))
+        .unwrap();
     file.write_all(&MAGIC).unwrap();
     file.write_all(&30u32.to_le_bytes()).unwrap();
     file.write_all(&[1, 2, 3]).unwrap();
