@@ -14,9 +14,10 @@ use metrics::Counter;
 use stripe::{IdempotencyKey, RequestStrategy, StripeRequest};
 use stripe_billing::billing_meter_event::CreateBillingMeterEvent;
 use tokio::sync::{Mutex, OwnedMutexGuard, Semaphore};
+use tollgate_runtime::backoff::Backoff;
 use tollgate_runtime::shutdown::Shutdown;
 
-use crate::retry::{classify, Backoff, RateLimiter, Verdict};
+use crate::retry::{classify, RateLimiter, Verdict};
 use crate::settings::StripeSettings;
 use crate::stripe::StripeApi;
 use crate::window;

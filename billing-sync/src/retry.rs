@@ -5,7 +5,6 @@
 //! identifier, same `Idempotency-Key`); retrying a refusal forever is not: bad data is never
 //! retried (vector's `ClickhouseRetryLogic` draws the same line).
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::stripe::StripeCallError;
@@ -43,48 +42,6 @@ pub fn classify(err: &StripeCallError) -> Verdict {
             Verdict::Retry { after: None, reason }
         }
     }
-}
-
-/// Capped exponential backoff with jitter.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    pub initial: Duration,
-    pub max: Duration,
-}
-
-impl Backoff {
-    /// The wait before attempt `attempt + 1` (`attempt` ≥ 1 have failed): a random point in
-    /// the upper half of `initial · 2^(attempt-1)`, capped at `max`, and never shorter than
-    /// what `Retry-After` asked for (the pusher defers a push asking for more than `max`).
-    pub fn delay(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
-        let exp = self
-            .initial
-            .saturating_mul(1u32 << attempt.saturating_sub(1).min(20))
-            .min(self.max);
-        let half = exp / 2;
-        let jittered = half + half.mul_f64(unit_random());
-        match retry_after {
-            Some(asked) => jittered.max(asked),
-            None => jittered,
-        }
-    }
-}
-
-/// A number in [0, 1) from a SplitMix64 sequence seeded by the clock: jitter needs spread
-/// between concurrent pushers, not cryptographic quality.
-fn unit_random() -> f64 {
-    static STATE: AtomicU64 = AtomicU64::new(0);
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or_default();
-    let mut z = STATE
-        .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
-        .wrapping_add(seed);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    (z >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// The global cap on Stripe calls per second: each call takes the next free slot, slots
@@ -159,28 +116,6 @@ mod tests {
     fn stripe_should_retry_overrides_the_status() {
         assert!(matches!(classify(&status(500, Some(false))), Verdict::Fail { .. }));
         assert!(matches!(classify(&status(400, Some(true))), Verdict::Retry { .. }));
-    }
-
-    #[test]
-    fn backoff_grows_is_capped_and_honours_retry_after() {
-        let b = Backoff {
-            initial: Duration::from_millis(100),
-            max: Duration::from_secs(1),
-        };
-        for _ in 0..100 {
-            let d1 = b.delay(1, None);
-            assert!(
-                d1 >= Duration::from_millis(50) && d1 <= Duration::from_millis(100),
-                "{d1:?}"
-            );
-            let d3 = b.delay(3, None);
-            assert!(
-                d3 >= Duration::from_millis(200) && d3 <= Duration::from_millis(400),
-                "{d3:?}"
-            );
-            assert!(b.delay(30, None) <= Duration::from_secs(1));
-            assert!(b.delay(1, Some(Duration::from_secs(3))) >= Duration::from_secs(3));
-        }
     }
 
     #[tokio::test]

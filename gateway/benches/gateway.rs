@@ -101,8 +101,10 @@ fn main() {
             &mut topics,
             &mut spools,
             "usage events off vs on",
-            ("events off:", events_off),
-            ("events on:", &[("TOLLGATE_EVENTS__ENABLED", "true")]),
+            [
+                ("events off:", events_off),
+                ("events on:", &[("TOLLGATE_EVENTS__ENABLED", "true")]),
+            ],
         )
         .await;
         compare_throughput(
@@ -112,15 +114,17 @@ fn main() {
             &mut topics,
             &mut spools,
             "limits off vs on (local backend, two dimensions, events off)",
-            ("limits off:", events_off),
-            (
-                "limits on:",
-                &[
-                    ("TOLLGATE_EVENTS__ENABLED", "false"),
-                    ("TOLLGATE_IDENTITY__DEFAULT_PLAN", "enterprise"),
-                    ("TOLLGATE_PLANS__ENTERPRISE__LIMITS", UNREACHABLE_LIMITS),
-                ],
-            ),
+            [
+                ("limits off:", events_off),
+                (
+                    "limits on:",
+                    &[
+                        ("TOLLGATE_EVENTS__ENABLED", "false"),
+                        ("TOLLGATE_IDENTITY__DEFAULT_PLAN", "enterprise"),
+                        ("TOLLGATE_PLANS__ENTERPRISE__LIMITS", UNREACHABLE_LIMITS),
+                    ],
+                ),
+            ],
         )
         .await;
     });
@@ -471,8 +475,7 @@ async fn compare_throughput(
     topics: &mut Vec<String>,
     spools: &mut Vec<PathBuf>,
     title: &str,
-    (base_label, base_env): Variant<'_>,
-    (measured_label, measured_env): Variant<'_>,
+    [(base_label, base_env), (measured_label, measured_env)]: [Variant<'_>; 2],
 ) {
     println!("\n[4] gateway throughput, {THROUGHPUT_CLIENTS} keep-alive clients, {title}");
     let base = BenchGateway::start(kafka, upstream, base_env, topics, spools).await;

@@ -1,6 +1,9 @@
 //! A whole gateway run, as the real binary, never writes a key or the admin token to its
 //! output: issue keys, use them, use broken ones, revoke, roll, then grep everything it logged.
 
+// Needs the running stack (Kafka, ClickHouse, Redis, stripe-mock): `scripts/stack test`.
+#![cfg(feature = "stack-tests")]
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
@@ -187,22 +190,14 @@ fn http_ready(port: u16) -> Option<()> {
 }
 
 fn create_topic(brokers: &str, topic: &str) {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let results = runtime
-        .block_on(admin.create_topics(
-            &[NewTopic::new(topic, 1, TopicReplication::Fixed(1)).set("cleanup.policy", "compact")],
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-        ))
-        .unwrap();
-    for r in results {
-        r.unwrap();
-    }
+    runtime.block_on(tollgate_test_support::create_topic(
+        brokers,
+        topic,
+        1,
+        &[("cleanup.policy", "compact")],
+    ));
 }

@@ -17,14 +17,12 @@
 //! `TOLLGATE_BENCH_EVENTS` (default 400000) and `TOLLGATE_BENCH_FRESH_RATE` (events/s,
 //! default 5000) size it.
 
-#[path = "../tests/support/mod.rs"]
-mod support;
-
 use std::time::{Duration, Instant};
 
 use support::{produce, producer, Env, Workload};
 use tollgate_meter_consumer::rows::{Origin, UsageRow};
 use tollgate_runtime::shutdown::Shutdown;
+use tollgate_test_support::meter as support;
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -48,7 +46,7 @@ async fn main() {
     let events = env_u64("TOLLGATE_BENCH_EVENTS", 400_000);
     let fresh_rate = env_u64("TOLLGATE_BENCH_FRESH_RATE", 5_000);
     let env = Env::new("meter_bench", 4).await;
-    let settings = env.settings(&env.clickhouse, 50_000, 1_000);
+    let settings: tollgate_meter_consumer::MeterSettings = env.settings(&env.clickhouse, 50_000, 1_000);
     let client = env.client();
 
     // Baseline 1: Kafka produce rate.

@@ -16,11 +16,12 @@ use std::time::Duration;
 
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use tollgate_runtime::backoff::Backoff;
 use tollgate_runtime::kafka::KafkaSettings;
 use tollgate_schemas::DecodeError;
 
 use crate::metrics::Metrics;
-use crate::sink::{Backoff, StopSignal, WriteError};
+use crate::sink::{StopSignal, WriteError};
 
 pub const REASON_HEADER: &str = "tollgate-dlq-reason";
 pub const KIND_HEADER: &str = "tollgate-dlq-kind";
@@ -126,7 +127,7 @@ impl DeadLetters {
                 key: SOURCE_OFFSET_HEADER,
                 value: Some(offset.as_str()),
             });
-        let mut backoff = Backoff::new(self.retry_initial, self.retry_max);
+        let mut backoff = Backoff::new(self.retry_initial, self.retry_max).attempts();
         loop {
             let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic).headers(headers.clone());
             if let Some(key) = letter.key {

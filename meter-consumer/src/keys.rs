@@ -32,13 +32,13 @@ use rdkafka::message::BorrowedMessage;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::Message;
 use serde::Serialize;
+use tollgate_runtime::backoff::Backoff;
 use tollgate_runtime::kafka::KafkaSettings;
 use tollgate_runtime::shutdown::Shutdown;
-use tollgate_schemas::{ApiKeyRecord, AvroRecord, ConsumerRecord};
+use tollgate_schemas::{ApiKeyRecord, AvroRecord, ConsumerRecord, EntityKey};
 
 use crate::dlq::OncePerSecond;
 use crate::metrics::Metrics;
-use crate::sink::Backoff;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeysError {
@@ -287,7 +287,11 @@ impl Mirror {
     }
 
     async fn tombstone(&mut self, key: &str, time_ms: i64, partition: i32, offset: i64) {
-        if let Some(id) = key.strip_prefix("consumer/") {
+        let entity = match EntityKey::parse(key) {
+            Ok(entity) => entity,
+            Err(err) => return self.skip(key, &err.to_string()),
+        };
+        if let EntityKey::Consumer(id) = entity {
             self.flush().await;
             let stored = self.stored_version(id).await;
             let version = stored.max(self.versions.get(id).copied().unwrap_or(0)) + 1;
@@ -307,7 +311,8 @@ impl Mirror {
             row.deleted = 1;
             row.updated_at = seconds(time_ms);
             self.consumers.push(row);
-        } else if let Some(id) = key.strip_prefix("key/") {
+        } else {
+            let id = entity.id();
             self.audit.push(KeyAuditRow {
                 key_id: id.to_owned(),
                 consumer_id: String::new(),
@@ -322,15 +327,13 @@ impl Mirror {
                 kafka_partition: partition as u32,
                 kafka_offset: offset as u64,
             });
-        } else {
-            self.skip(key, "tombstone with an unknown key");
         }
     }
 
     /// The highest version ClickHouse holds for consumer `id` (0 when none), retried until
     /// ClickHouse answers or shutdown.
     async fn stored_version(&self, id: &str) -> i64 {
-        let mut backoff = Backoff::new(self.backoff.0, self.backoff.1);
+        let mut backoff = Backoff::new(self.backoff.0, self.backoff.1).attempts();
         loop {
             let result = self
                 .client
@@ -352,7 +355,7 @@ impl Mirror {
     /// Writes what is buffered, retrying until ClickHouse takes it (the writes are
     /// idempotent, so a retry after an unclear failure is harmless) or shutdown.
     async fn flush(&mut self) {
-        let mut backoff = Backoff::new(self.backoff.0, self.backoff.1);
+        let mut backoff = Backoff::new(self.backoff.0, self.backoff.1).attempts();
         while !(self.consumers.is_empty() && self.audit.is_empty()) {
             let result = async {
                 insert_all(&self.client, "consumers", &self.consumers).await?;

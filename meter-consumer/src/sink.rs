@@ -34,6 +34,7 @@ use std::time::Duration;
 
 use clickhouse::{Client, Row, RowOwned, RowWrite};
 use serde::Serialize;
+use tollgate_runtime::backoff::{Attempts, Backoff};
 
 use crate::metrics::Metrics;
 use crate::rows::{MeterDayRow, MeterHourRow, MeterMinuteRow, RouteDayRow, UsageRow};
@@ -118,24 +119,6 @@ pub enum WriteError {
     Stopped,
 }
 
-/// Capped exponential backoff.
-pub struct Backoff {
-    next: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    pub fn new(initial: Duration, max: Duration) -> Self {
-        Self { next: initial, max }
-    }
-
-    pub fn next_delay(&mut self) -> Duration {
-        let delay = self.next;
-        self.next = (self.next * 2).min(self.max);
-        delay
-    }
-}
-
 #[derive(Clone)]
 pub struct SinkSettings {
     pub insert_timeout: Duration,
@@ -185,8 +168,8 @@ impl ClickhouseSink {
         &self.topic
     }
 
-    pub fn retry_backoff(&self) -> Backoff {
-        Backoff::new(self.settings.retry_initial, self.settings.retry_max)
+    pub fn retry_backoff(&self) -> Attempts {
+        Backoff::new(self.settings.retry_initial, self.settings.retry_max).attempts()
     }
 
     /// The watermark of every table for `partition`, in one round trip.
@@ -395,12 +378,5 @@ mod tests {
         ));
         assert_eq!(server_code("Code: 60. DB::Exception: Table x doesn't exist"), Some(60));
         assert_eq!(server_code("no code"), None);
-    }
-
-    #[test]
-    fn backoff_doubles_up_to_the_cap() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(350));
-        let delays: Vec<u64> = (0..4).map(|_| b.next_delay().as_millis() as u64).collect();
-        assert_eq!(delays, [100, 200, 350, 350]);
     }
 }

@@ -4,10 +4,12 @@
 //! Real Kafka and ClickHouse, the test's own topics and database; the binary is the one
 //! cargo built for this package.
 
-mod support;
+// Needs the running stack (Kafka, ClickHouse, Redis, stripe-mock): `scripts/stack test`.
+#![cfg(feature = "stack-tests")]
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+use tollgate_test_support::meter as support;
 
 use support::{assert_exact, produce, producer, wait_for_rows, Env, Workload};
 

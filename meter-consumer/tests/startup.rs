@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use tollgate_runtime::testing::run_with_settings;
+use tollgate_test_support::service::run_with_settings;
 
 const EXAMPLE: &str = include_str!("../../config/meter-consumer.toml");
 const BIN: &str = env!("CARGO_BIN_EXE_tollgate-meter-consumer");

@@ -6,13 +6,12 @@
 //! shutdown signal the service's tasks can wait on.
 #![forbid(unsafe_code)]
 
+pub mod backoff;
 pub mod clickhouse;
 pub mod kafka;
 pub mod ops;
 pub mod settings;
 pub mod shutdown;
-#[cfg(feature = "testing")]
-pub mod testing;
 
 pub use settings::{load, Invalid, SettingsError};
 

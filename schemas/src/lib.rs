@@ -3,7 +3,8 @@
 //! In: the `.avsc` files under `schemas/avro/` (embedded at build time) and typed records from
 //! the gateway and the admin API. Out: Avro single-object encoded bytes for Kafka
 //! (`tollgate.usage.v1`, `tollgate.keys`), and typed records back from those bytes for the
-//! gateway's key index, the meter consumer and billing.
+//! gateway's key index, the meter consumer and billing; and the keys topic's message keys
+//! ([`EntityKey`]).
 //!
 //! Wire format ([Avro single-object encoding]): `C3 01`, the 8-byte little-endian CRC-64-AVRO
 //! (Rabin) fingerprint of the writer's schema, then the Avro binary body. The fingerprint names
@@ -26,12 +27,14 @@
 #![forbid(unsafe_code)]
 
 mod codec;
+mod entity_key;
 mod records;
 mod registry;
 
 pub use codec::{
     decode, encode, encode_value, writer_schema_of, BodyError, DecodeError, EncodeError, MAX_DECODE_ALLOCATION_BYTES,
 };
+pub use entity_key::{EntityKey, UnknownEntityKey};
 pub use records::{ApiKeyRecord, ConsumerRecord, Outcome, UsageEvent};
 pub use registry::{fingerprint_of, shipped, ShippedSchema};
 

@@ -4,7 +4,7 @@
 # Sourced by scripts/stack, never run.
 
 # ---------------------------------------------------------------------------------------
-# Kafka: one node, broker + controller, on 127.0.0.1:9092 (controller 127.0.0.1:9093)
+# Kafka: one node, broker + controller, on $KAFKA_PORT (controller $KAFKA_CONTROLLER_PORT)
 
 # Topics Tollgate expects: "name partitions config..." (replication factor 1).
 KAFKA_TOPICS=(
@@ -31,7 +31,7 @@ prepare_kafka() {
     ensure_kafka_libs
     mkdir -p "$dir/data"
     render "$STACK_SCRIPTS/kafka/server.properties.in" "$dir/server.properties" \
-        BROKER_PORT=9092 CONTROLLER_PORT=9093 "DATA_DIR=$dir/data"
+        "BROKER_PORT=$KAFKA_PORT" "CONTROLLER_PORT=$KAFKA_CONTROLLER_PORT" "DATA_DIR=$dir/data"
     cp -f "$STACK_SCRIPTS/kafka/log4j2.xml" "$dir/log4j2.xml"
     cp -f "$STACK_SCRIPTS/kafka/tools-log4j2.xml" "$dir/tools-log4j2.xml"
     [[ -f $dir/data/meta.properties ]] && return 0
@@ -59,14 +59,14 @@ start_kafka() {
         -cp "$dir/libs/*" kafka.Kafka "$dir/server.properties"
 }
 
-# Healthy when the broker answers an ApiVersions request (v0) on 9092: the response starts
+# Healthy when the broker answers an ApiVersions request (v0) on its port: the response starts
 # with a 4-byte size, our correlation id (7) and error code 0.
 health_kafka() {
     local reply
     reply=$(timeout 3 bash -c '
-        exec 3<>/dev/tcp/127.0.0.1/9092 || exit 1
+        exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 1
         printf "\x00\x00\x00\x0c\x00\x12\x00\x00\x00\x00\x00\x07\x00\x02tg" >&3
-        head -c 10 <&3' 2>/dev/null | od -An -tx1 | tr -d ' \n') || true
+        head -c 10 <&3' _ "$KAFKA_PORT" 2>/dev/null | od -An -tx1 | tr -d ' \n') || true
     [[ ${#reply} -eq 20 && ${reply:8:12} == 000000070000 ]]
 }
 
@@ -78,13 +78,13 @@ after_kafka() {
     stamp="$dir/topics.stamp"
     spec=$(printf '%s\n' "${KAFKA_TOPICS[@]}")
     [[ -f $stamp && $(<"$stamp") == "$spec" ]] && return 0
-    existing=$(kafka_tool org.apache.kafka.tools.TopicCommand --bootstrap-server 127.0.0.1:9092 --list) ||
+    existing=$(kafka_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$KAFKA_ADDRESS" --list) ||
         fail_part kafka "could not list topics"
     for entry in "${KAFKA_TOPICS[@]}"; do
         read -r topic partitions topic_configs <<<"$entry"
         if grep -qxF "$topic" <<<"$existing"; then
             # Exists (from an earlier run): make sure its configs are the ones listed here.
-            kafka_tool org.apache.kafka.tools.ConfigCommand --bootstrap-server 127.0.0.1:9092 \
+            kafka_tool org.apache.kafka.tools.ConfigCommand --bootstrap-server "$KAFKA_ADDRESS" \
                 --alter --entity-type topics --entity-name "$topic" \
                 --add-config "${topic_configs// /,}" >/dev/null ||
                 fail_part kafka "could not set the configs of topic $topic"
@@ -92,7 +92,7 @@ after_kafka() {
         else
             local -a create_args=()
             for kv in $topic_configs; do create_args+=(--config "$kv"); done
-            kafka_tool org.apache.kafka.tools.TopicCommand --bootstrap-server 127.0.0.1:9092 \
+            kafka_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$KAFKA_ADDRESS" \
                 --create --if-not-exists --topic "$topic" --partitions "$partitions" \
                 --replication-factor 1 "${create_args[@]}" >/dev/null ||
                 fail_part kafka "could not create topic $topic"
@@ -122,7 +122,7 @@ prepare_clickhouse() {
     dir=$(clickhouse_dir)
     mkdir -p "$dir/data" "$dir/tmp" "$dir/user_files" "$dir/format_schemas" "$dir/log"
     render "$STACK_SCRIPTS/clickhouse/config.xml.in" "$dir/config.xml" \
-        "CH_DIR=$dir" HTTP_PORT=8123 TCP_PORT=9000
+        "CH_DIR=$dir" "HTTP_PORT=$CLICKHOUSE_HTTP_PORT" "TCP_PORT=$CLICKHOUSE_TCP_PORT"
     cp -f "$STACK_SCRIPTS/clickhouse/users.xml" "$dir/users.xml"
 }
 
@@ -134,7 +134,7 @@ start_clickhouse() {
 }
 
 health_clickhouse() {
-    [[ $(curl --noproxy '*' -s --max-time 3 http://127.0.0.1:8123/ping 2>/dev/null) == "Ok." ]]
+    [[ $(curl --noproxy '*' -s --max-time 3 "$CLICKHOUSE_URL/ping" 2>/dev/null) == "Ok." ]]
 }
 
 # ---------------------------------------------------------------------------------------
@@ -143,12 +143,12 @@ health_clickhouse() {
 prepare_redis() { mkdir -p "$STACK_DIR/redis"; }
 
 start_redis() {
-    spawn redis "$STACK_DIR/redis" "$(command -v redis-server)" --bind 127.0.0.1 --port 6379 \
+    spawn redis "$STACK_DIR/redis" "$(command -v redis-server)" --bind 127.0.0.1 --port "$REDIS_PORT" \
         --save '' --appendonly no --dir "$STACK_DIR/redis" --daemonize no --protected-mode yes
 }
 
 health_redis() {
-    [[ $(timeout 3 redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null) == PONG ]]
+    [[ $(timeout 3 redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null) == PONG ]]
 }
 
 # ---------------------------------------------------------------------------------------
@@ -161,9 +161,9 @@ prepare_stripe_mock() {
 
 start_stripe_mock() {
     spawn stripe-mock "$STACK_DIR/stripe-mock" "$(stripe_mock_bin)" \
-        -http-addr 127.0.0.1:12111 -https-addr 127.0.0.1:12112
+        -http-addr "127.0.0.1:$STRIPE_MOCK_PORT" -https-addr "127.0.0.1:$STRIPE_MOCK_HTTPS_PORT"
 }
 
 health_stripe_mock() {
-    [[ $(http_status http://127.0.0.1:12111/v1/customers -u sk_test_123:) == 200 ]]
+    [[ $(http_status "$STRIPE_MOCK_URL/v1/customers" -u sk_test_123:) == 200 ]]
 }

@@ -24,25 +24,35 @@ TOLLGATE_PARTS=(demo-upstream gateway meter-consumer billing-sync)
 # then the servers, Kafka last.
 STOP_ORDER=(gateway meter-consumer billing-sync demo-upstream stripe-mock redis clickhouse kafka)
 
+# Ports and addresses, from stack.d/ports.sh.
 declare -A PART_PORTS=(
-    [kafka]="9092 9093"
-    [clickhouse]="8123 9000"
-    [redis]="6379"
-    [stripe-mock]="12111 12112"
-    [demo-upstream]="8090"
-    [gateway]="8080 8081"
-    [meter-consumer]="9101"
-    [billing-sync]="9102"
+    [kafka]="$KAFKA_PORT $KAFKA_CONTROLLER_PORT"
+    [clickhouse]="$CLICKHOUSE_HTTP_PORT $CLICKHOUSE_TCP_PORT"
+    [redis]="$REDIS_PORT"
+    [stripe-mock]="$STRIPE_MOCK_PORT $STRIPE_MOCK_HTTPS_PORT"
+    [demo-upstream]="$DEMO_UPSTREAM_PORT"
+    [gateway]="$GATEWAY_PORT $GATEWAY_ADMIN_PORT"
+    [meter-consumer]="$METER_CONSUMER_PORT"
+    [billing-sync]="$BILLING_SYNC_PORT"
 )
+KAFKA_ADDRESS=127.0.0.1:$KAFKA_PORT
+CLICKHOUSE_URL=http://127.0.0.1:$CLICKHOUSE_HTTP_PORT
+REDIS_URL=redis://127.0.0.1:$REDIS_PORT
+STRIPE_MOCK_URL=http://127.0.0.1:$STRIPE_MOCK_PORT
+DEMO_UPSTREAM_URL=http://127.0.0.1:$DEMO_UPSTREAM_PORT
+GATEWAY_URL=http://127.0.0.1:$GATEWAY_PORT
+GATEWAY_ADMIN_URL=http://127.0.0.1:$GATEWAY_ADMIN_PORT
+METER_CONSUMER_URL=http://127.0.0.1:$METER_CONSUMER_PORT
+BILLING_SYNC_URL=http://127.0.0.1:$BILLING_SYNC_PORT
 declare -A PART_ADDRESS=(
-    [kafka]="127.0.0.1:9092"
-    [clickhouse]="http://127.0.0.1:8123"
-    [redis]="redis://127.0.0.1:6379"
-    [stripe-mock]="http://127.0.0.1:12111"
-    [demo-upstream]="http://127.0.0.1:8090"
-    [gateway]="http://127.0.0.1:8080 admin :8081"
-    [meter-consumer]="http://127.0.0.1:9101"
-    [billing-sync]="http://127.0.0.1:9102"
+    [kafka]="$KAFKA_ADDRESS"
+    [clickhouse]="$CLICKHOUSE_URL"
+    [redis]="$REDIS_URL"
+    [stripe-mock]="$STRIPE_MOCK_URL"
+    [demo-upstream]="$DEMO_UPSTREAM_URL"
+    [gateway]="$GATEWAY_URL admin :$GATEWAY_ADMIN_PORT"
+    [meter-consumer]="$METER_CONSUMER_URL"
+    [billing-sync]="$BILLING_SYNC_URL"
 )
 # Seconds a part may take from spawn to healthy. Generous: on 2 cores a cold JVM next to a
 # cargo build is slow.

@@ -35,11 +35,12 @@ tollgate_health() { [[ $(http_status "$1") == 200 ]]; }
 # Demo upstream: answers every request with 200 and a JSON body.
 prepare_demo_upstream() { require_tollgate tollgate-demo-upstream; }
 start_demo_upstream() {
-    run_tollgate demo-upstream tollgate-demo-upstream -- --listen 127.0.0.1:8090
+    run_tollgate demo-upstream tollgate-demo-upstream -- --listen "127.0.0.1:$DEMO_UPSTREAM_PORT"
 }
-health_demo_upstream() { tollgate_health http://127.0.0.1:8090/; }
+health_demo_upstream() { tollgate_health "$DEMO_UPSTREAM_URL/"; }
 
-# Gateway: public listener 8080, admin listener 8081 (healthz, admin API).
+# Gateway: public listener, admin listener (readyz, admin API). Healthy only once ready:
+# the keys topic is replayed, so it can serve a tenant.
 prepare_gateway() { require_tollgate tollgate-gateway config/gateway.toml; }
 start_gateway() {
     local token
@@ -47,14 +48,14 @@ start_gateway() {
     run_tollgate gateway tollgate-gateway "TOLLGATE_ADMIN_TOKEN=$token" \
         -- --config "$REPO/config/gateway.toml"
 }
-health_gateway() { tollgate_health http://127.0.0.1:8081/healthz; }
+health_gateway() { tollgate_health "$GATEWAY_ADMIN_URL/readyz"; }
 
 prepare_meter_consumer() { require_tollgate tollgate-meter-consumer config/meter-consumer.toml; }
 start_meter_consumer() {
     run_tollgate meter-consumer tollgate-meter-consumer \
         -- --config "$REPO/config/meter-consumer.toml"
 }
-health_meter_consumer() { tollgate_health http://127.0.0.1:9101/healthz; }
+health_meter_consumer() { tollgate_health "$METER_CONSUMER_URL/healthz"; }
 
 # Billing sync: talks to the local stripe-mock unless the caller gives a key.
 prepare_billing_sync() { require_tollgate tollgate-billing-sync config/billing-sync.toml; }
@@ -63,4 +64,4 @@ start_billing_sync() {
         "TOLLGATE_STRIPE_API_KEY=${TOLLGATE_STRIPE_API_KEY:-sk_test_123}" \
         -- --config "$REPO/config/billing-sync.toml"
 }
-health_billing_sync() { tollgate_health http://127.0.0.1:9102/healthz; }
+health_billing_sync() { tollgate_health "$BILLING_SYNC_URL/healthz"; }

@@ -3,9 +3,6 @@
 
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::ClientConfig;
 use serde_json::Value;
 use tollgate_gateway::server::Gateway;
 use tollgate_gateway::GatewaySettings;
@@ -23,29 +20,9 @@ pub async fn create_keys_topic() -> String {
     topic
 }
 
+/// Creates `topic` on the stack's Kafka.
 pub async fn create_topic(topic: &str, partitions: i32, config: &[(&str, &str)]) {
-    create_topic_on(&crate::kafka(), topic, partitions, config).await;
-}
-
-pub async fn create_topic_on(brokers: &str, topic: &str, partitions: i32, config: &[(&str, &str)]) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .expect("admin client");
-    let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
-    for (key, value) in config {
-        new = new.set(key, value);
-    }
-    let results = admin
-        .create_topics(
-            &[new],
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-        )
-        .await
-        .expect("create_topics request");
-    for result in results {
-        result.expect("topic created");
-    }
+    crate::create_topic(&crate::kafka(), topic, partitions, config).await;
 }
 
 /// The example settings (`config/gateway.toml`) pointed at the test's topic and upstream.

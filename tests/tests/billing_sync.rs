@@ -5,21 +5,23 @@
 //! cannot be billed (no customer, refused, too old for Stripe) is recorded, and reconcile agrees.
 //!
 //! stripe-mock validates every request against Stripe's OpenAPI spec but does not deduplicate,
-//! so every meter event goes through a proxy (`billing_support`) that records it (identifier,
+//! so every meter event goes through a proxy (`tollgate_tests::billing`) that records it (identifier,
 //! idempotency key, value) and injects the faults.
-mod billing_support;
+
+// Needs the running stack (Kafka, ClickHouse, Redis, stripe-mock): `scripts/stack test`.
+#![cfg(feature = "stack-tests")]
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use billing_support::*;
 use tollgate_billing_sync::ledger::{status, LedgerRow};
 use tollgate_billing_sync::push::{PushMetrics, Pusher};
 use tollgate_billing_sync::reconcile::{reconcile, Period};
 use tollgate_billing_sync::sync::{unix_now, PassReport};
 use tollgate_billing_sync::window::Window;
 use tollgate_runtime::shutdown::Shutdown;
+use tollgate_tests::billing::*;
 use tollgate_tests::eventually;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -424,3 +424,112 @@ fn interpolation_follows_compose_rules() {
     assert_eq!(interpolate("${A:?set A}"), "placeholder-set-by-operator");
     assert_eq!(interpolate("$$topics --x"), "$topics --x");
 }
+
+/// The native stack's ports by variable name, from `scripts/stack.d/ports.sh`, where they are
+/// defined once.
+fn native_ports() -> BTreeMap<String, u16> {
+    read("scripts/stack.d/ports.sh")
+        .lines()
+        .filter_map(|line| {
+            let (name, value) = line.split_once('=')?;
+            let port = value.trim().parse().ok()?;
+            name.ends_with("_PORT").then(|| (name.to_owned(), port))
+        })
+        .collect()
+}
+
+/// The port of a `host:port` or `scheme://host:port/...` string.
+fn port_in(address: &str) -> u16 {
+    let after_scheme = address.split_once("://").map_or(address, |(_, rest)| rest);
+    let host_port = after_scheme.split('/').next().unwrap_or_default();
+    let port = host_port.rsplit_once(':').map(|(_, port)| port).unwrap_or_default();
+    port.parse().unwrap_or_else(|_| panic!("no port in {address:?}"))
+}
+
+#[test]
+fn example_configs_use_the_native_stack_ports() {
+    let ports = native_ports();
+    assert!(ports.len() >= 12, "ports.sh defines the stack's ports: {ports:?}");
+    let config = |file: &str| -> toml::Value { toml::from_str(&read(file)).expect("example config is TOML") };
+    let at = |value: &toml::Value, path: &str| -> String {
+        let found = path.split('.').try_fold(value, |v, key| match key.parse::<usize>() {
+            Ok(index) => v.get(index),
+            Err(_) => v.get(key),
+        });
+        found
+            .and_then(toml::Value::as_str)
+            .unwrap_or_else(|| panic!("{path} missing"))
+            .to_owned()
+    };
+    let gateway = config("config/gateway.toml");
+    let meter = config("config/meter-consumer.toml");
+    let billing = config("config/billing-sync.toml");
+    let mut checks = vec![
+        (
+            "config/gateway.toml public.listen",
+            at(&gateway, "public.listen"),
+            "GATEWAY_PORT",
+        ),
+        (
+            "config/gateway.toml admin.listen",
+            at(&gateway, "admin.listen"),
+            "GATEWAY_ADMIN_PORT",
+        ),
+        (
+            "config/gateway.toml kafka.brokers",
+            at(&gateway, "kafka.brokers"),
+            "KAFKA_PORT",
+        ),
+        (
+            "config/gateway.toml limits.redis_url",
+            at(&gateway, "limits.redis_url"),
+            "REDIS_PORT",
+        ),
+        (
+            "config/meter-consumer.toml kafka.brokers",
+            at(&meter, "kafka.brokers"),
+            "KAFKA_PORT",
+        ),
+        (
+            "config/meter-consumer.toml clickhouse.url",
+            at(&meter, "clickhouse.url"),
+            "CLICKHOUSE_HTTP_PORT",
+        ),
+        (
+            "config/meter-consumer.toml admin.listen",
+            at(&meter, "admin.listen"),
+            "METER_CONSUMER_PORT",
+        ),
+        (
+            "config/billing-sync.toml clickhouse.url",
+            at(&billing, "clickhouse.url"),
+            "CLICKHOUSE_HTTP_PORT",
+        ),
+        (
+            "config/billing-sync.toml stripe.api_base",
+            at(&billing, "stripe.api_base"),
+            "STRIPE_MOCK_PORT",
+        ),
+        (
+            "config/billing-sync.toml admin.listen",
+            at(&billing, "admin.listen"),
+            "BILLING_SYNC_PORT",
+        ),
+    ];
+    let routes = gateway["routes"].as_array().expect("example routes");
+    for (index, _) in routes.iter().enumerate() {
+        let field = format!("routes.{index}.upstream");
+        checks.push((
+            "config/gateway.toml routes[].upstream",
+            at(&gateway, &field),
+            "DEMO_UPSTREAM_PORT",
+        ));
+    }
+    for (what, address, variable) in checks {
+        assert_eq!(
+            port_in(&address),
+            ports[variable],
+            "{what} = {address:?}, but ports.sh has {variable}"
+        );
+    }
+}

@@ -1,6 +1,9 @@
 //! One usage event per request, over the real Kafka: fields and outcomes for a mixed run;
 //! nothing lost and nothing twice through a broker crash and through SIGTERM under load.
 
+// Needs the running stack (Kafka, ClickHouse, Redis, stripe-mock): `scripts/stack test`.
+#![cfg(feature = "stack-tests")]
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -10,7 +13,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::{ClientConfig, Message};
 use serde_json::json;
 use tollgate_schemas::{decode, Outcome, UsageEvent};
-use tollgate_tests::gateway::{create_keys_topic, create_topic, create_topic_on, dead_route, settings, TestGateway};
+use tollgate_tests::gateway::{create_keys_topic, create_topic, dead_route, settings, TestGateway};
 use tollgate_tests::http::{send, try_send_with, EchoUpstream};
 use tollgate_tests::private_kafka::PrivateKafka;
 use tollgate_tests::unique;
@@ -179,8 +182,8 @@ async fn a_broker_crash_loses_no_event_and_duplicates_none() {
     let upstream = EchoUpstream::start().await;
     let keys_topic = unique("test.keys");
     let usage_topic = unique("test.usage");
-    create_topic_on(&kafka.brokers, &keys_topic, 1, &[("cleanup.policy", "compact")]).await;
-    create_topic_on(&kafka.brokers, &usage_topic, 3, &[]).await;
+    tollgate_tests::create_topic(&kafka.brokers, &keys_topic, 1, &[("cleanup.policy", "compact")]).await;
+    tollgate_tests::create_topic(&kafka.brokers, &usage_topic, 3, &[]).await;
     let mut s = settings(&keys_topic, &upstream.url());
     s.kafka.brokers = kafka.brokers.clone();
     s.topics.usage = usage_topic.clone();

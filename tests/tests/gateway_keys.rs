@@ -1,6 +1,9 @@
 //! Consumers and API keys through the admin API, over the real Kafka keys topic: the seed's
 //! consumer body, issue/list/roll/revoke, two replicas sharing the topic, restart replay.
 
+// Needs the running stack (Kafka, ClickHouse, Redis, stripe-mock): `scripts/stack test`.
+#![cfg(feature = "stack-tests")]
+
 use std::time::{Duration, Instant};
 
 use serde_json::json;

@@ -2,6 +2,9 @@
 //! decision over every dimension (a refusal consumes nothing), the upstream's reported cost,
 //! and two gateways sharing exact limits through the real Redis.
 
+// Needs the running stack (Kafka, ClickHouse, Redis, stripe-mock): `scripts/stack test`.
+#![cfg(feature = "stack-tests")]
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 

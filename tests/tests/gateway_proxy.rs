@@ -2,6 +2,9 @@
 //! identity headers and their signature, bad input (413, 431, 408), upstream faults (502,
 //! 504), hop-by-hop headers, request ids, h2c, and the per-tenant bulkhead.
 
+// Needs the running stack (Kafka, ClickHouse, Redis, stripe-mock): `scripts/stack test`.
+#![cfg(feature = "stack-tests")]
+
 use std::time::Duration;
 
 use hmac::{KeyInit, Mac};

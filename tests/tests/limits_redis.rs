@@ -4,6 +4,9 @@
 //! gateway, calendar quotas that outlive a limiter, and Redis unreachable (fail open, fail
 //! closed, never hanging). Every test uses its own key prefix.
 
+// Needs the running stack (Kafka, ClickHouse, Redis, stripe-mock): `scripts/stack test`.
+#![cfg(feature = "stack-tests")]
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;

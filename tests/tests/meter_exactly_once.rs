@@ -5,13 +5,14 @@
 //! Each test has its own topics, group and database; the consumer runs in-process through the
 //! library. (The kill -9 proof runs the binary: `meter-consumer/tests/crash_restart.rs`.)
 
-#[path = "../../meter-consumer/tests/support/mod.rs"]
-mod support;
+// Needs the running stack (Kafka, ClickHouse, Redis, stripe-mock): `scripts/stack test`.
+#![cfg(feature = "stack-tests")]
 
 use std::time::Duration;
 
 use support::{assert_exact, produce, producer, wait_for_rows, CuttableProxy, Env, Workload};
 use tollgate_runtime::shutdown::Shutdown;
+use tollgate_test_support::meter as support;
 
 /// Runs a consumer in-process until the returned shutdown fires.
 fn start(settings: tollgate_meter_consumer::MeterSettings) -> (Shutdown, tokio::task::JoinHandle<()>) {

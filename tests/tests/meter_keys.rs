@@ -1,8 +1,8 @@
 //! meter-consumer mirrors the keys topic into ClickHouse (`consumers`, `key_audit`) and the
 //! finance views join it: the invoice preview names the tenant's current Stripe customer.
 
-#[path = "../../meter-consumer/tests/support/mod.rs"]
-mod support;
+// Needs the running stack (Kafka, ClickHouse, Redis, stripe-mock): `scripts/stack test`.
+#![cfg(feature = "stack-tests")]
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -10,7 +10,8 @@ use std::time::Duration;
 use rdkafka::producer::FutureRecord;
 use support::{produce, producer, Env, Workload};
 use tollgate_runtime::shutdown::Shutdown;
-use tollgate_schemas::{encode, ApiKeyRecord, ConsumerRecord};
+use tollgate_schemas::{encode, ApiKeyRecord, ConsumerRecord, EntityKey};
+use tollgate_test_support::meter as support;
 
 fn consumer(id: &str, tenant: &str, customer: &str, version: i64) -> ConsumerRecord {
     ConsumerRecord {
@@ -58,20 +59,20 @@ async fn consumers_and_key_audit_are_mirrored_and_joined_by_the_invoice_preview(
     let producer = producer(&env.brokers);
     let records: Vec<(String, Option<Vec<u8>>)> = vec![
         (
-            "consumer/c1".into(),
+            EntityKey::Consumer("c1").to_string(),
             Some(encode(&consumer("c1", "tenant_1", "cus_old", 1))),
         ),
         (
-            "consumer/c1".into(),
+            EntityKey::Consumer("c1").to_string(),
             Some(encode(&consumer("c1", "tenant_1", "cus_new", 2))),
         ),
         (
-            "consumer/c2".into(),
+            EntityKey::Consumer("c2").to_string(),
             Some(encode(&consumer("c2", "tenant_2", "cus_two", 1))),
         ),
-        ("consumer/c2".into(), None),
-        ("key/key_1".into(), Some(encode(&key(1, false)))),
-        ("key/key_1".into(), Some(encode(&key(2, true)))),
+        (EntityKey::Consumer("c2").to_string(), None),
+        (EntityKey::ApiKey("key_1").to_string(), Some(encode(&key(1, false)))),
+        (EntityKey::ApiKey("key_1").to_string(), Some(encode(&key(2, true)))),
     ];
     for (k, payload) in &records {
         let mut record = FutureRecord::<str, [u8]>::to(&env.keys).key(k.as_str());

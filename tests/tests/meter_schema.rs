@@ -1,6 +1,9 @@
 //! meter-consumer's ClickHouse schema on the real server: migrations apply, are recorded once
 //! per version, and are safe to run again and from two instances at once.
 
+// Needs the running stack (Kafka, ClickHouse, Redis, stripe-mock): `scripts/stack test`.
+#![cfg(feature = "stack-tests")]
+
 use tollgate_meter_consumer::schema::{latest_version, migrate};
 use tollgate_runtime::clickhouse::ClickhouseSettings;
 use tollgate_tests::{clickhouse, unique};

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
@@ -30,15 +30,7 @@ pub(crate) async fn create_topic(
     topics: &mut Vec<String>,
 ) -> String {
     let topic = format!("bench.{what}.{}", Uuid::now_v7().simple());
-    let admin: AdminClient<DefaultClientContext> = kafka.client_config().create().expect("admin client");
-    let mut new = NewTopic::new(&topic, partitions, TopicReplication::Fixed(1));
-    for (key, value) in config {
-        new = new.set(key, value);
-    }
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    for result in admin.create_topics(&[new], &options).await.expect("create_topics") {
-        result.expect("bench topic created");
-    }
+    tollgate_test_support::create_topic(&kafka.brokers, &topic, partitions, config).await;
     topics.push(topic.clone());
     topic
 }

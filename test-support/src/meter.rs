@@ -2,44 +2,16 @@
 //! topics and databases, a deterministic usage workload with its expected totals, the totals
 //! ClickHouse holds, and a TCP proxy that can cut ClickHouse off.
 //!
-//! Shared by `meter-consumer/tests/` and `tests/tests/meter_*.rs` (included by path).
-#![allow(dead_code)]
+//! Used by `meter-consumer/tests/`, its benchmark and `tests/tests/meter_*.rs`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use tollgate_schemas::{encode, Outcome, UsageEvent};
-
-const START_HINT: &str = "start it with `scripts/stack up --infra` (or run the tests with `scripts/stack test`)";
-
-fn require_listening(what: &str, host_port: &str) {
-    let addr: Option<SocketAddr> = host_port.to_socket_addrs().ok().and_then(|mut a| a.next());
-    let up = addr.is_some_and(|a| TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok());
-    assert!(up, "{what} is not reachable at {host_port}: {START_HINT}");
-}
-
-pub fn kafka() -> String {
-    let brokers = std::env::var("TOLLGATE_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".to_owned());
-    require_listening("Kafka", &brokers);
-    brokers
-}
-
-pub fn clickhouse() -> String {
-    let url = std::env::var("TOLLGATE_TEST_CLICKHOUSE").unwrap_or_else(|_| "http://127.0.0.1:8123".to_owned());
-    require_listening("ClickHouse", url.trim_start_matches("http://").trim_end_matches('/'));
-    url
-}
-
-pub fn unique(prefix: &str) -> String {
-    format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
-}
 
 /// One test's own topics, group and database.
 #[derive(Clone)]
@@ -55,9 +27,9 @@ pub struct Env {
 
 impl Env {
     pub async fn new(prefix: &str, partitions: i32) -> Self {
-        let brokers = kafka();
-        let clickhouse = clickhouse();
-        let id = unique(prefix);
+        let brokers = crate::kafka();
+        let clickhouse = crate::clickhouse();
+        let id = crate::unique(prefix);
         let env = Self {
             brokers,
             clickhouse,
@@ -67,7 +39,9 @@ impl Env {
             keys: format!("{id}.keys"),
             group: format!("{id}.group"),
         };
-        create_topics(&env.brokers, &[(&env.usage, partitions), (&env.dlq, 1), (&env.keys, 1)]).await;
+        for (topic, partitions) in [(&env.usage, partitions), (&env.dlq, 1), (&env.keys, 1)] {
+            crate::create_topic(&env.brokers, topic, partitions, &[]).await;
+        }
         env
     }
 
@@ -111,12 +85,11 @@ listen = "127.0.0.1:0"
         )
     }
 
-    pub fn settings(
-        &self,
-        clickhouse_url: &str,
-        max_rows: u64,
-        max_wait_ms: u64,
-    ) -> tollgate_meter_consumer::MeterSettings {
+    /// The same settings, parsed and validated (`tollgate_meter_consumer::MeterSettings`).
+    pub fn settings<T>(&self, clickhouse_url: &str, max_rows: u64, max_wait_ms: u64) -> T
+    where
+        T: serde::de::DeserializeOwned + tollgate_runtime::settings::Validate,
+    {
         tollgate_runtime::settings::from_str_with_env(
             &self.settings_toml(clickhouse_url, max_rows, max_wait_ms),
             "test settings",
@@ -140,27 +113,6 @@ listen = "127.0.0.1:0"
             .execute()
             .await
             .expect("drop test database");
-    }
-}
-
-pub async fn create_topics(brokers: &str, topics: &[(&str, i32)]) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .expect("admin client");
-    let new: Vec<NewTopic<'_>> = topics
-        .iter()
-        .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1)))
-        .collect();
-    let results = admin
-        .create_topics(
-            &new,
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-        )
-        .await
-        .expect("create_topics request");
-    for result in results {
-        result.expect("topic created");
     }
 }
 
@@ -455,7 +407,7 @@ pub async fn read_topic(
     use rdkafka::Message;
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
-        .set("group.id", unique("meter-test-reader"))
+        .set("group.id", crate::unique("meter-test-reader"))
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
         .create()

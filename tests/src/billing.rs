@@ -2,6 +2,7 @@
 //! stripe-mock, usage and customer fixtures in a test's own ClickHouse database, and the
 //! checks every billing test makes (identifiers, ledger, reconcile).
 
+use crate::{clickhouse, stripe, unique};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response};
@@ -20,7 +21,6 @@ use tollgate_billing_sync::window::Window;
 use tollgate_billing_sync::BillingSettings;
 use tollgate_runtime::clickhouse::ClickhouseSettings;
 use tollgate_runtime::shutdown::Shutdown;
-use tollgate_tests::{clickhouse, stripe, unique};
 
 pub const KEY: &str = "sk_test_123";
 pub const HOUR: i64 = 3_600;
