@@ -16,7 +16,7 @@
 //!   stamped with its batch's partition and last offset, so every rollup table has its own
 //!   watermark. Materialized views would be filled after the raw part is written, not
 //!   atomically with it: a crash between the two would leave the raw watermark past rows the
-//!   rollup never got (DESIGN.md, trap 2). Here a crash between the raw insert and a rollup
+//!   rollup never got (docs/ARCHITECTURE.md, "Exactly once into ClickHouse"). Here a crash between the raw insert and a rollup
 //!   insert leaves that rollup's watermark behind, and the restarted consumer replays exactly
 //!   the missing range into it, and nothing into the raw table.
 //! - Ambiguous failures: a timeout or broken connection does not say whether the server

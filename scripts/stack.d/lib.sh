@@ -62,6 +62,11 @@ declare -A PART_READY_TIMEOUT=(
 )
 STOP_TIMEOUT=20
 
+# Tests that need the running stack live in tollgate-tests behind its `stack-tests` feature:
+# `scripts/stack test` turns it on, a plain `cargo test` leaves it off. Only that crate has
+# the feature, so turning it on rebuilds no service.
+STACK_TEST_FEATURES=tollgate-tests/stack-tests
+
 part_fn() { printf '%s_%s' "$1" "${2//-/_}"; }
 
 # ---------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 //! the exit code and the last line of stderr, which is where a refused start says why.
 
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -66,4 +67,20 @@ fn new_settings_file() -> (std::path::PathBuf, std::fs::File) {
     ));
     let file = std::fs::File::create(&path).expect("create settings file");
     (path, file)
+}
+
+/// A service binary of this workspace, from the build the running test belongs to
+/// (`target/<profile>/<name>`, beside the test's own `deps/` directory). Tests in the
+/// `tollgate-tests` crate run other packages' binaries this way; cargo builds every
+/// workspace binary for `cargo test --workspace`, and `scripts/stack test` builds them first.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace binaries first (`cargo build --release`; scripts/stack test does)",
+        path.display()
+    );
+    path
 }

@@ -4,7 +4,8 @@
 //! headers and body; the upstream answers with a JSON echo (like the demo upstream) and counts
 //! what reached it, so a test can prove a refused request never touched it. Paths containing
 //! `/slow` are answered after [`SLOW_PATH_DELAY`]; paths containing `/cost` report
-//! `x-tollgate-cost: compute_units=42`.
+//! `x-tollgate-cost: compute_units=42`; a path segment `status` followed by a status code
+//! (`/v1/status/404`) is answered with that status.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -158,7 +159,15 @@ async fn echo(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallibl
     });
     // An upstream that knows a request's real cost reports it.
     let reported_cost = if path.contains("/cost") { "compute_units=42" } else { "" };
+    let status = path
+        .split('/')
+        .skip_while(|segment| *segment != "status")
+        .nth(1)
+        .and_then(|code| code.parse::<u16>().ok())
+        .and_then(|code| hyper::StatusCode::from_u16(code).ok())
+        .unwrap_or(hyper::StatusCode::OK);
     Ok(Response::builder()
+        .status(status)
         .header("content-type", "application/json")
         .header("x-tollgate-cost", reported_cost)
         .header("connection", "x-upstream-private")

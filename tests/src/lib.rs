@@ -6,5 +6,6 @@
 pub mod billing;
 pub mod gateway;
 pub mod http;
+pub mod process;
 
 pub use tollgate_test_support::*;

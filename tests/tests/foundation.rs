@@ -172,7 +172,7 @@ async fn clickhouse_table_created_rows_inserted_and_read_back() {
         .connect()
         .await
         .expect("clickhouse answers and the database is created");
-    // DateTime plus a millisecond column: 18.16 has no DateTime64 (DESIGN.md).
+    // DateTime plus a millisecond column: 18.16 has no DateTime64.
     client
         .query(
             "CREATE TABLE usage (tenant_id String, meter String, units UInt64, time DateTime, time_ms UInt16) \

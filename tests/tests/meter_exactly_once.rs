@@ -3,7 +3,7 @@
 //! ClickHouse outage and through a rebalance between two members of the group.
 //!
 //! Each test has its own topics, group and database; the consumer runs in-process through the
-//! library. (The kill -9 proof runs the binary: `meter-consumer/tests/crash_restart.rs`.)
+//! library. (The kill -9 proof runs the binary: `tests/tests/meter_crash_restart.rs`.)
 
 // Needs the running stack (Kafka, ClickHouse, Redis, stripe-mock): `scripts/stack test`.
 #![cfg(feature = "stack-tests")]

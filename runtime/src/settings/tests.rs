@@ -1,3 +1,4 @@
+use proptest::strategy::Strategy;
 use serde::Deserialize;
 
 use super::*;
@@ -184,11 +185,47 @@ fn http_url_accepts_only_absolute_http() {
 }
 
 proptest::proptest! {
-    // Whatever an operator puts in an overlay, loading answers (a value or an error): no panic.
+    // Whatever an operator puts in a string setting's overlay, it is the value loaded, as is.
     #[test]
-    fn any_overlay_value_loads_or_errors(raw in ".*", name in "[A-Z_]{0,20}") {
+    fn a_string_overlay_is_taken_verbatim(raw in "\\PC*") {
+        let loaded = load_with(FILE, &[("TOLLGATE_KAFKA__BROKERS", raw.as_str())]).expect("any text is a string");
+        proptest::prop_assert_eq!(loaded.kafka.brokers, raw);
+    }
+
+    // A number setting's overlay loads exactly when it is a number in range; otherwise the
+    // refusal names the variable (not a number) or the setting (out of range).
+    #[test]
+    fn a_number_overlay_loads_in_range_or_is_refused_by_name(raw in proptest::prop_oneof![
+        (0u64..200_000).prop_map(|n| n.to_string()),
+        "[0-9a-z .+-]{0,12}",
+    ]) {
+        let var = "TOLLGATE_KAFKA__CONNECT_TIMEOUT_MS";
+        match (load_with(FILE, &[(var, raw.as_str())]), raw.trim().parse::<u64>()) {
+            (Ok(loaded), Ok(n)) => {
+                proptest::prop_assert!((100..=60_000).contains(&n), "{n} loaded but is out of range");
+                proptest::prop_assert_eq!(loaded.kafka.connect_timeout_ms, n);
+            }
+            (Ok(loaded), Err(_)) => proptest::prop_assert!(false, "{raw:?} loaded as {}", loaded.kafka.connect_timeout_ms),
+            (Err(err), Ok(n)) => {
+                let err = err.to_string();
+                proptest::prop_assert!(!(100..=60_000).contains(&n), "{n} is in range but refused: {err}");
+                proptest::prop_assert!(err.contains("kafka.connect_timeout_ms"), "{err}");
+            }
+            (Err(err), Err(_)) => {
+                let err = err.to_string();
+                proptest::prop_assert!(err.starts_with(var), "{err}");
+            }
+        }
+    }
+
+    // An overlay for a field the service does not have is refused, naming the variable.
+    #[test]
+    fn an_overlay_for_an_unknown_field_is_refused_by_name(name in "[A-Z]{1,6}(_[A-Z]{1,6}){0,2}") {
+        proptest::prop_assume!(!["BROKERS", "CONNECT_TIMEOUT_MS", "TOPICS"].contains(&name.as_str()));
         let var = format!("TOLLGATE_KAFKA__{name}");
-        let _ = load_with(FILE, &[(var.as_str(), raw.as_str())]);
+        let err = load_with(FILE, &[(var.as_str(), "x")]).expect_err("no such field").to_string();
+        proptest::prop_assert!(err.starts_with(&var), "{err}");
+        proptest::prop_assert!(err.contains("unknown field"), "{err}");
     }
 }
 

@@ -9,7 +9,6 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_tollgate-gateway");
 const TOKEN: &str = "no-secrets-admin-token-5f1e2d3c4b5a";
 
 fn kafka() -> String {
@@ -82,7 +81,7 @@ fn no_key_or_token_appears_in_a_whole_runs_output() {
     std::fs::write(&config, settings).unwrap();
     create_topic(&brokers, &topic);
 
-    let mut child = Command::new(BIN)
+    let mut child = Command::new(tollgate_tests::service::binary("tollgate-gateway"))
         .arg("--config")
         .arg(&config)
         .env("TOLLGATE_ADMIN_TOKEN", TOKEN)
@@ -194,7 +193,7 @@ fn create_topic(brokers: &str, topic: &str) {
         .enable_all()
         .build()
         .unwrap();
-    runtime.block_on(tollgate_test_support::create_topic(
+    runtime.block_on(tollgate_tests::create_topic(
         brokers,
         topic,
         1,

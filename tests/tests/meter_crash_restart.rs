@@ -9,11 +9,9 @@
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-use tollgate_test_support::meter as support;
+use tollgate_tests::meter as support;
 
 use support::{assert_exact, produce, producer, wait_for_rows, Env, Workload};
-
-const BIN: &str = env!("CARGO_BIN_EXE_tollgate-meter-consumer");
 
 /// The running binary; killed (SIGKILL) when dropped, also when the test fails.
 struct Running(Child);
@@ -38,7 +36,7 @@ fn spawn(config: &std::path::Path, log: &std::path::Path) -> Running {
         .append(true)
         .open(log)
         .expect("log file");
-    let child = Command::new(BIN)
+    let child = Command::new(tollgate_tests::service::binary("tollgate-meter-consumer"))
         .arg("--config")
         .arg(config)
         .env("RUST_LOG", "warn")

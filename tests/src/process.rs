@@ -1,0 +1,129 @@
+//! Tollgate's service binaries as processes a test can crash: started with their settings
+//! and environment, killed with SIGKILL or stopped with SIGTERM, and started again exactly as
+//! before.
+//!
+//! In: a binary name (found by `tollgate_test_support::service::binary`), its arguments, its
+//! environment and a health URL. Out: a running process once the health URL answers 200; its
+//! stderr in a log file of its own, readable by the test (for secrets checks).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use crate::http::try_send_with;
+
+/// How long a service may take to become healthy on a loaded 2-core machine.
+const START_DEADLINE: Duration = Duration::from_secs(180);
+
+/// The repository root: services run there, as `scripts/stack` runs them.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repo root")
+        .to_path_buf()
+}
+
+/// A loopback port free right now (bound and released: a service given it binds it next).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+pub struct ServiceProcess {
+    pub name: &'static str,
+    binary: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    health: String,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl ServiceProcess {
+    /// A service `name` (a workspace binary) run as `name args...` with only `env` (and PATH)
+    /// set, healthy when `health` answers 200; its stderr appends to `<log_dir>/<name>.log`.
+    pub fn new(name: &'static str, args: &[&str], env: Vec<(String, String)>, health: String, log_dir: &Path) -> Self {
+        Self {
+            name,
+            binary: crate::service::binary(name),
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+            env,
+            health,
+            log: log_dir.join(format!("{name}.log")),
+            child: None,
+        }
+    }
+
+    /// Starts the process and waits until it is healthy.
+    pub async fn start(&mut self) {
+        assert!(self.child.is_none(), "{} is running", self.name);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = Command::new(&self.binary)
+            .args(&self.args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .current_dir(repo())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {}: {e}", self.name));
+        self.child = Some(child);
+        let (name, health) = (self.name, self.health.clone());
+        crate::eventually(&format!("{name} healthy at {health}"), START_DEADLINE, || {
+            let health = health.clone();
+            async move {
+                let reply = try_send_with(false, "GET", &health, &[], b"").await.ok()?;
+                (reply.status == 200).then_some(())
+            }
+        })
+        .await;
+    }
+
+    /// SIGKILL: the process dies as in a crash, with whatever it held in memory.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("SIGKILL");
+            child.wait().expect("reaped");
+        }
+    }
+
+    /// SIGTERM, as an orchestrator stops a service; returns without waiting for the exit.
+    pub fn terminate(&self) {
+        let child = self.child.as_ref().expect("running");
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -TERM {}", child.id());
+    }
+
+    /// Waits for the process to exit (after [`ServiceProcess::terminate`]), at most `deadline`.
+    pub async fn wait_exit(&mut self, deadline: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        crate::eventually(&format!("{} exits", self.name), deadline, || {
+            let status = child.try_wait().expect("wait");
+            async move { status }
+        })
+        .await
+    }
+
+    /// Everything the process wrote to stderr so far, over all its starts.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
