@@ -4,6 +4,7 @@ use serde::Deserialize;
 use tollgate_runtime::clickhouse::ClickhouseSettings;
 use tollgate_runtime::kafka::KafkaSettings;
 use tollgate_runtime::settings::{in_range, socket_addr, Invalid, Validate};
+use tollgate_runtime::topics;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -49,13 +50,13 @@ fn default_group() -> String {
     "tollgate-meter".to_owned()
 }
 fn default_usage() -> String {
-    "tollgate.usage.v1".to_owned()
+    topics::USAGE.to_owned()
 }
 fn default_dlq() -> String {
-    "tollgate.usage.v1.dlq".to_owned()
+    topics::USAGE_DLQ.to_owned()
 }
 fn default_keys() -> String {
-    "tollgate.keys".to_owned()
+    topics::KEYS.to_owned()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -132,6 +133,9 @@ impl Validate for MeterSettings {
         if self.topics.group.trim().is_empty() {
             return Err(Invalid::new("topics.group", &self.topics.group, "a non-empty group id"));
         }
+        topics::validate("topics.usage", &self.topics.usage)?;
+        topics::validate("topics.dlq", &self.topics.dlq)?;
+        topics::validate("topics.keys", &self.topics.keys)?;
         Ok(())
     }
 }
@@ -176,5 +180,12 @@ mod tests {
     fn rejects_bad_database_name() {
         let err = load(&EXAMPLE.replace("database = \"tollgate\"", "database = \"x; DROP\"")).unwrap_err();
         assert!(err.contains("setting `clickhouse.database`"), "{err}");
+    }
+
+    #[test]
+    fn rejects_a_topic_name_kafka_would_refuse() {
+        let text = EXAMPLE.replace("dlq = \"tollgate.usage.v1.dlq\"", "dlq = \"dead letters\"");
+        let err = load(&text).unwrap_err();
+        assert!(err.contains("setting `topics.dlq`: found \"dead letters\""), "{err}");
     }
 }

@@ -12,6 +12,7 @@ pub mod kafka;
 pub mod ops;
 pub mod settings;
 pub mod shutdown;
+pub mod topics;
 
 pub use settings::{load, Invalid, SettingsError};
 
