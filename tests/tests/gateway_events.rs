@@ -5,7 +5,7 @@
 #![cfg(feature = "stack-tests")]
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -149,8 +149,15 @@ async fn every_request_yields_exactly_one_event_with_the_right_fields() {
     gw.stop().await;
 }
 
-/// Sends requests with ids `<prefix>-<n>` until `stop`; returns the ids answered 200.
-async fn load(public: String, auth: String, prefix: String, stop: Arc<AtomicBool>) -> Vec<String> {
+/// Sends requests with ids `<prefix>-<n>` until `stop`; returns the ids answered 200, and
+/// counts them in `count` as they come.
+async fn load(
+    public: String,
+    auth: String,
+    prefix: String,
+    stop: Arc<AtomicBool>,
+    count: Arc<AtomicUsize>,
+) -> Vec<String> {
     let mut answered = Vec::new();
     let mut n = 0;
     while !stop.load(Ordering::Relaxed) {
@@ -170,6 +177,7 @@ async fn load(public: String, auth: String, prefix: String, stop: Arc<AtomicBool
         if let Ok(Ok(reply)) = reply {
             assert_eq!(reply.status, 200, "the gateway keeps serving: {}", reply.text());
             answered.push(id);
+            count.fetch_add(1, Ordering::Relaxed);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -193,11 +201,13 @@ async fn a_broker_crash_loses_no_event_and_duplicates_none() {
         .await;
 
     let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicUsize::new(0));
     let traffic = tokio::spawn(load(
         gw.public.clone(),
         format!("Bearer {key}"),
         "outage".to_owned(),
         Arc::clone(&stop),
+        Arc::clone(&count),
     ));
     tokio::time::sleep(Duration::from_secs(2)).await;
     kafka = tokio::task::spawn_blocking(move || {
@@ -206,8 +216,10 @@ async fn a_broker_crash_loses_no_event_and_duplicates_none() {
     })
     .await
     .unwrap();
+    let at_kill = count.load(Ordering::Relaxed);
     // The broker stays down for 20 s while tenants keep calling.
     tokio::time::sleep(Duration::from_secs(20)).await;
+    let during_outage = count.load(Ordering::Relaxed) - at_kill;
     kafka = tokio::task::spawn_blocking(move || {
         kafka.restart();
         kafka
@@ -218,9 +230,8 @@ async fn a_broker_crash_loses_no_event_and_duplicates_none() {
     stop.store(true, Ordering::Relaxed);
     let answered = traffic.await.unwrap();
     assert!(
-        answered.len() > 200,
-        "load ran through the outage: {} requests",
-        answered.len()
+        during_outage > 200,
+        "requests were answered while the broker was down: {during_outage}"
     );
 
     let events = collect_events(&kafka.brokers, &usage_topic, answered.len()).await;
@@ -233,8 +244,10 @@ async fn a_broker_crash_loses_no_event_and_duplicates_none() {
     gw.stop().await;
 }
 
+/// The in-process graceful stop (what SIGTERM triggers; the real signal to the real binary,
+/// with Kafka down during the drain, is `gateway_sigterm.rs`).
 #[tokio::test]
-async fn sigterm_under_load_loses_nothing() {
+async fn graceful_stop_under_load_ships_every_answered_event() {
     let upstream = EchoUpstream::start().await;
     let usage_topic = unique("test.usage");
     create_topic(&usage_topic, 3, &[]).await;
@@ -246,6 +259,7 @@ async fn sigterm_under_load_loses_nothing() {
         .consumer_with_key("acme-corp", json!({"tenantId": "tenant_abc123"}))
         .await;
     let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicUsize::new(0));
     let clients: Vec<_> = (0..8)
         .map(|c| {
             tokio::spawn(load(
@@ -253,6 +267,7 @@ async fn sigterm_under_load_loses_nothing() {
                 format!("Bearer {key}"),
                 format!("term-{c}"),
                 Arc::clone(&stop),
+                Arc::clone(&count),
             ))
         })
         .collect();

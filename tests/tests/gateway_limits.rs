@@ -171,7 +171,7 @@ async fn two_gateways_on_redis_admit_exactly_the_allowance() {
         .consumer_with_key("calm", json!({"tenantId": "tenant_calm", "plan": "free"}))
         .await;
     let urls = [format!("{}/v1/x", a.public), format!("{}/v1/x", b.public)];
-    tollgate_tests::eventually("B knows the keys", std::time::Duration::from_secs(2), || async {
+    tollgate_tests::eventually("B knows the keys", std::time::Duration::from_secs(30), || async {
         (send("GET", &urls[1], &[("authorization", &format!("Bearer {key}"))], b"")
             .await
             .status

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::json;
+use sha2::{Digest, Sha256};
 use tollgate_tests::billing::{assert_consistent_identifiers, Fault, Proxy};
 use tollgate_tests::http::{send, try_send_with, EchoUpstream};
 use tollgate_tests::meter::CuttableProxy;
@@ -523,6 +524,11 @@ listen = "127.0.0.1:{meter_port}"
         assert!(!output.contains(ADMIN_TOKEN), "{} logged the admin token", service.name);
         for tenant in &tenants {
             assert!(!output.contains(&tenant.key), "{} logged an API key", service.name);
+            let digest: String = Sha256::digest(tenant.key.as_bytes())
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            assert!(!output.contains(&digest), "{} logged an API key's digest", service.name);
         }
     }
 
