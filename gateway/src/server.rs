@@ -161,6 +161,7 @@ impl Gateway {
                 settings.events.clone(),
                 &settings.kafka,
                 &settings.topics.usage,
+                &settings.service.id,
                 event_metrics,
             )?;
             (sink, Some(pipeline))

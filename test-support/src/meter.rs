@@ -48,6 +48,17 @@ impl Env {
     /// Settings text for a consumer of this environment, talking to ClickHouse at
     /// `clickhouse_url` (the real one, or a proxy in front of it).
     pub fn settings_toml(&self, clickhouse_url: &str, max_rows: u64, max_wait_ms: u64) -> String {
+        self.settings_toml_on(clickhouse_url, max_rows, max_wait_ms, "127.0.0.1:0")
+    }
+
+    /// The same, with the ops listener (health, metrics) on `admin_listen`.
+    pub fn settings_toml_on(
+        &self,
+        clickhouse_url: &str,
+        max_rows: u64,
+        max_wait_ms: u64,
+        admin_listen: &str,
+    ) -> String {
         format!(
             r#"
 [kafka]
@@ -74,7 +85,7 @@ retry_max_ms = 1000
 insert_timeout_ms = 10000
 
 [admin]
-listen = "127.0.0.1:0"
+listen = "{admin_listen}"
 "#,
             brokers = self.brokers,
             group = self.group,

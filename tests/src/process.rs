@@ -127,3 +127,68 @@ impl Drop for ServiceProcess {
         self.kill();
     }
 }
+
+/// Where a gateway process listens and what it reads.
+pub struct GatewayProcess {
+    pub process: ServiceProcess,
+    pub public: String,
+    pub admin: String,
+}
+
+/// The gateway binary on the example settings (`config/gateway.toml`), on free loopback
+/// ports, following `keys_topic` and writing `usage_topic` on `brokers`, both routes to
+/// `upstream`, its spool and log in `dir`; `extra` overlays more settings.
+pub fn gateway(
+    dir: &Path,
+    admin_token: &str,
+    brokers: &str,
+    (keys_topic, usage_topic): (&str, &str),
+    upstream: &str,
+    extra: &[(&str, &str)],
+) -> GatewayProcess {
+    let (public_port, admin_port) = (free_port(), free_port());
+    let config = repo().join("config/gateway.toml").display().to_string();
+    let mut env: Vec<(String, String)> = [
+        ("TOLLGATE_ADMIN_TOKEN", admin_token.to_owned()),
+        ("TOLLGATE_SERVICE__ID", format!("gw-{public_port}")),
+        ("TOLLGATE_PUBLIC__LISTEN", format!("127.0.0.1:{public_port}")),
+        ("TOLLGATE_ADMIN__LISTEN", format!("127.0.0.1:{admin_port}")),
+        ("TOLLGATE_KAFKA__BROKERS", brokers.to_owned()),
+        ("TOLLGATE_TOPICS__KEYS", keys_topic.to_owned()),
+        ("TOLLGATE_TOPICS__USAGE", usage_topic.to_owned()),
+        ("TOLLGATE_ROUTES__0__UPSTREAM", upstream.to_owned()),
+        ("TOLLGATE_ROUTES__1__UPSTREAM", upstream.to_owned()),
+        ("TOLLGATE_EVENTS__SPOOL_DIR", dir.join("spool").display().to_string()),
+    ]
+    .map(|(k, v)| (k.to_owned(), v))
+    .to_vec();
+    env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+    let admin = format!("http://127.0.0.1:{admin_port}");
+    GatewayProcess {
+        process: ServiceProcess::new(
+            "tollgate-gateway",
+            &["--config", &config],
+            env,
+            format!("{admin}/readyz"),
+            dir,
+        ),
+        public: format!("http://127.0.0.1:{public_port}"),
+        admin,
+    }
+}
+
+impl GatewayProcess {
+    /// Creates a consumer with `metadata` and one key through the admin API; returns the
+    /// key's plaintext.
+    pub async fn consumer_with_key(&self, admin_token: &str, name: &str, metadata: serde_json::Value) -> String {
+        let auth = format!("Bearer {admin_token}");
+        let headers = [("authorization", auth.as_str()), ("content-type", "application/json")];
+        let body = serde_json::json!({"name": name, "metadata": metadata}).to_string();
+        let url = format!("{}/v1/consumers", self.admin);
+        let created = crate::http::send("POST", &url, &headers, body.as_bytes()).await;
+        assert_eq!(created.status, 201, "{}", created.text());
+        let key = crate::http::send("POST", &format!("{url}/{name}/keys"), &headers, b"{}").await;
+        assert_eq!(key.status, 201, "{}", key.text());
+        key.json()["key"].as_str().expect("plaintext key").to_owned()
+    }
+}

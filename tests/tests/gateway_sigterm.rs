@@ -12,10 +12,9 @@ use std::time::Duration;
 
 use serde_json::json;
 use tollgate_schemas::UsageEvent;
-use tollgate_tests::http::{send, try_send_with, EchoUpstream};
+use tollgate_tests::http::{try_send_with, EchoUpstream};
 use tollgate_tests::meter::read_topic;
 use tollgate_tests::private_kafka::PrivateKafka;
-use tollgate_tests::process::{free_port, repo, ServiceProcess};
 use tollgate_tests::{create_topic, unique};
 
 const ADMIN_TOKEN: &str = "sigterm-admin-token-0123456789abcdef";
@@ -33,63 +32,31 @@ async fn sigterm_with_kafka_down_loses_no_answered_request() {
     create_topic(&kafka.brokers, &keys_topic, 1, &[("cleanup.policy", "compact")]).await;
     create_topic(&kafka.brokers, &usage_topic, 3, &[]).await;
     let upstream = EchoUpstream::start().await;
-    let (public_port, admin_port) = (free_port(), free_port());
-    let (public, admin) = (
-        format!("http://127.0.0.1:{public_port}"),
-        format!("http://127.0.0.1:{admin_port}"),
-    );
-    let config = repo().join("config/gateway.toml").display().to_string();
-    let env = [
-        ("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN.to_owned()),
-        ("TOLLGATE_SERVICE__ID", format!("{run}-gw")),
-        ("TOLLGATE_PUBLIC__LISTEN", format!("127.0.0.1:{public_port}")),
-        ("TOLLGATE_ADMIN__LISTEN", format!("127.0.0.1:{admin_port}")),
-        ("TOLLGATE_KAFKA__BROKERS", kafka.brokers.clone()),
-        ("TOLLGATE_TOPICS__KEYS", keys_topic.clone()),
-        ("TOLLGATE_TOPICS__USAGE", usage_topic.clone()),
-        ("TOLLGATE_ROUTES__0__UPSTREAM", upstream.url()),
-        ("TOLLGATE_ROUTES__1__UPSTREAM", upstream.url()),
-        ("TOLLGATE_EVENTS__SPOOL_DIR", dir.join("spool").display().to_string()),
-        // Kafka is down during the drain: give it a moment, then leave the rest in the spool.
-        ("TOLLGATE_EVENTS__SHUTDOWN_FLUSH_MS", "1000".to_owned()),
-    ]
-    .map(|(k, v)| (k.to_owned(), v))
-    .to_vec();
-    let mut gateway = ServiceProcess::new(
-        "tollgate-gateway",
-        &["--config", &config],
-        env,
-        format!("{admin}/readyz"),
+    let mut gateway = tollgate_tests::process::gateway(
         &dir,
+        ADMIN_TOKEN,
+        &kafka.brokers,
+        (&keys_topic, &usage_topic),
+        &upstream.url(),
+        // Kafka is down during the drain: give it a moment, then leave the rest in the spool.
+        &[("TOLLGATE_EVENTS__SHUTDOWN_FLUSH_MS", "1000")],
     );
-    gateway.start().await;
+    gateway.process.start().await;
 
     let tenant = format!("t_{}", &unique("x")[2..12]);
-    let auth = format!("Bearer {ADMIN_TOKEN}");
-    let admin_headers = [("authorization", auth.as_str()), ("content-type", "application/json")];
-    let body = json!({"name": "sigterm-tenant", "metadata": {"tenantId": tenant, "plan": "enterprise"}});
-    let created = send(
-        "POST",
-        &format!("{admin}/v1/consumers"),
-        &admin_headers,
-        body.to_string().as_bytes(),
-    )
-    .await;
-    assert_eq!(created.status, 201, "{}", created.text());
-    let key = send(
-        "POST",
-        &format!("{admin}/v1/consumers/sigterm-tenant/keys"),
-        &admin_headers,
-        b"{}",
-    )
-    .await;
-    let key = key.json()["key"].as_str().expect("plaintext key").to_owned();
+    let key = gateway
+        .consumer_with_key(
+            ADMIN_TOKEN,
+            "sigterm-tenant",
+            json!({"tenantId": tenant, "plan": "enterprise"}),
+        )
+        .await;
     let bearer = format!("Bearer {key}");
 
     // Answers the clients saw: request id → status.
     let answers: Arc<Mutex<HashMap<String, u16>>> = Arc::default();
     let call = |path: String| {
-        let (answers, bearer, public) = (answers.clone(), bearer.clone(), public.clone());
+        let (answers, bearer, public) = (answers.clone(), bearer.clone(), gateway.public.clone());
         async move {
             let url = format!("{public}{path}");
             if let Ok(reply) = try_send_with(false, "GET", &url, &[("authorization", &bearer)], b"").await {
@@ -114,11 +81,11 @@ async fn sigterm_with_kafka_down_loses_no_answered_request() {
         .map(|i| tokio::spawn(call(format!("/v1/tenants/{tenant}/slow/{i}"))))
         .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    gateway.terminate();
+    gateway.process.terminate();
     for request in slow {
         request.await.expect("slow request task");
     }
-    let status = gateway.wait_exit(Duration::from_secs(60)).await;
+    let status = gateway.process.wait_exit(Duration::from_secs(60)).await;
     assert!(status.success(), "the gateway exits cleanly on SIGTERM: {status}");
 
     let answers = answers.lock().unwrap().clone();
@@ -132,7 +99,7 @@ async fn sigterm_with_kafka_down_loses_no_answered_request() {
 
     // Kafka and the gateway come back; the spool drains.
     kafka.restart();
-    gateway.start().await;
+    gateway.process.start().await;
     read_topic(&kafka.brokers, &usage_topic, answers.len(), Duration::from_secs(120)).await;
     // Read everything again, a little past the expected count, so a duplicate would show.
     let records = read_topic(&kafka.brokers, &usage_topic, answers.len() + 1, Duration::from_secs(5)).await;
@@ -150,7 +117,7 @@ async fn sigterm_with_kafka_down_loses_no_answered_request() {
     }
     assert_eq!(records.len(), answers.len(), "no event beyond the answered requests");
 
-    gateway.kill();
+    gateway.process.kill();
     kafka.kill();
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -24,7 +24,7 @@ use std::time::Duration;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use tollgate_tests::billing::{assert_consistent_identifiers, Fault, Proxy};
-use tollgate_tests::http::{send, try_send_with, EchoUpstream};
+use tollgate_tests::http::{try_send_with, EchoUpstream};
 use tollgate_tests::meter::CuttableProxy;
 use tollgate_tests::private_kafka::PrivateKafka;
 use tollgate_tests::process::{free_port, repo, ServiceProcess};
@@ -169,64 +169,34 @@ async fn every_billable_answer_is_counted_and_billed_once_through_crashes() {
     let stripe = Proxy::start(Arc::new(|_, _| Fault::None)).await;
     let upstream = EchoUpstream::start().await;
 
-    let (public_port, admin_port, meter_port, billing_port) = (free_port(), free_port(), free_port(), free_port());
-    let public = format!("http://127.0.0.1:{public_port}");
-    let admin = format!("http://127.0.0.1:{admin_port}");
+    let mut gateway = tollgate_tests::process::gateway(
+        &dir,
+        ADMIN_TOKEN,
+        &kafka.brokers,
+        (&keys_topic, &usage_topic),
+        &upstream.url(),
+        &[],
+    );
+    let (meter_port, billing_port) = (free_port(), free_port());
     let env = |pairs: &[(&str, String)]| {
         pairs
             .iter()
             .map(|(k, v)| ((*k).to_owned(), v.clone()))
             .collect::<Vec<_>>()
     };
-    let gateway_config = repo().join("config/gateway.toml").display().to_string();
-    let mut gateway = ServiceProcess::new(
-        "tollgate-gateway",
-        &["--config", &gateway_config],
-        env(&[
-            ("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN.to_owned()),
-            ("TOLLGATE_SERVICE__ID", format!("{run}-gw")),
-            ("TOLLGATE_PUBLIC__LISTEN", format!("127.0.0.1:{public_port}")),
-            ("TOLLGATE_ADMIN__LISTEN", format!("127.0.0.1:{admin_port}")),
-            ("TOLLGATE_KAFKA__BROKERS", kafka.brokers.clone()),
-            ("TOLLGATE_TOPICS__KEYS", keys_topic.clone()),
-            ("TOLLGATE_TOPICS__USAGE", usage_topic.clone()),
-            ("TOLLGATE_ROUTES__0__UPSTREAM", upstream.url()),
-            ("TOLLGATE_ROUTES__1__UPSTREAM", upstream.url()),
-            ("TOLLGATE_EVENTS__SPOOL_DIR", dir.join("spool").display().to_string()),
-        ]),
-        format!("{admin}/readyz"),
-        &dir,
-    );
+    let meter_env = tollgate_tests::meter::Env {
+        brokers: kafka.brokers.clone(),
+        clickhouse: clickhouse(),
+        database: database.clone(),
+        usage: usage_topic.clone(),
+        dlq: dlq_topic.clone(),
+        keys: keys_topic.clone(),
+        group: format!("{run}.meter"),
+    };
     let meter_config = dir.join("meter-consumer.toml");
     std::fs::write(
         &meter_config,
-        format!(
-            r#"
-[kafka]
-brokers = "{brokers}"
-[kafka.client]
-"session.timeout.ms" = "6000"
-"heartbeat.interval.ms" = "1000"
-[topics]
-group = "{run}.meter"
-usage = "{usage_topic}"
-dlq = "{dlq_topic}"
-keys = "{keys_topic}"
-[clickhouse]
-url = "{ch}"
-database = "{database}"
-[batch]
-max_rows = 5000
-max_wait_ms = 200
-retry_initial_ms = 100
-retry_max_ms = 1000
-insert_timeout_ms = 10000
-[admin]
-listen = "127.0.0.1:{meter_port}"
-"#,
-            brokers = kafka.brokers,
-            ch = ch.url,
-        ),
+        meter_env.settings_toml_on(&ch.url, 5000, 200, &format!("127.0.0.1:{meter_port}")),
     )
     .expect("meter-consumer settings");
     let meter_config = meter_config.display().to_string();
@@ -259,7 +229,7 @@ listen = "127.0.0.1:{meter_port}"
 
     meter.start().await;
     billing.start().await;
-    gateway.start().await;
+    gateway.process.start().await;
 
     // Three tenants, each with a key; the third on the free plan (100 requests a minute), so
     // some of its requests are refused by the limit.
@@ -269,20 +239,8 @@ listen = "127.0.0.1:{meter_port}"
         let id = format!("t{i}_{suffix}");
         let customer = format!("cus_{i}{suffix}");
         let name = format!("c{i}-{suffix}");
-        let auth = format!("Bearer {ADMIN_TOKEN}");
-        let headers = [("authorization", auth.as_str()), ("content-type", "application/json")];
-        let body = json!({"name": name, "metadata": {"tenantId": id, "plan": plan, "stripeCustomerId": customer}});
-        let created = send(
-            "POST",
-            &format!("{admin}/v1/consumers"),
-            &headers,
-            body.to_string().as_bytes(),
-        )
-        .await;
-        assert_eq!(created.status, 201, "{}", created.text());
-        let key = send("POST", &format!("{admin}/v1/consumers/{name}/keys"), &headers, b"{}").await;
-        assert_eq!(key.status, 201, "{}", key.text());
-        let key = key.json()["key"].as_str().expect("plaintext key").to_owned();
+        let metadata = json!({"tenantId": id, "plan": plan, "stripeCustomerId": customer});
+        let key = gateway.consumer_with_key(ADMIN_TOKEN, &name, metadata).await;
         tenants.push(Tenant { id, key, customer });
     }
 
@@ -292,7 +250,7 @@ listen = "127.0.0.1:{meter_port}"
     let workers: Vec<_> = (0..4)
         .map(|w| {
             tokio::spawn(traffic(
-                public.clone(),
+                gateway.public.clone(),
                 tenants.clone(),
                 running.clone(),
                 paused.clone(),
@@ -324,9 +282,9 @@ listen = "127.0.0.1:{meter_port}"
     //    in flight at the kill), then Kafka and the gateway come back: the spool drains.
     paused.store(true, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    gateway.kill();
+    gateway.process.kill();
     kafka.restart();
-    gateway.start().await;
+    gateway.process.start().await;
     paused.store(false, Ordering::SeqCst);
     flow(3 * second).await;
     // 3. kill -9 of the meter-consumer mid-stream, restarted.
@@ -518,7 +476,7 @@ listen = "127.0.0.1:{meter_port}"
     }
 
     // No secret in any service's output.
-    for service in [&gateway, &meter, &billing] {
+    for service in [&gateway.process, &meter, &billing] {
         let output = service.output();
         assert!(!output.contains(STRIPE_KEY), "{} logged the Stripe key", service.name);
         assert!(!output.contains(ADMIN_TOKEN), "{} logged the admin token", service.name);
@@ -532,7 +490,7 @@ listen = "127.0.0.1:{meter_port}"
         }
     }
 
-    gateway.kill();
+    gateway.process.kill();
     meter.kill();
     billing.kill();
     kafka.kill();

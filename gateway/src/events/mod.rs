@@ -5,13 +5,11 @@
 //! produced idempotently with `acks=all`.
 //!
 //! Path: request → unbounded queue → writer task (appends to the spool, fsync by policy) →
-//! shipper task (reads the spool in order, produces, and moves the spool's position only
-//! after Kafka acknowledged). The producer never gives a message up (no message timeout), so
-//! while Kafka is away events wait in librdkafka and on disk, and nothing is sent twice by
-//! our own retries; the idempotent producer removes the broker-side duplicates of its own
-//! retries. A restart replays what the spool still holds. The one remaining window for a
-//! duplicate is a crash after Kafka acknowledged a batch and before its position was saved;
-//! events carry their UUIDv7 id for downstream deduplication.
+//! shipper task (reads the spool in order and ships each batch as one Kafka transaction that
+//! also records the spool position after it; see [`transactions`]). While Kafka is away a
+//! batch fails and is tried again, its earlier attempts aborted and never visible; a restart
+//! resumes from the later of the position file and the position Kafka committed, so a batch
+//! is on the topic once, whether the gateway crashed before, during or after shipping it.
 //!
 //! Never a silent drop: every event is produced, still spooled, or counted as dropped (only
 //! when the spool is over its cap, and then billable requests are refused with 503 under the
@@ -19,13 +17,14 @@
 
 pub mod metrics;
 pub mod spool;
+pub mod transactions;
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureProducer;
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tollgate_runtime::kafka::KafkaSettings;
@@ -232,6 +231,7 @@ pub fn start(
     settings: EventSettings,
     kafka: &KafkaSettings,
     topic: &str,
+    service_id: &str,
     metrics: Arc<EventMetrics>,
 ) -> Result<(UsageSink, UsagePipeline), EventError> {
     let dir = PathBuf::from(&settings.spool_dir);
@@ -240,6 +240,7 @@ pub fn start(
         source,
     };
     let (writer, reader, recovery) = spool::open(&dir, settings.segment_bytes).map_err(spool_error)?;
+    let epoch = spool::epoch(&dir).map_err(spool_error)?;
     if recovery.truncated_bytes > 0 {
         tracing::warn!(dir = %settings.spool_dir, bytes = recovery.truncated_bytes, "spool ended in a record cut short (a crash mid-write); cut it off");
     }
@@ -247,19 +248,19 @@ pub fn start(
         tracing::info!(dir = %settings.spool_dir, events = recovery.pending_records, "spool holds events from an earlier run; replaying them");
         metrics.replay_pending.increment(recovery.pending_records as f64);
     }
-    let producer: FutureProducer = kafka
-        .client_config()
+    let kafka_error = |e: rdkafka::error::KafkaError| EventError::Kafka {
+        topic: topic.to_owned(),
+        reason: e.to_string(),
+    };
+    let mut config = kafka.client_config();
+    config
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("compression.type", "lz4")
-        .set("linger.ms", "5")
-        // Never give a message up: an outage is waited out, not turned into a resend.
-        .set("message.timeout.ms", "0")
-        .create()
-        .map_err(|e| EventError::Kafka {
-            topic: topic.to_owned(),
-            reason: e.to_string(),
-        })?;
+        .set("linger.ms", "5");
+    transactions::configure(&mut config, service_id);
+    let producer: FutureProducer = config.create().map_err(kafka_error)?;
+    let positions = transactions::positions_consumer(&kafka.client_config(), service_id).map_err(kafka_error)?;
     let settings = Arc::new(settings);
     let (tx, rx) = mpsc::unbounded_channel();
     let watermark = Arc::clone(writer.watermark());
@@ -272,8 +273,12 @@ pub fn start(
     });
     let shipper_task = tokio::spawn(ship_loop(
         reader,
-        producer,
-        topic.to_owned(),
+        Shipping {
+            producer,
+            positions,
+            topic: topic.to_owned(),
+            epoch,
+        },
         Arc::clone(&metrics),
         Arc::clone(&control),
         recovery.pending_records,
@@ -385,14 +390,78 @@ fn write_loop(
     written.notify_one();
 }
 
+/// What the shipper ships with: the transactional producer, the consumer its spool position
+/// is committed through, the usage topic and this spool's epoch.
+struct Shipping {
+    producer: FutureProducer,
+    positions: rdkafka::consumer::BaseConsumer,
+    topic: String,
+    epoch: String,
+}
+
+/// Starts shipping: catches the spool up with the position Kafka committed (a crash after a
+/// commit but before the position file), registers the transactional id (aborting what a
+/// crashed instance left open), then ships batch after batch. Retries until Kafka answers;
+/// stops on shutdown, or for good if another producer took over this gateway's id.
 async fn ship_loop(
     mut reader: SpoolReader,
-    producer: FutureProducer,
-    topic: String,
+    shipping: Shipping,
     metrics: Arc<EventMetrics>,
     control: Arc<ShipperControl>,
     mut from_earlier_run: u64,
 ) {
+    let Shipping {
+        producer,
+        positions,
+        topic,
+        epoch,
+    } = shipping;
+    let positions = Arc::new(positions);
+    let retry = Duration::from_millis(500);
+    loop {
+        match transactions::committed_position(Arc::clone(&positions), &topic, &epoch).await {
+            Ok(committed) => {
+                if let Some(target) = committed.filter(|c| *c > reader.position()) {
+                    match reader.skip_to(target) {
+                        Ok(passed) => {
+                            tracing::info!(
+                                events = passed,
+                                "spool: events Kafka already had from the last run skipped"
+                            );
+                            let passed = passed.min(from_earlier_run);
+                            from_earlier_run -= passed;
+                            metrics.replay_pending.decrement(passed as f64);
+                        }
+                        Err(err) => tracing::error!(error = %err, "spool: cannot move to the position Kafka committed"),
+                    }
+                }
+                break;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "usage topic: cannot read the committed spool position yet; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(retry) => {}
+                    _ = control.stop.notified() => return,
+                }
+            }
+        }
+    }
+    let shipper = loop {
+        match transactions::TransactionalShipper::init(producer.clone(), &positions, &topic, &epoch).await {
+            Ok(shipper) => break shipper,
+            Err(transactions::ShipError::Fatal(reason)) => {
+                tracing::error!(%reason, "usage topic: shipping stopped; events stay in the spool");
+                return;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "usage topic: transactions not ready yet; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(retry) => {}
+                    _ = control.stop.notified() => return,
+                }
+            }
+        }
+    };
     loop {
         let batch = match reader.read_batch(2000) {
             Ok(batch) => batch,
@@ -418,9 +487,10 @@ async fn ship_loop(
             continue;
         }
         let bytes: u64 = batch.records.iter().map(|r| spool::record_bytes(r.len())).sum();
+        let records: Vec<(&[u8], &[u8])> = batch.records.iter().filter_map(|r| split_record(r)).collect();
         let started = Instant::now();
         let shipped = tokio::select! {
-            result = produce_all(&producer, &topic, &batch.records) => result,
+            result = shipper.ship(&records, batch.next) => result,
             _ = control.stop.notified() => return,
         };
         match shipped {
@@ -432,48 +502,25 @@ async fn ship_loop(
                 metrics.replayed.increment(replayed);
                 metrics.replay_pending.decrement(replayed as f64);
                 metrics.delivery_seconds.record(started.elapsed().as_secs_f64());
+                // Kafka holds the position too: a failure here only means the next start
+                // reads it from there.
                 if let Err(err) = reader.commit(batch.next, bytes) {
                     tracing::error!(error = %err, "spool: cannot save the shipped position");
                 }
             }
-            Err(reason) => {
-                tracing::error!(%reason, "usage topic: delivery failed; retrying the batch");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+            Err(transactions::ShipError::Fatal(reason)) => {
+                tracing::error!(%reason, "usage topic: shipping stopped; events stay in the spool");
+                return;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "usage topic: batch not shipped; retrying it");
+                tokio::select! {
+                    _ = tokio::time::sleep(retry) => {}
+                    _ = control.stop.notified() => return,
+                }
             }
         }
     }
-}
-
-async fn produce_all(producer: &FutureProducer, topic: &str, records: &[Vec<u8>]) -> Result<(), String> {
-    let mut deliveries = Vec::with_capacity(records.len());
-    for record in records {
-        let Some((key, body)) = split_record(record) else {
-            continue;
-        };
-        loop {
-            match producer.send_result(FutureRecord::to(topic).key(key).payload(body)) {
-                Ok(delivery) => {
-                    deliveries.push(delivery);
-                    break;
-                }
-                Err((
-                    rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
-                    _,
-                )) => {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                Err((err, _)) => return Err(err.to_string()),
-            }
-        }
-    }
-    for delivery in deliveries {
-        match delivery.await {
-            Ok(Ok(_)) => {}
-            Ok(Err((err, _))) => return Err(err.to_string()),
-            Err(_) => return Err("producer closed".to_owned()),
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

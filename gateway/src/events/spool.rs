@@ -58,6 +58,28 @@ impl Watermark {
     }
 }
 
+/// This spool's identity: a random id written when the spool is first used, so a position
+/// recorded elsewhere (in Kafka) is applied only to the spool it was recorded for, never to a
+/// new spool in a wiped directory whose segment numbers start again.
+pub fn epoch(dir: &Path) -> io::Result<String> {
+    fs::create_dir_all(dir)?;
+    let path = dir.join("epoch");
+    match fs::read_to_string(&path) {
+        Ok(text) if !text.trim().is_empty() => return Ok(text.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).map_err(|e| io::Error::other(e.to_string()))?;
+    let epoch: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let tmp = dir.join("epoch.tmp");
+    fs::write(&tmp, format!("{epoch}\n"))?;
+    File::open(&tmp)?.sync_all()?;
+    fs::rename(&tmp, &path)?;
+    Ok(epoch)
+}
+
 fn segment_path(dir: &Path, segment: u64) -> PathBuf {
     dir.join(format!("{segment:020}.spool"))
 }
@@ -271,8 +293,12 @@ impl SpoolReader {
     /// Reads up to `max` records the writer has made visible, starting at the committed
     /// position. Does not move the position: [`SpoolReader::commit`] does, after shipping.
     pub fn read_batch(&mut self, max: usize) -> io::Result<Batch> {
+        self.read_from(self.position, max)
+    }
+
+    fn read_from(&mut self, from: Position, max: usize) -> io::Result<Batch> {
         let end = self.watermark.get();
-        let mut at = self.position;
+        let mut at = from;
         let mut records = Vec::new();
         let mut skipped = 0;
         while records.len() < max && at < end {
@@ -334,6 +360,33 @@ impl SpoolReader {
                 Some(p.saturating_sub(shipped_bytes))
             });
         Ok(())
+    }
+
+    /// The position of the first record Kafka does not have yet.
+    pub fn position(&self) -> Position {
+        self.position
+    }
+
+    /// Moves the position forward to `target` (a record boundary that an earlier run shipped
+    /// but did not get to record in the position file), as if those records had been shipped
+    /// now. Returns how many records it passed over; a target at or behind the position
+    /// changes nothing.
+    pub fn skip_to(&mut self, target: Position) -> io::Result<u64> {
+        let (mut passed, mut bytes) = (0u64, 0u64);
+        let mut at = self.position;
+        while at < target {
+            let batch = self.read_from(at, 1)?;
+            if batch.records.is_empty() {
+                break;
+            }
+            passed += 1;
+            bytes += batch.records.iter().map(|r| record_bytes(r.len())).sum::<u64>();
+            at = batch.next;
+        }
+        if passed > 0 {
+            self.commit(at, bytes)?;
+        }
+        Ok(passed)
     }
 
     /// Whether records are waiting to be shipped.
