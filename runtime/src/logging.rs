@@ -11,7 +11,7 @@
 //!
 //! What reaches a log line is what the services put in their events: ids, counts, addresses,
 //! error texts; never a key, token or password (those are read from the environment and
-//! not passed to any event; `gateway/tests/no_secrets.rs` and `billing-sync/tests/json_logs.rs`
+//! not passed to any event; `tests/tests/gateway_no_secrets.rs` and `billing_json_logs.rs`
 //! check the output).
 
 use std::sync::OnceLock;

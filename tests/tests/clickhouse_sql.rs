@@ -11,6 +11,9 @@
 //! the statements in order, the tables' contents, and the view checks with their expected
 //! answers, so the current ClickHouse is held to the same numbers.
 
+// Needs the running stack (Kafka, ClickHouse, Redis, stripe-mock): `scripts/stack test`.
+#![cfg(feature = "stack-tests")]
+
 mod sql_capture;
 
 use std::collections::BTreeMap;

@@ -6,6 +6,9 @@
 //! (`TOLLGATE_TEST_STRIPE`). Out: the binary's stderr, read line by line until the billing
 //! pass has logged inside its `window` span, then SIGTERM, then every line parsed.
 
+// Needs the running stack (Kafka, ClickHouse, Redis, stripe-mock): `scripts/stack test`.
+#![cfg(feature = "stack-tests")]
+
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -14,7 +17,9 @@ use std::time::{Duration, Instant};
 use tollgate_meter_consumer::rows::UsageRow;
 use tollgate_runtime::clickhouse::ClickhouseSettings;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tollgate-billing-sync");
+fn bin() -> std::path::PathBuf {
+    tollgate_tests::service::binary("tollgate-billing-sync")
+}
 const STRIPE_KEY: &str = "sk_test_jsonlogs9f2c41d7e8a6b35c";
 const UNBILLABLE: &str = "usage of tenants without a Stripe customer id recorded as unbillable";
 
@@ -59,8 +64,8 @@ fn usage_row(time: u32) -> UsageRow {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_log_lines_parse_carry_span_fields_and_no_secret() {
     let clickhouse = ClickhouseSettings {
-        url: var_or("TOLLGATE_TEST_CLICKHOUSE", "http://127.0.0.1:8123"),
-        database: format!("json_logs_{}_{}", std::process::id(), unix_now()),
+        url: tollgate_tests::clickhouse(),
+        database: tollgate_tests::unique("json_logs"),
         user: "default".to_owned(),
     };
     let client = clickhouse
@@ -75,7 +80,7 @@ async fn json_log_lines_parse_carry_span_fields_and_no_secret() {
     insert.write(&usage_row(event_time)).await.expect("row");
     insert.end().await.expect("event stored");
 
-    let stripe = var_or("TOLLGATE_TEST_STRIPE", "http://127.0.0.1:12111");
+    let stripe = tollgate_tests::stripe();
     let settings = format!(
         r#"
 [clickhouse]
@@ -109,7 +114,7 @@ format = "json"
         .and_then(|mut f| f.write_all(settings.as_bytes()))
         .expect("settings file");
 
-    let mut child = Command::new(BIN)
+    let mut child = Command::new(bin())
         .arg("--config")
         .arg(&path)
         .env_clear()
@@ -204,8 +209,8 @@ fn a_refused_start_is_one_json_error_line_too() {
     let settings = include_str!("../../config/billing-sync.toml")
         .replace("127.0.0.1:9102", "127.0.0.1:0")
         .replace("http://127.0.0.1:8123", "http://127.0.0.1:1");
-    let exit = tollgate_runtime::testing::run_with_settings(
-        BIN,
+    let exit = tollgate_tests::service::run_with_settings(
+        &bin().display().to_string(),
         &settings,
         &[
             ("TOLLGATE_STRIPE_API_KEY", STRIPE_KEY),
