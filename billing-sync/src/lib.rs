@@ -59,22 +59,18 @@ pub async fn run(settings: BillingSettings, api_key: String, shutdown: Shutdown)
     stripe::check_reachable(&settings.stripe, &api).await?;
     let (ops, recorder) = Ops::new();
     let push_metrics = PushMetrics::register(&recorder);
-    let (passes_ok, passes_failed) = metrics::with_local_recorder(&recorder, || {
-        (
-            metrics::counter!("billing_sync_passes_total", "outcome" => "ok"),
-            metrics::counter!("billing_sync_passes_total", "outcome" => "error"),
-        )
-    });
+    let service_metrics = ServiceMetrics::register(&recorder);
     let pusher = Pusher::new(api, &settings.stripe, push_metrics, shutdown.clone());
     let interval = Duration::from_secs(settings.billing.poll_interval_secs);
-    let biller = Biller::new(client, settings.clone(), pusher);
+    let biller = Biller::new(client.clone(), settings.clone(), pusher);
+    let mut reconciled_at: Option<std::time::Instant> = None;
     ops.set_ready();
     tracing::info!(admin = %settings.admin.listen, "billing-sync ready");
     let ops_task = tokio::spawn(tollgate_runtime::ops::serve(listener, ops.clone(), shutdown.clone()));
     while !shutdown.is_triggered() {
         match biller.pass(sync::unix_now()).await {
             Ok(report) => {
-                passes_ok.increment(1);
+                service_metrics.passes_ok.increment(1);
                 ops.set_ready();
                 if report.windows > 0 {
                     tracing::info!(
@@ -89,10 +85,14 @@ pub async fn run(settings: BillingSettings, api_key: String, shutdown: Shutdown)
                 }
             }
             Err(err) => {
-                passes_failed.increment(1);
+                service_metrics.passes_failed.increment(1);
                 ops.set_not_ready(format!("last billing pass failed: {err}"));
                 tracing::error!(error = %err, "billing pass failed; retrying next interval");
             }
+        }
+        if reconciled_at.is_none_or(|at| at.elapsed() >= RECONCILE_EVERY) {
+            reconciled_at = Some(std::time::Instant::now());
+            reconcile_gauges(&client, &settings, &service_metrics).await;
         }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
@@ -101,6 +101,60 @@ pub async fn run(settings: BillingSettings, api_key: String, shutdown: Shutdown)
     }
     let _ = ops_task.await;
     Ok(())
+}
+
+/// How often the service reconciles the current month for its gauges: the comparison reads
+/// the month's raw events, so not on every pass.
+const RECONCILE_EVERY: Duration = Duration::from_secs(600);
+
+/// The service loop's own metrics (the pushes' are [`PushMetrics`]).
+pub struct ServiceMetrics {
+    pub passes_ok: metrics::Counter,
+    pub passes_failed: metrics::Counter,
+    /// Sum over tenants and meters of |ClickHouse − pushed − unbillable| in the current
+    /// month's closed windows, as of the last reconcile.
+    pub reconcile_difference_units: metrics::Gauge,
+    /// Tenant × meter lines that differ, as of the last reconcile.
+    pub reconcile_differing_lines: metrics::Gauge,
+}
+
+impl ServiceMetrics {
+    pub fn register(recorder: &impl metrics::Recorder) -> Self {
+        metrics::with_local_recorder(recorder, || {
+            metrics::describe_gauge!(
+                "billing_sync_reconcile_difference_units",
+                "Units in closed windows of the current month not accounted for in Stripe (ClickHouse - pushed - unbillable), summed as absolute values."
+            );
+            metrics::describe_gauge!(
+                "billing_sync_reconcile_differing_lines",
+                "Tenant and meter pairs whose closed windows of the current month differ from the ledger."
+            );
+            Self {
+                passes_ok: metrics::counter!("billing_sync_passes_total", "outcome" => "ok"),
+                passes_failed: metrics::counter!("billing_sync_passes_total", "outcome" => "error"),
+                reconcile_difference_units: metrics::gauge!("billing_sync_reconcile_difference_units"),
+                reconcile_differing_lines: metrics::gauge!("billing_sync_reconcile_differing_lines"),
+            }
+        })
+    }
+}
+
+/// Reconciles the current month and sets the gauges; a failure is logged and leaves them.
+async fn reconcile_gauges(client: &clickhouse::Client, settings: &BillingSettings, metrics: &ServiceMetrics) {
+    let now = sync::unix_now();
+    let month = chrono::DateTime::from_timestamp(now, 0).map(|t| t.format("%Y-%m").to_string());
+    let Some(Ok(period)) = month.map(|m| m.parse::<reconcile::Period>()) else {
+        return;
+    };
+    match reconcile::reconcile(client, settings, period, now).await {
+        Ok(report) => {
+            let differing = report.lines.values().filter(|l| l.difference() != 0);
+            let units: i64 = differing.clone().map(|l| l.difference().abs()).sum();
+            metrics.reconcile_difference_units.set(units as f64);
+            metrics.reconcile_differing_lines.set(differing.count() as f64);
+        }
+        Err(err) => tracing::warn!(error = %err, "reconcile for the metrics failed; retrying later"),
+    }
 }
 
 /// `billing-sync setup`: makes sure a Stripe meter exists for every configured meter.

@@ -36,12 +36,11 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tollgate_runtime::init_logging();
     let args = Args::parse();
     match run(args).await {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("tollgate-billing-sync: {err:#}");
+            tollgate_runtime::logging::report_stop("tollgate-billing-sync", &err);
             ExitCode::FAILURE
         }
     }
@@ -49,7 +48,11 @@ async fn main() -> ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let config = args.config.context("--config is required")?;
-    let settings: BillingSettings = tollgate_runtime::load(&config)?;
+    let loaded = tollgate_runtime::load_with_log::<BillingSettings>(&config)?;
+    // After the settings: `[log]` says how to log (stderr; the subcommands' results go to
+    // stdout). A refusal to load them is one plain line.
+    tollgate_runtime::logging::init(&loaded.log);
+    let settings = loaded.settings;
     let api_key = std::env::var(STRIPE_KEY_ENV).unwrap_or_default();
     match args.command {
         None => {

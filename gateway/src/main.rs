@@ -19,13 +19,15 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tollgate_runtime::init_logging();
     let args = Args::parse();
     tollgate_runtime::exit_code("tollgate-gateway", run(args).await)
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let settings: GatewaySettings = tollgate_runtime::load(&args.config)?;
+    let loaded = tollgate_runtime::load_with_log::<GatewaySettings>(&args.config)?;
+    // After the settings: `[log]` says how to log. A refusal to load them is one plain line.
+    tollgate_runtime::logging::init(&loaded.log);
+    let settings = loaded.settings;
     let token = std::env::var(tollgate_gateway::settings::ADMIN_TOKEN_ENV).ok();
     let signing_secret = std::env::var(tollgate_gateway::settings::SIGNING_SECRET_ENV).ok();
     tollgate_gateway::run(settings, token, signing_secret, Shutdown::on_signals())

@@ -1,4 +1,4 @@
-//! `tollgate-meter-consumer --config gateway.toml`: loads the settings and runs the meter-consumer until
+//! `tollgate-meter-consumer --config meter-consumer.toml`: loads the settings and runs the meter-consumer until
 //! SIGTERM.
 
 use std::path::PathBuf;
@@ -22,14 +22,15 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tollgate_runtime::init_logging();
     let args = Args::parse();
     tollgate_runtime::exit_code("tollgate-meter-consumer", run(args).await)
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let settings: MeterSettings = tollgate_runtime::load(&args.config)?;
-    tollgate_meter_consumer::run(settings, Shutdown::on_signals())
+    let loaded = tollgate_runtime::load_with_log::<MeterSettings>(&args.config)?;
+    // After the settings: `[log]` says how to log. A refusal to load them is one plain line.
+    tollgate_runtime::logging::init(&loaded.log);
+    tollgate_meter_consumer::run(loaded.settings, Shutdown::on_signals())
         .await
         .context("meter-consumer")
 }

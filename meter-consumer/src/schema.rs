@@ -23,10 +23,14 @@
 //! Every statement runs on Debian's ClickHouse 18.16 and on current releases: `DateTime`
 //! (seconds) plus a millisecond column instead of `DateTime64`, `Nested` instead of `Map`, no
 //! `LowCardinality`, `UInt8` flags instead of `Bool`, and the `PARTITION BY ... ORDER BY`
-//! MergeTree syntax. Times are `DateTime('UTC')`: the month partition (`toYYYYMM`) and the
-//! hour and day buckets are then UTC whatever the server's time zone, which is what lets the
-//! consumer cut its batches at UTC month boundaries (an insert is atomic only within one
-//! partition).
+//! MergeTree syntax; every joined subquery has an alias (current releases refuse one
+//! without), and views are dropped with `DROP TABLE` (18.16 has no `DROP VIEW`).
+//! `tests/tests/clickhouse_sql.rs` runs every statement on 18.16 and `scripts/chdb-check`
+//! replays them on the current release.
+//!
+//! Times are `DateTime('UTC')`: the month partition (`toYYYYMM`) and the hour and day
+//! buckets are then UTC whatever the server's time zone, which is what lets the consumer cut
+//! its batches at UTC month boundaries (an insert is atomic only within one partition).
 //!
 //! # Tables
 //! - `usage_events`: one row per usage event, with the Kafka topic, partition and offset it
@@ -207,22 +211,39 @@ pub const MIGRATIONS: &[Migration] = &[
              FROM usage_route_day GROUP BY tenant_id, period_start, route
              ORDER BY tenant_id, period_start, events DESC
              LIMIT 10 BY tenant_id, period_start",
-            "CREATE VIEW IF NOT EXISTS invoice_preview AS
-             SELECT tenant_id, period_start, meter, billable_units, billable_events,
-                    stripe_customer_id
-             FROM (
-                 SELECT tenant_id, toStartOfMonth(day) AS period_start, meter,
-                        sum(billable_units) AS billable_units,
-                        sum(billable_events) AS billable_events
-                 FROM usage_meter_day WHERE tenant_id != ''
-                 GROUP BY tenant_id, period_start, meter
-             ) ANY LEFT JOIN (
-                 SELECT tenant_id, anyIf(stripe_customer_id, stripe_customer_id != '') AS stripe_customer_id
-                 FROM consumers FINAL WHERE deleted = 0 GROUP BY tenant_id
-             ) USING tenant_id",
+            INVOICE_PREVIEW,
         ],
     },
+    Migration {
+        version: 3,
+        name: "invoice_preview with aliased subqueries",
+        // Servers that applied version 2 before its correction (18.16, which accepted the
+        // unaliased join) hold the old view text; replace it. `DROP TABLE` because 18.16 has
+        // no `DROP VIEW`. Two instances racing here may leave the view absent between one's
+        // drop and its create, never absent after both finish.
+        statements: &["DROP TABLE IF EXISTS invoice_preview", INVOICE_PREVIEW],
+    },
 ];
+
+/// Billable units per tenant, meter and calendar month, with the tenant's Stripe customer id.
+///
+/// Both joined subqueries carry an alias: current ClickHouse refuses an unaliased subquery
+/// in a `JOIN ... USING` (code 206, "no alias for subquery or table function"), 18.16
+/// accepts either. Migration 2 first shipped without the aliases; no server that refuses
+/// them could have recorded it, so it was corrected in place and migration 3 brings the
+/// servers that recorded the old text up to date.
+const INVOICE_PREVIEW: &str = "CREATE VIEW IF NOT EXISTS invoice_preview AS
+     SELECT tenant_id, period_start, meter, billable_units, billable_events, stripe_customer_id
+     FROM (
+         SELECT tenant_id, toStartOfMonth(day) AS period_start, meter,
+                sum(billable_units) AS billable_units,
+                sum(billable_events) AS billable_events
+         FROM usage_meter_day WHERE tenant_id != ''
+         GROUP BY tenant_id, period_start, meter
+     ) AS billed ANY LEFT JOIN (
+         SELECT tenant_id, anyIf(stripe_customer_id, stripe_customer_id != '') AS stripe_customer_id
+         FROM consumers FINAL WHERE deleted = 0 GROUP BY tenant_id
+     ) AS customers USING tenant_id";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SchemaError {
@@ -341,7 +362,8 @@ mod tests {
     fn every_statement_is_idempotent_and_avoids_newer_types() {
         for m in MIGRATIONS {
             for s in m.statements {
-                assert!(s.contains("IF NOT EXISTS"), "migration {}: {s}", m.version);
+                let idempotent = s.contains("IF NOT EXISTS") || s.starts_with("DROP TABLE IF EXISTS");
+                assert!(idempotent, "migration {}: {s}", m.version);
                 for banned in ["DateTime64", "Map(", "LowCardinality", "Bool", "Date32"] {
                     assert!(!s.contains(banned), "migration {}: {banned} in {s}", m.version);
                 }

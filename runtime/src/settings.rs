@@ -11,11 +11,16 @@
 //! (`TOLLGATE_ADMIN_TOKEN`). A value is read as a TOML value when it parses as one (`8080`,
 //! `true`, `["a", "b"]`) and as a plain string otherwise, or when the setting wants a string.
 //! An overlay naming a setting the service does not have is an error, like a typo in the file.
+//!
+//! The `[log]` section is every service's (`crate::logging`): it is read here, not by the
+//! service's struct, and returned beside it by [`load_with_log`].
 
 use std::fmt;
 use std::path::Path;
 
 use serde::de::DeserializeOwned;
+
+use crate::logging::{self, LogSettings};
 
 /// Prefix of every Tollgate environment variable.
 pub const ENV_PREFIX: &str = "TOLLGATE_";
@@ -99,13 +104,25 @@ pub trait Validate {
     fn validate(&self) -> Result<(), Invalid>;
 }
 
+/// A service's settings and the `[log]` section every service shares (see [`crate::logging`]).
+#[derive(Debug)]
+pub struct Loaded<T> {
+    pub settings: T,
+    pub log: LogSettings,
+}
+
 /// Loads `path`, overlays the process environment, deserializes and validates.
 pub fn load<T: DeserializeOwned + Validate>(path: &Path) -> Result<T, SettingsError> {
+    load_with_log(path).map(|loaded| loaded.settings)
+}
+
+/// [`load`], also returning the `[log]` section.
+pub fn load_with_log<T: DeserializeOwned + Validate>(path: &Path) -> Result<Loaded<T>, SettingsError> {
     let text = std::fs::read_to_string(path).map_err(|source| SettingsError::Read {
         path: path.display().to_string(),
         source,
     })?;
-    from_str_with_env(&text, &path.display().to_string(), std::env::vars())
+    from_str_with_env_and_log(&text, &path.display().to_string(), std::env::vars())
 }
 
 /// [`load`] on text already read, with an explicit environment (tests pass their own).
@@ -114,6 +131,15 @@ pub fn from_str_with_env<T: DeserializeOwned + Validate>(
     origin: &str,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<T, SettingsError> {
+    from_str_with_env_and_log(text, origin, env).map(|loaded| loaded.settings)
+}
+
+/// [`load_with_log`] on text already read, with an explicit environment.
+pub fn from_str_with_env_and_log<T: DeserializeOwned + Validate>(
+    text: &str,
+    origin: &str,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Loaded<T>, SettingsError> {
     let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| SettingsError::Syntax {
         origin: origin.to_owned(),
         message: e.message().to_owned(),
@@ -124,6 +150,8 @@ pub fn from_str_with_env<T: DeserializeOwned + Validate>(
     for overlay in &overlays {
         overlay.apply(&mut table, overlay.typed_value())?;
     }
+    // `[log]` belongs to no service's struct: every service has it, read here once.
+    let log = log_settings(&mut table, origin, &overlays)?;
     let settings: T = loop {
         match serde_path_to_error::deserialize(toml::Value::Table(table.clone())) {
             Ok(settings) => break settings,
@@ -162,7 +190,30 @@ pub fn from_str_with_env<T: DeserializeOwned + Validate>(
         origin: origin_of(&overlays, &invalid.field).unwrap_or_else(|| origin.to_owned()),
         invalid,
     })?;
-    Ok(settings)
+    Ok(Loaded { settings, log })
+}
+
+/// Takes the `[log]` section out of `table` and reads it (its defaults when absent).
+fn log_settings(table: &mut toml::Table, origin: &str, overlays: &[Overlay]) -> Result<LogSettings, SettingsError> {
+    let Some(section) = table.remove(logging::SECTION) else {
+        return Ok(LogSettings::default());
+    };
+    serde_path_to_error::deserialize(section).map_err(|err| {
+        let inner = err.path().to_string();
+        let field = if inner == "." {
+            logging::SECTION.to_owned()
+        } else {
+            format!("{}.{inner}", logging::SECTION)
+        };
+        let culprit = overlays
+            .iter()
+            .find(|o| o.path.first().is_some_and(|p| p == logging::SECTION));
+        SettingsError::Field {
+            origin: culprit.map_or(origin, |o| o.var.as_str()).to_owned(),
+            field,
+            message: one_line(&err.inner().to_string()),
+        }
+    })
 }
 
 /// The overlay variable that set `field`, if one did.

@@ -285,3 +285,42 @@ fn overlay_with_index_out_of_range_or_missing_is_refused() {
         assert!(err.contains("`routes` is a list of 2 entries"), "{err}");
     }
 }
+
+fn log_of(file: &str, pairs: &[(&str, &str)]) -> Result<LogSettings, String> {
+    from_str_with_env_and_log::<Sample>(file, "gateway.toml", env(pairs))
+        .map(|loaded| loaded.log)
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn log_section_is_every_services_and_defaults_to_text() {
+    use crate::logging::LogFormat;
+    assert_eq!(log_of(FILE, &[]).unwrap().format, LogFormat::Text);
+    let json = format!("{FILE}\n[log]\nformat = \"json\"\n");
+    assert_eq!(log_of(&json, &[]).unwrap().format, LogFormat::Json);
+    assert_eq!(
+        log_of(FILE, &[("TOLLGATE_LOG__FORMAT", "json")]).unwrap().format,
+        LogFormat::Json
+    );
+    // The service's own struct never sees the section.
+    assert!(from_str_with_env::<Sample>(&json, "gateway.toml", env(&[])).is_ok());
+}
+
+#[test]
+fn log_typos_and_bad_formats_are_refused_with_their_origin() {
+    let xml = format!("{FILE}\n[log]\nformat = \"xml\"\n");
+    assert_eq!(
+        log_of(&xml, &[]).unwrap_err(),
+        "gateway.toml: setting `log.format`: unknown variant `xml`, expected `text` or `json`"
+    );
+    let typo = format!("{FILE}\n[log]\nfromat = \"json\"\n");
+    assert_eq!(
+        log_of(&typo, &[]).unwrap_err(),
+        "gateway.toml: setting `log.fromat`: unknown field `fromat`, expected `format`"
+    );
+    let err = log_of(FILE, &[("TOLLGATE_LOG__FORMAT", "yaml")]).unwrap_err();
+    assert!(
+        err.starts_with("TOLLGATE_LOG__FORMAT: setting `log.format`: unknown variant `yaml`"),
+        "{err}"
+    );
+}
