@@ -161,7 +161,8 @@ impl Admin {
                     self.plans.keys().cloned().collect::<Vec<_>>().join(", ")
                 )));
             };
-            crate::limits::effective_limits(settings, &Value::Object(metadata.clone())).map_err(bad_request)?;
+            crate::limits::effective_limits(settings, &Value::Object(metadata.clone()))
+                .map_err(|e| bad_request(e.to_string()))?;
         }
         for key in [&self.identity.tenant_field, &self.identity.plan_field] {
             if let Some(Value::String(v)) = metadata.get(key) {

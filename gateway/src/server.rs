@@ -23,9 +23,9 @@ use tollgate_runtime::ops::Ops;
 use tollgate_runtime::shutdown::Shutdown;
 
 use crate::admin::Admin;
+use crate::chain::{Body, Proxy};
 use crate::keystore::{KeyStore, StoreError};
 use crate::problem::Problem;
-use crate::proxy::{Body, Proxy};
 use crate::settings::{GatewaySettings, ADMIN_TOKEN_ENV};
 
 /// The shortest admin token accepted: anything shorter is guessable.
@@ -105,7 +105,9 @@ impl Gateway {
     pub async fn serve(self, shutdown: Shutdown) -> Result<(), GatewayError> {
         let settings = self.settings;
         let (ops, recorder) = Ops::new();
-        let event_metrics = Arc::new(crate::events::metrics::EventMetrics::new(&recorder));
+        let recorder = Arc::new(recorder);
+        let event_metrics = Arc::new(crate::events::metrics::EventMetrics::new(&*recorder));
+        let gateway_metrics = Arc::new(crate::metrics::GatewayMetrics::new(recorder.clone()));
         ops.set_not_ready("replaying the keys topic");
         let live: Arc<OnceLock<Live>> = Arc::default();
 
@@ -170,13 +172,14 @@ impl Gateway {
                 None,
             )
         };
-        let limiter = crate::limits::build(&settings.limits, crate::limits::LimitsMetrics::new(&recorder))?;
+        let limiter = crate::limits::build(&settings.limits, crate::limits::LimitsMetrics::new(&*recorder))?;
         let proxy = Proxy::new(
             Arc::clone(&settings),
             Arc::clone(store.directory()),
             self.signing_secret,
             usage,
             limiter,
+            gateway_metrics,
         );
         let admin = Admin {
             store,

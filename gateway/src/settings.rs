@@ -6,6 +6,8 @@ use serde::Deserialize;
 use tollgate_runtime::kafka::KafkaSettings;
 use tollgate_runtime::settings::{http_url, in_range, socket_addr, Invalid, Validate};
 
+pub use crate::routes::RouteSettings;
+
 /// Where the admin token comes from: never the settings file.
 pub const ADMIN_TOKEN_ENV: &str = "TOLLGATE_ADMIN_TOKEN";
 
@@ -155,6 +157,11 @@ pub struct HttpSettings {
     /// tenant cannot hold all upstream capacity).
     #[serde(default = "default_tenant_max_in_flight")]
     pub tenant_max_in_flight: u32,
+    /// Route literal segments match exactly (`true`) or ASCII case-insensitively (`false`, the
+    /// default: a case variant of a tenant-scoped path must not fall through to a broader
+    /// route, since some upstreams route case-insensitively).
+    #[serde(default)]
+    pub case_sensitive_routes: bool,
 }
 
 impl Default for HttpSettings {
@@ -166,6 +173,7 @@ impl Default for HttpSettings {
             body_read_timeout_ms: default_body_read_timeout_ms(),
             upstream_connect_timeout_ms: default_connect_timeout_ms(),
             tenant_max_in_flight: default_tenant_max_in_flight(),
+            case_sensitive_routes: false,
         }
     }
 }
@@ -229,36 +237,6 @@ pub fn default_keys_topic() -> String {
 
 pub fn default_usage_topic() -> String {
     "tollgate.usage.v1".to_owned()
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RouteSettings {
-    /// Route id, carried in usage events.
-    pub id: String,
-    /// Path pattern, starting with `/`: literal segments and `{param}` segments; a trailing
-    /// `/` makes it a prefix (`/v1/tenants/{tenantId}/`). `{tenantId}` must equal the
-    /// authenticated tenant.
-    pub path: String,
-    /// Methods served; empty: all.
-    #[serde(default)]
-    pub methods: Vec<String>,
-    /// Upstream base URL the request is proxied to (the request path is appended).
-    pub upstream: String,
-    /// Named alternative upstreams a consumer's metadata may pick (a dedicated cluster).
-    #[serde(default)]
-    pub upstreams: std::collections::BTreeMap<String, String>,
-    /// Time the upstream has to answer with its response head (504 after).
-    #[serde(default = "default_route_timeout_ms")]
-    pub timeout_ms: u64,
-    /// Units a request costs per meter (`compute_units = 5`); `requests` is always 1. The
-    /// upstream may report the real cost in `x-tollgate-cost: compute_units=42`.
-    #[serde(default)]
-    pub cost: std::collections::BTreeMap<String, u64>,
-}
-
-fn default_route_timeout_ms() -> u64 {
-    30_000
 }
 
 impl Validate for GatewaySettings {
@@ -369,11 +347,19 @@ impl Validate for GatewaySettings {
                     "a unique, non-empty route id",
                 ));
             }
-            if crate::routes::Pattern::parse(&route.path).is_none() || !paths.insert(route.path.as_str()) {
+            let folded = crate::routes::Pattern::parse(&route.path).map(|p| {
+                if self.http.case_sensitive_routes {
+                    route.path.clone()
+                } else {
+                    p.folded()
+                }
+            });
+            if !folded.is_some_and(|f| paths.insert(f)) {
                 return Err(Invalid::new(
                     format!("routes[{i}].path"),
                     &route.path,
-                    "a path starting with `/` of literal and `{name}` segments, not used by another route",
+                    "a path starting with `/` of literal and `{name}` segments, not used by another route \
+                     (literals compared ignoring case unless http.case_sensitive_routes)",
                 ));
             }
             for (j, method) in route.methods.iter().enumerate() {

@@ -25,7 +25,7 @@
 
 use std::collections::VecDeque;
 
-use super::settings::{calendar_period, Window};
+use super::spec::{calendar_period, Window};
 
 /// Buckets per sliding window.
 pub const BUCKETS_PER_WINDOW: u64 = 60;

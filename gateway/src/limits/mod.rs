@@ -28,6 +28,7 @@ pub mod headers;
 mod local;
 mod redis;
 pub mod settings;
+pub mod spec;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -38,9 +39,9 @@ pub use self::headers::{legacy_headers, policy_header, ratelimit_header, refusal
 pub use self::local::LocalLimiter;
 pub use self::redis::{LimitsMetrics, RedisLimiter};
 pub use self::settings::{
-    effective_limits, validate_route_cost, Backend, FailPolicy, KeyBy, LimitSettings, LimitSpec, LimitsSettings, Meter,
-    PlanSettings, Window,
+    effective_limits, validate_route_cost, Backend, FailPolicy, LimitSettings, LimitsSettings, PlanSettings,
 };
+pub use self::spec::{calendar_period, KeyBy, LimitSpec, Meter, Window};
 
 /// A boxed future, so that `Arc<dyn Limiter>` works.
 pub type LimitFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -18,7 +18,8 @@ use metrics::Counter;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::counter::{bucket_ms, Check};
-use super::settings::{FailPolicy, LimitsSettings, Window};
+use super::settings::{FailPolicy, LimitsSettings};
+use super::spec::Window;
 use super::{assemble, group, Charge, Decision, Group, LimitFuture, Limiter, LimitsError};
 
 /// Shortest gap between two "Redis failed" log lines.
