@@ -26,6 +26,9 @@ pub struct GatewaySettings {
     pub identity: IdentitySettings,
     #[serde(default)]
     pub http: HttpSettings,
+    /// Forwarding headers and header-name hygiene.
+    #[serde(default)]
+    pub forwarding: ForwardingSettings,
     #[serde(default)]
     pub events: crate::events::EventSettings,
     /// Where rate-limit counters live (`local` or `redis`) and what happens when Redis fails.
@@ -123,16 +126,72 @@ fn default_stripe_customer_field() -> String {
 fn default_upstream_field() -> String {
     "upstream".to_owned()
 }
+/// Identity-like headers other gateways, auth proxies and platforms set; an upstream behind
+/// Tollgate might trust any of them.
+pub const DEFAULT_STRIP_HEADERS: [&str; 34] = [
+    "x-tenant-id",
+    "x-tenant",
+    "x-consumer-id",
+    "x-consumer-name",
+    "x-consumer-username",
+    "x-consumer-custom-id",
+    "x-consumer-groups",
+    "x-credential-identifier",
+    "x-credential-username",
+    "x-anonymous-consumer",
+    "x-authenticated-userid",
+    "x-authenticated-scope",
+    "x-authenticated-groups",
+    "x-user-id",
+    "x-user",
+    "x-user-email",
+    "x-remote-user",
+    "remote-user",
+    "x-forwarded-user",
+    "x-forwarded-email",
+    "x-forwarded-preferred-username",
+    "x-forwarded-groups",
+    "x-forwarded-access-token",
+    "x-auth-request-user",
+    "x-auth-request-email",
+    "x-auth-request-preferred-username",
+    "x-auth-request-groups",
+    "x-auth-request-access-token",
+    "x-amzn-oidc-identity",
+    "x-amzn-oidc-data",
+    "x-ms-client-principal",
+    "x-ms-client-principal-name",
+    "x-goog-authenticated-user-email",
+    "x-original-url",
+];
+
 fn default_strip_headers() -> Vec<String> {
-    [
-        "x-tenant-id",
-        "x-consumer-id",
-        "x-consumer-name",
-        "x-user-id",
-        "x-forwarded-user",
-    ]
-    .map(str::to_owned)
-    .to_vec()
+    DEFAULT_STRIP_HEADERS.map(str::to_owned).to_vec()
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardingSettings {
+    /// Peers (CIDRs or addresses) whose `forwarded` / `x-forwarded-*` / `x-real-ip` headers are
+    /// kept and extended; from any other peer they are dropped and the gateway sets its own.
+    /// Empty (the default): nobody is trusted.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    /// Set `x-forwarded-host` from the request's `Host` (off by default: an upstream that picks
+    /// the tenant by host name would then trust the client's choice).
+    #[serde(default)]
+    pub forward_host: bool,
+    /// Client header names containing `_`: `drop` (the default, like nginx) or `refuse` (400).
+    #[serde(default)]
+    pub underscores_in_headers: UnderscoreHeaders,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnderscoreHeaders {
+    #[default]
+    Drop,
+    Refuse,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -320,6 +379,24 @@ impl Validate for GatewaySettings {
             1,
             1_000_000,
         )?;
+        for (i, cidr) in self.forwarding.trusted_proxies.iter().enumerate() {
+            if crate::chain::headers::Cidr::parse(cidr).is_none() {
+                return Err(Invalid::new(
+                    format!("forwarding.trusted_proxies[{i}]"),
+                    cidr,
+                    "an address or CIDR block such as 10.0.0.0/8 or fd00::/8",
+                ));
+            }
+        }
+        if let Some((i, h)) = self
+            .identity
+            .strip_headers
+            .iter()
+            .enumerate()
+            .find(|(_, h)| hyper::header::HeaderName::from_bytes(h.as_bytes()).is_err())
+        {
+            return Err(Invalid::new(format!("identity.strip_headers[{i}]"), h, "a header name"));
+        }
         self.events.validate()?;
         self.limits.validate("limits")?;
         for (name, plan) in &self.plans {

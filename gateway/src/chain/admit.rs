@@ -28,6 +28,23 @@ pub struct LimitCharge {
     pub charges: Vec<Charge>,
     pub specs: Arc<Vec<Arc<LimitSpec>>>,
     pub subject_keys: (String, String, String),
+    /// Charges added after the decision (bytes streamed beyond what was declared), with the
+    /// time each was counted at: given back too if the gateway then refuses.
+    pub added: Vec<(Vec<Charge>, i64)>,
+}
+
+impl LimitCharge {
+    /// Whether the decision counted anything (admitted, and not on a failed backend).
+    pub fn counted(&self) -> bool {
+        self.decision.allowed && !self.decision.degraded
+    }
+
+    /// One charge per limit of `meter`-bearing units, for this request's subject.
+    pub fn charges_after(&self, units: &std::collections::BTreeMap<crate::limits::Meter, u64>) -> Vec<Charge> {
+        let (tenant, key, ip) = &self.subject_keys;
+        let subject = Subject { tenant, key, ip };
+        crate::limits::charges_after(&self.specs, &subject, units)
+    }
 }
 
 impl Proxy {
@@ -78,6 +95,7 @@ impl Proxy {
             charges,
             specs,
             subject_keys: (consumer.tenant_id.clone(), identity.key_id.clone(), ip),
+            added: Vec::new(),
         });
         match refused {
             Some(body) => Err(Problem::from_json(body)),
@@ -128,6 +146,27 @@ impl Proxy {
                 ))
                 .with_header("retry-after", "1")
         })
+    }
+}
+
+impl Proxy {
+    /// Counts body bytes the decision could not see (a chunked upload declares no length), so
+    /// `request_bytes` limits count what was actually streamed.
+    pub(super) async fn charge_streamed_request_bytes(&self, declared: Option<u64>, ctx: &mut RequestContext) {
+        let Some(limits) = ctx.limits.as_mut().filter(|l| l.counted()) else {
+            return;
+        };
+        let extra = ctx.request_bytes.saturating_sub(declared.unwrap_or(0));
+        let charges = limits.charges_after(&std::collections::BTreeMap::from([(
+            crate::limits::Meter::RequestBytes,
+            extra,
+        )]));
+        if charges.is_empty() {
+            return;
+        }
+        let at_ms = chrono::Utc::now().timestamp_millis();
+        self.limiter.add(&charges, at_ms).await;
+        limits.added.push((charges, at_ms));
     }
 }
 

@@ -15,13 +15,13 @@ use std::time::{Duration, Instant};
 use hmac::{KeyInit, Mac};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
-use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use hyper::header::{HeaderMap, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 
-use super::{set_header, Body, BoxError, Proxy, RequestContext};
+use super::{Body, BoxError, Proxy, RequestContext};
 use crate::directory::Identity;
 use crate::problem::Problem;
 use crate::routes::Route;
@@ -96,13 +96,29 @@ impl Proxy {
             .uri(uri)
             .body(body)
             .expect("parts are valid");
-        let signed_target = upstream_req
-            .uri()
-            .path_and_query()
-            .map_or("/", |pq| pq.as_str())
-            .to_owned();
-        *upstream_req.headers_mut() =
-            self.upstream_headers(&parts.headers, peer, identity, ctx, &parts.method, &signed_target);
+        let body_len = upstream_req.body().len();
+        let mut headers = self.upstream_headers(&parts.headers, peer, identity, ctx, body_len);
+        // Signed over what the upstream receives: the canonical path and the query.
+        if let Some(secret) = &self.signing_secret {
+            let target = upstream_req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+            let consumer = &identity.consumer;
+            let timestamp = chrono::Utc::now().timestamp();
+            let signature = sign(
+                secret,
+                timestamp,
+                parts.method.as_str(),
+                target,
+                &consumer.name,
+                &consumer.tenant_id,
+                &identity.key_id,
+                consumer.plan.as_deref().unwrap_or_default(),
+            );
+            headers.insert(
+                "x-tollgate-signature",
+                HeaderValue::from_str(&format!("t={timestamp},v1={signature}")).expect("hex is a valid header"),
+            );
+        }
+        *upstream_req.headers_mut() = headers;
         let sent = Instant::now();
         let answered = tokio::time::timeout(
             Duration::from_millis(route.settings.timeout_ms),
@@ -134,64 +150,6 @@ impl Proxy {
         remove_hop_by_hop(&mut parts.headers);
         self.take_reported_cost(&mut parts.headers, ctx).await;
         Ok(Response::from_parts(parts, body))
-    }
-
-    fn upstream_headers(
-        &self,
-        incoming: &HeaderMap,
-        peer: SocketAddr,
-        identity: &Identity,
-        ctx: &RequestContext,
-        method: &hyper::Method,
-        path_and_query: &str,
-    ) -> HeaderMap {
-        let mut headers = incoming.clone();
-        remove_hop_by_hop(&mut headers);
-        headers.remove(hyper::header::HOST);
-        for name in self.credential_headers.iter().chain(&self.strip_headers) {
-            headers.remove(name);
-        }
-        let spoofed: Vec<HeaderName> = headers
-            .keys()
-            .filter(|n| n.as_str().starts_with("x-tollgate-"))
-            .cloned()
-            .collect();
-        for name in spoofed {
-            headers.remove(name);
-        }
-        let consumer = &identity.consumer;
-        let plan = consumer.plan.as_deref().unwrap_or_default();
-        set_header(&mut headers, "x-tollgate-consumer", &consumer.name);
-        set_header(&mut headers, "x-tollgate-tenant", &consumer.tenant_id);
-        set_header(&mut headers, "x-tollgate-key-id", &identity.key_id);
-        set_header(&mut headers, "x-tollgate-plan", plan);
-        set_header(&mut headers, "x-request-id", &ctx.request_id);
-        let forwarded_for = match incoming.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-            Some(earlier) => format!("{earlier}, {}", peer.ip()),
-            None => peer.ip().to_string(),
-        };
-        set_header(&mut headers, "x-forwarded-for", &forwarded_for);
-        if let Some(host) = incoming.get(hyper::header::HOST) {
-            headers.insert("x-forwarded-host", host.clone());
-        }
-        if let Some(secret) = &self.signing_secret {
-            let timestamp = chrono::Utc::now().timestamp();
-            let signature = sign(
-                secret,
-                timestamp,
-                method.as_str(),
-                path_and_query,
-                &consumer.name,
-                &consumer.tenant_id,
-                &identity.key_id,
-                plan,
-            );
-            headers.insert(
-                "x-tollgate-signature",
-                HeaderValue::from_str(&format!("t={timestamp},v1={signature}")).expect("hex is a valid header"),
-            );
-        }
-        headers
     }
 }
 

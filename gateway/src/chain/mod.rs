@@ -17,6 +17,7 @@ mod authenticate;
 mod body;
 pub mod canonical;
 mod forward;
+pub mod headers;
 mod isolate;
 mod route;
 mod settle;
@@ -88,7 +89,9 @@ pub struct Proxy {
     bulkheads: Mutex<HashMap<String, Arc<Semaphore>>>,
     signing_secret: Option<Vec<u8>>,
     credential_headers: Vec<HeaderName>,
-    strip_headers: Vec<HeaderName>,
+    /// `identity.strip_headers`, normalised (lower-case, `_` as `-`).
+    strip_headers: Vec<String>,
+    trusted_proxies: Vec<headers::Cidr>,
     usage: UsageSink,
     limiter: Arc<dyn Limiter>,
     metrics: Arc<GatewayMetrics>,
@@ -122,18 +125,19 @@ impl Proxy {
                 )
             })
             .collect();
-        let names = |list: &[String]| {
-            list.iter()
-                .map(|h| HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).expect("validated header name"))
-                .collect::<Vec<_>>()
-        };
         Self {
             routes: RouteTable::new(&settings.routes, settings.http.case_sensitive_routes),
             upstream: Arc::new(HyperUpstream::new(Duration::from_millis(
                 settings.http.upstream_connect_timeout_ms,
             ))),
-            credential_headers: names(&settings.keys.headers),
-            strip_headers: names(&settings.identity.strip_headers),
+            credential_headers: headers::header_names(&settings.keys.headers),
+            strip_headers: headers::normalised_names(&settings.identity.strip_headers),
+            trusted_proxies: settings
+                .forwarding
+                .trusted_proxies
+                .iter()
+                .map(|c| headers::Cidr::parse(c).expect("validated by GatewaySettings::validate"))
+                .collect(),
             settings,
             directory,
             bulkheads: Mutex::default(),
@@ -168,7 +172,7 @@ impl Proxy {
             ..RequestContext::default()
         };
         let result = self.chain(req, peer, &mut ctx).await;
-        self.settle(ctx, result, started, timestamp_ms)
+        self.settle(ctx, result, started, timestamp_ms).await
     }
 
     /// The chain. Order matters: nothing reads the body before the request is known to be
@@ -180,8 +184,9 @@ impl Proxy {
         peer: SocketAddr,
         ctx: &mut RequestContext,
     ) -> Result<Response<Body>, Problem> {
-        // 1. Oversized headers are refused before anything reads them.
-        self.check_header_size(req.headers())?;
+        // 1. Headers that cannot be forwarded as checked are refused before anything reads
+        //    them: oversized, unknown transfer codings, `_` in names (when so configured).
+        self.check_request_headers(req.headers())?;
 
         // 2. Canonical path, then route: only configured upstreams are reachable, and the path
         //    routed on is the one forwarded.
@@ -202,6 +207,8 @@ impl Proxy {
         // 6. Body: bounded in size and in time.
         let (parts, body) = req.into_parts();
         let body = self.read_body(&parts.headers, body, ctx).await?;
+        self.charge_streamed_request_bytes(admit::declared_length(&parts.headers), ctx)
+            .await;
         self.isolate_body(
             &parts.headers,
             &body,

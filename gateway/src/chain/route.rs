@@ -6,7 +6,6 @@
 //! path. Only configured
 //! upstreams are ever reached: the gateway is never an open proxy.
 
-use hyper::header::HeaderMap;
 use hyper::{Request, StatusCode};
 
 use super::canonical::{canonicalize, CanonicalPath, PathRefusal};
@@ -15,23 +14,6 @@ use crate::problem::Problem;
 use crate::routes::{EscapedSlashes, Matched, Miss, NonAscii};
 
 impl Proxy {
-    /// 431 when the header block is over `http.max_header_bytes`.
-    pub(super) fn check_header_size(&self, headers: &HeaderMap) -> Result<(), Problem> {
-        let header_bytes: usize = headers.iter().map(|(n, v)| n.as_str().len() + v.len()).sum();
-        if header_bytes > self.settings.http.max_header_bytes {
-            return Err(Problem::new(
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                "headers-too-large",
-                "Request Header Fields Too Large",
-            )
-            .with_detail(format!(
-                "request headers are limited to {} bytes",
-                self.settings.http.max_header_bytes
-            )));
-        }
-        Ok(())
-    }
-
     /// The canonical path, the route serving it, and the route's path policies applied.
     pub(super) fn route(
         &self,

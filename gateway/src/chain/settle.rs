@@ -3,7 +3,13 @@
 //! In: the chain's result and the [`RequestContext`]; later, the response body as it streams to
 //! the client. Out: the response with `x-request-id` and the rate-limit headers; the reported
 //! cost counted; and, when the body has been sent (or the client went away), the usage event
-//! recorded, the request's in-flight count given back and its bulkhead slot released.
+//! recorded, the response bytes counted, the request's in-flight count given back and its
+//! bulkhead slot released.
+//!
+//! Never charge a refusal: when the gateway itself refuses a request after its limits admitted
+//! it (413, 400, 408, 403 on the body, 502, 504: no upstream answer), every dimension the
+//! decision and the streamed bytes took is given back before the refusal is sent, and the
+//! usage event is not billable (only an upstream's answer below `billable_below_status` is).
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -20,7 +26,7 @@ use tollgate_schemas::{Outcome, UsageEvent};
 
 use super::{Body, BoxError, Proxy, RequestContext};
 use crate::events::UsageSink;
-use crate::limits::{Charge, Limiter, Subject};
+use crate::limits::{Limiter, Meter};
 use crate::metrics::GatewayMetrics;
 use crate::problem::Problem;
 
@@ -28,7 +34,7 @@ use crate::problem::Problem;
 const COST_HEADER: &str = "x-tollgate-cost";
 
 impl Proxy {
-    pub(super) fn settle(
+    pub(super) async fn settle(
         &self,
         mut ctx: RequestContext,
         result: Result<Response<Body>, Problem>,
@@ -38,6 +44,14 @@ impl Proxy {
         let status = result
             .as_ref()
             .map_or_else(|p| p.status.as_u16(), |r| r.status().as_u16());
+        if result.is_err() && ctx.upstream_status.is_none() {
+            if let Some(limits) = ctx.limits.as_ref().filter(|l| l.counted()) {
+                self.limiter.refund(&limits.charges, limits.decision.at_ms).await;
+                for (charges, at_ms) in &limits.added {
+                    self.limiter.refund(charges, *at_ms).await;
+                }
+            }
+        }
         // One usage event per request, whatever happened: built now, finished when the
         // response body has been sent (its size is known only then).
         let pending = PendingEvent {
@@ -63,10 +77,16 @@ impl Proxy {
                     response.headers_mut().insert(name, value);
                 }
             }
-            // In-flight (`concurrent`) counts end with the response; a refused or degraded
-            // decision counted nothing to give back.
-            if limits.decision.allowed && !limits.decision.degraded {
-                release = Some((Arc::clone(&self.limiter), limits.charges));
+            // In-flight (`concurrent`) counts end with the response, response bytes are counted
+            // as they were sent; a refused or degraded decision counted nothing to give back.
+            if limits.counted() {
+                let reported_bytes = ctx.reported_cost.contains_key(Meter::ResponseBytes.as_str());
+                release = Some(Release {
+                    limiter: Arc::clone(&self.limiter),
+                    // Bytes of a refusal's problem body are not the tenant's to pay.
+                    count_response_bytes: ctx.upstream_status.is_some() && !reported_bytes,
+                    limits,
+                });
             }
         }
         response.map(|body| {
@@ -124,31 +144,40 @@ impl Proxy {
     }
 
     /// Takes the upstream's `x-tollgate-cost` off the response and counts what it reports
-    /// beyond what the route charged up front, so the next request sees it.
+    /// beyond what the route charged up front, so the next request sees it. A report that is
+    /// malformed or above `limits.max_reported_units` for some meter is counted in a metric
+    /// and ignored: the route's cost applies.
     pub(super) async fn take_reported_cost(&self, headers: &mut HeaderMap, ctx: &mut RequestContext) {
         let Some(reported) = headers.remove(COST_HEADER) else {
             return;
         };
         let route_id = ctx.route.as_ref().map(|r| r.settings.id.clone()).unwrap_or_default();
+        let cap = self.settings.limits.max_reported_units;
         let units = match crate::limits::parse_cost_header(reported.to_str().unwrap_or_default()) {
-            Ok(units) => units,
+            Ok(units) if units.values().all(|n| *n <= cap) => units,
+            Ok(_) => {
+                self.metrics.count("gateway_reported_cost_rejected_total", "over_cap");
+                tracing::debug!(route = %route_id, cap, "ignored an x-tollgate-cost above the cap");
+                return;
+            }
             // An upstream's typo must not fail the tenant's request.
             Err(reason) => {
+                self.metrics.count("gateway_reported_cost_rejected_total", "malformed");
                 tracing::debug!(route = %route_id, %reason, "ignored a malformed x-tollgate-cost");
                 return;
             }
         };
         ctx.reported_cost = units.iter().map(|(m, n)| (m.as_str().to_owned(), *n)).collect();
-        let Some(limits) = &ctx.limits else { return };
+        let Some(limits) = ctx.limits.as_ref().filter(|l| l.counted()) else {
+            return;
+        };
         let route_cost = ctx.route.as_ref().map(|r| r.settings.cost.clone()).unwrap_or_default();
         let upfront = crate::limits::upfront_units(&route_cost, None);
         let extra: BTreeMap<_, _> = units
             .iter()
             .map(|(meter, n)| (*meter, n.saturating_sub(upfront.get(meter).copied().unwrap_or(0))))
             .collect();
-        let (tenant, key, ip) = &limits.subject_keys;
-        let subject = Subject { tenant, key, ip };
-        let charges = crate::limits::charges_after(&limits.specs, &subject, &extra);
+        let charges = limits.charges_after(&extra);
         if !charges.is_empty() {
             self.limiter.add(&charges, chrono::Utc::now().timestamp_millis()).await;
         }
@@ -156,14 +185,21 @@ impl Proxy {
 }
 
 /// The response body as sent to the client: counts its bytes and, when it ends (or the
-/// client goes away), completes and records the request's usage event, gives back the
-/// request's in-flight limit and releases the tenant's bulkhead slot.
+/// client goes away), completes and records the request's usage event, counts the response
+/// bytes, gives back the request's in-flight limit and releases the tenant's bulkhead slot.
 struct Metered {
     inner: Body,
     bytes: u64,
     pending: Option<PendingEvent>,
-    release: Option<(Arc<dyn Limiter>, Vec<Charge>)>,
+    release: Option<Release>,
     _bulkhead: Option<OwnedSemaphorePermit>,
+}
+
+/// What an admitted request still owes or is owed when its response ends.
+struct Release {
+    limiter: Arc<dyn Limiter>,
+    limits: super::LimitCharge,
+    count_response_bytes: bool,
 }
 
 struct PendingEvent {
@@ -212,10 +248,28 @@ impl Drop for Metered {
             metrics.request(event.outcome);
             sink.record(event);
         }
-        if let Some((limiter, charges)) = self.release.take() {
-            if charges.iter().any(|c| c.spec.meter == crate::limits::Meter::Concurrent) {
+        if let Some(Release {
+            limiter,
+            limits,
+            count_response_bytes,
+        }) = self.release.take()
+        {
+            let bytes = if count_response_bytes {
+                limits.charges_after(&BTreeMap::from([(Meter::ResponseBytes, self.bytes)]))
+            } else {
+                Vec::new()
+            };
+            let in_flight = limits.charges.iter().any(|c| c.spec.meter == Meter::Concurrent);
+            if in_flight || !bytes.is_empty() {
                 if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                    runtime.spawn(async move { limiter.release(&charges).await });
+                    runtime.spawn(async move {
+                        if !bytes.is_empty() {
+                            limiter.add(&bytes, chrono::Utc::now().timestamp_millis()).await;
+                        }
+                        if in_flight {
+                            limiter.release(&limits.charges).await;
+                        }
+                    });
                 }
             }
         }

@@ -36,10 +36,15 @@ pub(crate) struct RecordingUpstream {
     pub seen: Mutex<Vec<Seen>>,
     pub reply_headers: Mutex<Vec<(&'static str, String)>>,
     pub reply_status: Mutex<Option<StatusCode>>,
+    /// Fail every request as an unreachable upstream would.
+    pub unreachable: std::sync::atomic::AtomicBool,
 }
 
 impl Upstream for RecordingUpstream {
     fn send(&self, req: Request<Bytes>) -> UpstreamFuture {
+        if self.unreachable.load(std::sync::atomic::Ordering::Relaxed) {
+            return Box::pin(async { Err("connection refused".into()) });
+        }
         let (parts, body) = req.into_parts();
         self.seen.lock().unwrap().push(Seen {
             method: parts.method.to_string(),

@@ -56,6 +56,10 @@ pub trait Limiter: Send + Sync {
     /// Ends the `concurrent` charges of an admitted request; other charges are ignored. Call it
     /// once per decision that was `allowed` and not `degraded` (nothing was counted otherwise).
     fn release<'a>(&'a self, charges: &'a [Charge]) -> LimitFuture<'a, ()>;
+    /// Gives back what an admitted decision at `at_ms` counted (the gateway refused the request
+    /// after admitting it: a refusal is never charged); `concurrent` charges are ignored
+    /// (`release` ends those). Same call rule as `release`.
+    fn refund<'a>(&'a self, charges: &'a [Charge], at_ms: i64) -> LimitFuture<'a, ()>;
 }
 
 /// One dimension of one request: which limit, whose counter, how many units.
@@ -92,6 +96,8 @@ pub struct Decision {
     pub retry_after_secs: u64,
     /// The backend failed and `on_redis_error` decided.
     pub degraded: bool,
+    /// The time the decision counted at, on the backend's clock (what a refund needs).
+    pub at_ms: i64,
 }
 
 /// Who is asking: the values the `by` of each limit picks from.
@@ -264,6 +270,7 @@ pub(crate) fn assemble(charges: &[Charge], groups: &[Group], checks: &[counter::
         violated,
         retry_after_secs: if allowed { 0 } else { ceil_secs(retry_ms).max(1) },
         degraded: false,
+        at_ms: 0,
     }
 }
 

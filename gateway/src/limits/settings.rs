@@ -82,6 +82,15 @@ pub struct LimitsSettings {
     /// Prefix of every Redis key the limiter writes.
     #[serde(default = "default_key_prefix")]
     pub key_prefix: String,
+    /// Most units an upstream may report for one meter of one request in `x-tollgate-cost`;
+    /// a report above it (or malformed) is counted in `gateway_reported_cost_rejected_total`
+    /// and the route's cost applies instead.
+    #[serde(default = "default_max_reported_units")]
+    pub max_reported_units: u64,
+}
+
+fn default_max_reported_units() -> u64 {
+    1_000_000
 }
 
 fn default_redis_url() -> String {
@@ -104,6 +113,7 @@ impl Default for LimitsSettings {
             redis_timeout_ms: default_redis_timeout_ms(),
             on_redis_error: FailPolicy::default(),
             key_prefix: default_key_prefix(),
+            max_reported_units: default_max_reported_units(),
         }
     }
 }
@@ -125,6 +135,13 @@ impl LimitsSettings {
                 format!("{field}.redis_timeout_ms"),
                 self.redis_timeout_ms,
                 "1 to 10000 milliseconds",
+            ));
+        }
+        if !(1..=1_000_000_000_000).contains(&self.max_reported_units) {
+            return Err(Invalid::new(
+                format!("{field}.max_reported_units"),
+                self.max_reported_units,
+                "1 to 10^12 units",
             ));
         }
         if self.key_prefix.is_empty() || self.key_prefix.chars().any(|c| c.is_whitespace()) {
