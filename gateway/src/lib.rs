@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod apikey;
 pub mod chain;
+pub mod connections;
 pub mod demo_upstream;
 pub mod directory;
 pub mod events;

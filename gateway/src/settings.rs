@@ -221,6 +221,32 @@ pub struct HttpSettings {
     /// route, since some upstreams route case-insensitively).
     #[serde(default)]
     pub case_sensitive_routes: bool,
+    /// Time from accept to the first complete request head (HTTP/1 head or h2 preface and
+    /// first stream); the connection is closed after it.
+    #[serde(default = "default_first_request_timeout_ms")]
+    pub first_request_timeout_ms: u64,
+    /// HTTP/2 keep-alive: ping this often, and close when a ping is unanswered this long.
+    #[serde(default = "default_h2_keep_alive_interval_ms")]
+    pub h2_keep_alive_interval_ms: u64,
+    /// Open connections on one listener; more are closed at accept.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+    /// Open connections from one client IP on one listener; more are closed at accept.
+    #[serde(default = "default_max_connections_per_ip")]
+    pub max_connections_per_ip: u32,
+}
+
+fn default_first_request_timeout_ms() -> u64 {
+    10_000
+}
+fn default_h2_keep_alive_interval_ms() -> u64 {
+    30_000
+}
+fn default_max_connections() -> u32 {
+    10_000
+}
+fn default_max_connections_per_ip() -> u32 {
+    256
 }
 
 impl Default for HttpSettings {
@@ -233,6 +259,10 @@ impl Default for HttpSettings {
             upstream_connect_timeout_ms: default_connect_timeout_ms(),
             tenant_max_in_flight: default_tenant_max_in_flight(),
             case_sensitive_routes: false,
+            first_request_timeout_ms: default_first_request_timeout_ms(),
+            h2_keep_alive_interval_ms: default_h2_keep_alive_interval_ms(),
+            max_connections: default_max_connections(),
+            max_connections_per_ip: default_max_connections_per_ip(),
         }
     }
 }
@@ -372,6 +402,30 @@ impl Validate for GatewaySettings {
             self.http.upstream_connect_timeout_ms,
             10,
             600_000,
+        )?;
+        in_range(
+            "http.first_request_timeout_ms",
+            self.http.first_request_timeout_ms,
+            100,
+            600_000,
+        )?;
+        in_range(
+            "http.h2_keep_alive_interval_ms",
+            self.http.h2_keep_alive_interval_ms,
+            1_000,
+            3_600_000,
+        )?;
+        in_range(
+            "http.max_connections",
+            u64::from(self.http.max_connections),
+            1,
+            10_000_000,
+        )?;
+        in_range(
+            "http.max_connections_per_ip",
+            u64::from(self.http.max_connections_per_ip),
+            1,
+            u64::from(self.http.max_connections),
         )?;
         in_range(
             "http.tenant_max_in_flight",

@@ -21,6 +21,7 @@ pub mod headers;
 mod isolate;
 mod route;
 mod settle;
+pub mod starting;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
