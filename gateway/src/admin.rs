@@ -153,6 +153,12 @@ impl Admin {
                 Some(_) => Err(bad_request(format!("metadata.{key} must be a non-empty string"))),
             }
         };
+        let tenant_id = field(&self.identity.tenant_field)?;
+        crate::directory::check_tenant(tenant_id.as_deref())
+            .map_err(|e| bad_request(format!("metadata.{}: {e}", self.identity.tenant_field)))?;
+        let stripe_customer_id = field(&self.identity.stripe_customer_field)?;
+        crate::directory::check_stripe_customer(stripe_customer_id.as_deref())
+            .map_err(|e| bad_request(format!("metadata.{}: {e}", self.identity.stripe_customer_field)))?;
         let plan = field(&self.identity.plan_field)?;
         if let Some(plan) = &plan {
             let Some(settings) = self.plans.get(plan) else {
@@ -161,7 +167,8 @@ impl Admin {
                     self.plans.keys().cloned().collect::<Vec<_>>().join(", ")
                 )));
             };
-            crate::limits::effective_limits(settings, &Value::Object(metadata.clone())).map_err(bad_request)?;
+            crate::limits::effective_limits(settings, &Value::Object(metadata.clone()))
+                .map_err(|e| bad_request(e.to_string()))?;
         }
         for key in [&self.identity.tenant_field, &self.identity.plan_field] {
             if let Some(Value::String(v)) = metadata.get(key) {
@@ -176,9 +183,9 @@ impl Admin {
         Ok(ConsumerRecord {
             id,
             name: name.to_owned(),
-            tenant_id: field(&self.identity.tenant_field)?,
+            tenant_id,
             plan,
-            stripe_customer_id: field(&self.identity.stripe_customer_field)?,
+            stripe_customer_id,
             metadata_json: Value::Object(metadata).to_string(),
             created_at_ms,
             updated_at_ms,
@@ -368,7 +375,16 @@ struct RollBody {
     description: Option<String>,
 }
 
+/// The body as JSON: `application/json` (or `+json`) only (415 otherwise), and no member name
+/// twice in any object (400: serde keeps the last, other readers the first).
 async fn read_json(req: Request<Incoming>) -> Result<Value, Problem> {
+    let json_type = req
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase())
+        .is_some_and(|v| v == "application/json" || v.ends_with("+json"));
     let bytes = Limited::new(req.into_body(), MAX_BODY_BYTES)
         .collect()
         .await
@@ -380,7 +396,15 @@ async fn read_json(req: Request<Incoming>) -> Result<Value, Problem> {
     if bytes.is_empty() {
         return Ok(json!({}));
     }
-    serde_json::from_slice(&bytes).map_err(|e| bad_request(format!("body is not valid JSON: {e}")))
+    if !json_type {
+        return Err(Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+            "Unsupported Media Type",
+        )
+        .with_detail("admin request bodies are JSON: send Content-Type: application/json"));
+    }
+    crate::strict_json::parse(&bytes).map_err(|e| bad_request(format!("body is not acceptable JSON: {e}")))
 }
 
 fn from_json<T: serde::de::DeserializeOwned>(body: Value) -> Result<T, Problem> {
@@ -388,17 +412,7 @@ fn from_json<T: serde::de::DeserializeOwned>(body: Value) -> Result<T, Problem> 
 }
 
 fn validate_name(name: &str) -> Result<(), Problem> {
-    let ok = (1..=128).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(bad_request(
-            "name must be 1 to 128 characters of letters, digits, `-`, `_` and `.`",
-        ))
-    }
+    crate::directory::check_name(name).map_err(|e| bad_request(e.to_string()))
 }
 
 fn parse_time(value: &str) -> Result<i64, Problem> {

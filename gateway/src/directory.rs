@@ -39,8 +39,8 @@ impl Consumer {
         Self {
             id: record.id.clone(),
             name: record.name.clone(),
-            // A consumer without a tenant id is its own tenant.
-            tenant_id: record.tenant_id.clone().unwrap_or_else(|| record.name.clone()),
+            // Records without one are refused before they get here (`check_consumer`).
+            tenant_id: record.tenant_id.clone().unwrap_or_default(),
             plan: record.plan.clone(),
             stripe_customer_id: record.stripe_customer_id.clone(),
             metadata,
@@ -49,6 +49,60 @@ impl Consumer {
             version: record.version,
         }
     }
+}
+
+/// Why a consumer record is refused: by the admin API before it is written, and at replay
+/// for records already on the topic (skipped, counted, logged with the record key).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidConsumer {
+    #[error("name must be 1 to 128 characters of letters, digits, `-`, `_` and `.`, and not `.` or `..`")]
+    Name,
+    #[error("tenantId is required")]
+    MissingTenant,
+    #[error("tenantId must be 1 to 64 characters of a-z, A-Z, 0-9, `_`, `-` and `.`, and not `.` or `..`")]
+    Tenant,
+    #[error("stripeCustomerId must be `cus_` followed by 1 to 64 letters and digits")]
+    StripeCustomer,
+}
+
+/// Consumer names travel in admin API paths and identity headers.
+pub fn check_name(name: &str) -> Result<(), InvalidConsumer> {
+    let ok = (1..=128).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    ok.then_some(()).ok_or(InvalidConsumer::Name)
+}
+
+/// Tenant ids travel in request paths (`/v1/tenants/{tenantId}/`), headers and Kafka keys:
+/// only characters no path normaliser, header parser or key format reads specially.
+pub fn check_tenant(tenant: Option<&str>) -> Result<(), InvalidConsumer> {
+    let tenant = tenant.ok_or(InvalidConsumer::MissingTenant)?;
+    let ok = (1..=64).contains(&tenant.len())
+        && tenant != "."
+        && tenant != ".."
+        && tenant
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    ok.then_some(()).ok_or(InvalidConsumer::Tenant)
+}
+
+/// Stripe customer ids look like `cus_NffrFeUfNV2Hib`.
+pub fn check_stripe_customer(id: Option<&str>) -> Result<(), InvalidConsumer> {
+    let Some(id) = id else { return Ok(()) };
+    let ok = id
+        .strip_prefix("cus_")
+        .is_some_and(|rest| (1..=64).contains(&rest.len()) && rest.bytes().all(|b| b.is_ascii_alphanumeric()));
+    ok.then_some(()).ok_or(InvalidConsumer::StripeCustomer)
+}
+
+/// Every rule a consumer record must keep.
+pub fn check_consumer(record: &ConsumerRecord) -> Result<(), InvalidConsumer> {
+    check_name(&record.name)?;
+    check_tenant(record.tenant_id.as_deref())?;
+    check_stripe_customer(record.stripe_customer_id.as_deref())
 }
 
 /// Why a presented key does not authenticate. Never shown to the client: every case is the
@@ -76,12 +130,22 @@ pub struct Directory {
 }
 
 impl Directory {
+    /// Applies a consumer record, ignoring one that breaks the rules (see `try_apply_consumer`).
     pub fn apply_consumer(&mut self, id: &str, record: Option<&ConsumerRecord>) {
+        let _ = self.try_apply_consumer(id, record);
+    }
+
+    /// Applies a consumer record; one that breaks the rules (`check_consumer`) is refused and
+    /// leaves the directory as it was (the consumer keeps its last valid state, if any).
+    pub fn try_apply_consumer(&mut self, id: &str, record: Option<&ConsumerRecord>) -> Result<(), InvalidConsumer> {
+        if let Some(record) = record {
+            check_consumer(record)?;
+        }
         match record {
             Some(record) => {
                 if let Some(owner) = self.id_by_name.get(&record.name) {
                     if owner != &record.id {
-                        return;
+                        return Ok(());
                     }
                 }
                 if let Some(old) = self.consumers.get(&record.id) {
@@ -101,6 +165,7 @@ impl Directory {
                 }
             }
         }
+        Ok(())
     }
 
     pub fn apply_key(&mut self, id: &str, record: Option<&ApiKeyRecord>) {
@@ -211,19 +276,60 @@ mod tests {
     #[test]
     fn first_claim_on_a_name_wins() {
         let mut d = Directory::default();
-        d.apply_consumer("c1", Some(&consumer("c1", "acme")));
-        d.apply_consumer("c2", Some(&consumer("c2", "acme")));
+        d.try_apply_consumer("c1", Some(&consumer("c1", "acme"))).unwrap();
+        d.try_apply_consumer("c2", Some(&consumer("c2", "acme"))).unwrap();
         assert_eq!(d.consumer_by_name("acme").unwrap().id, "c1");
         assert!(d.consumer_by_id("c2").is_none());
         // The loser's tombstone leaves the winner alone.
-        d.apply_consumer("c2", None);
+        d.try_apply_consumer("c2", None).unwrap();
         assert_eq!(d.consumer_by_name("acme").unwrap().id, "c1");
+    }
+
+    #[test]
+    fn records_breaking_the_identity_rules_are_refused_and_change_nothing() {
+        let mut d = Directory::default();
+        d.try_apply_consumer("c1", Some(&consumer("c1", "acme"))).unwrap();
+        let mut no_tenant = consumer("c1", "acme");
+        no_tenant.tenant_id = None;
+        assert_eq!(
+            d.try_apply_consumer("c1", Some(&no_tenant)),
+            Err(InvalidConsumer::MissingTenant)
+        );
+        assert_eq!(
+            d.consumer_by_name("acme").unwrap().tenant_id,
+            "tenant_acme",
+            "last valid state kept"
+        );
+        for (tenant, ok) in [
+            ("t/1", false),
+            ("t%1", false),
+            ("t;1", false),
+            ("..", false),
+            ("t_1.a-B", true),
+        ] {
+            let mut r = consumer("c9", "other");
+            r.tenant_id = Some(tenant.into());
+            assert_eq!(check_consumer(&r).is_ok(), ok, "{tenant}");
+        }
+        for (stripe, ok) in [
+            ("cus_ABC123", true),
+            ("cus_", false),
+            ("cus_a\r\nb", false),
+            ("acct_1", false),
+        ] {
+            let mut r = consumer("c9", "other");
+            r.stripe_customer_id = Some(stripe.into());
+            assert_eq!(check_consumer(&r).is_ok(), ok, "{stripe}");
+        }
+        for name in [".", ".."] {
+            assert_eq!(check_name(name), Err(InvalidConsumer::Name));
+        }
     }
 
     #[test]
     fn keys_authenticate_until_revoked_or_expired() {
         let mut d = Directory::default();
-        d.apply_consumer("c1", Some(&consumer("c1", "acme")));
+        d.try_apply_consumer("c1", Some(&consumer("c1", "acme"))).unwrap();
         d.apply_key("k1", Some(&key("k1", "c1", 7)));
         let id = d.authenticate(&[7; 32], 10).unwrap();
         assert_eq!((id.consumer.name.as_str(), id.key_id.as_str()), ("acme", "k1"));
@@ -248,9 +354,9 @@ mod tests {
     #[test]
     fn deleted_consumer_keys_no_longer_authenticate() {
         let mut d = Directory::default();
-        d.apply_consumer("c1", Some(&consumer("c1", "acme")));
+        d.try_apply_consumer("c1", Some(&consumer("c1", "acme"))).unwrap();
         d.apply_key("k1", Some(&key("k1", "c1", 7)));
-        d.apply_consumer("c1", None);
+        d.try_apply_consumer("c1", None).unwrap();
         assert_eq!(d.authenticate(&[7; 32], 10).unwrap_err(), Refusal::Unknown);
         assert!(d.consumer_by_name("acme").is_none());
     }

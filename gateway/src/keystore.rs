@@ -191,7 +191,11 @@ fn apply(directory: &RwLock<Directory>, key: &str, payload: Option<&[u8]>) {
     let mut directory = directory.write().expect("directory lock");
     if let Some(id) = key.strip_prefix("consumer/") {
         match payload.map(decode::<ConsumerRecord>).transpose() {
-            Ok(record) => directory.apply_consumer(id, record.as_ref()),
+            Ok(record) => {
+                if let Err(invalid) = directory.try_apply_consumer(id, record.as_ref()) {
+                    skipped_invalid(key, &invalid);
+                }
+            }
             Err(err) => tracing::warn!(record = key, error = %err, "keys topic: undecodable consumer record skipped"),
         }
     } else if let Some(id) = key.strip_prefix("key/") {
@@ -201,5 +205,26 @@ fn apply(directory: &RwLock<Directory>, key: &str, payload: Option<&[u8]>) {
         }
     } else {
         tracing::warn!(record = key, "keys topic: record of unknown kind skipped");
+    }
+}
+
+/// A record on the topic that breaks the identity rules (written before they existed, or by
+/// another writer): skipped, and logged with its record key at most once per 10 s (the rest
+/// are counted in the next line).
+fn skipped_invalid(key: &str, invalid: &crate::directory::InvalidConsumer) {
+    use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+    static LAST_LOG_MS: AtomicI64 = AtomicI64::new(0);
+    static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
+    let now = chrono::Utc::now().timestamp_millis();
+    let last = LAST_LOG_MS.load(Ordering::Relaxed);
+    if now - last >= 10_000
+        && LAST_LOG_MS
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        let suppressed = SUPPRESSED.swap(0, Ordering::Relaxed);
+        tracing::warn!(record = key, reason = %invalid, suppressed, "keys topic: invalid consumer record skipped");
+    } else {
+        SUPPRESSED.fetch_add(1, Ordering::Relaxed);
     }
 }

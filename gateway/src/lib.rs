@@ -5,18 +5,24 @@
 //! readiness and metrics on the admin listener.
 #![forbid(unsafe_code)]
 
+// Alphabetical (rustfmt); in the order a request flows: `server` (listeners) → `chain` (its
+// steps; `routes`, `apikey`, `directory`, `limits`) → `events` (usage) and `metrics`; the admin
+// side: `admin` → `keystore` (keys topic); `settings`, `problem` and `strict_json` serve all.
 pub mod admin;
 pub mod apikey;
+pub mod chain;
+pub mod connections;
 pub mod demo_upstream;
 pub mod directory;
 pub mod events;
 pub mod keystore;
 pub mod limits;
+pub mod metrics;
 pub mod problem;
-pub mod proxy;
 pub mod routes;
 pub mod server;
 pub mod settings;
+pub mod strict_json;
 
 pub use server::{run, GatewayError};
 pub use settings::GatewaySettings;

@@ -27,7 +27,7 @@ pub struct Problem {
     pub headers: Vec<(&'static str, String)>,
     /// A complete body built elsewhere, sent instead of the fields above.
     #[serde(skip)]
-    pub raw: Option<serde_json::Value>,
+    pub raw: Option<Box<serde_json::Value>>,
 }
 
 impl Problem {
@@ -52,7 +52,7 @@ impl Problem {
             .and_then(|s| StatusCode::from_u16(s as u16).ok())
             .unwrap_or(StatusCode::TOO_MANY_REQUESTS);
         let mut problem = Self::new(status, "", "");
-        problem.raw = Some(body);
+        problem.raw = Some(Box::new(body));
         problem
     }
 

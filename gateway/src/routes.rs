@@ -1,13 +1,98 @@
 //! Routes: which configured upstream serves a request path.
 //!
-//! In: the `[[routes]]` settings and a request's method and raw path. Out: the matched
-//! [`Route`] and the values of its `{param}` segments. Only configured upstreams are ever
-//! reached: the gateway is never an open proxy.
+//! In: the `[[routes]]` settings and a request's method and canonical path segments (see
+//! `chain::canonical`). Out: the matched [`Route`] and the values of its `{param}` segments.
+//! Only configured upstreams are ever reached: the gateway is never an open proxy.
+//!
+//! Precedence: the route with the most segments wins, then the one with the most literal
+//! segments, then an exact pattern over a prefix. Literal segments match ASCII
+//! case-insensitively unless `http.case_sensitive_routes` is set, so `/V1/Tenants/t/x` is served
+//! by `/v1/tenants/{tenantId}/` and its tenant check, never by the broader `/v1/` (an upstream
+//! that routes case-insensitively would otherwise serve another tenant's resource).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::settings::RouteSettings;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSettings {
+    /// Route id, carried in usage events.
+    pub id: String,
+    /// Path pattern, starting with `/`: literal segments and `{param}` segments; a trailing
+    /// `/` makes it a prefix (`/v1/tenants/{tenantId}/`). `{tenantId}` must equal the
+    /// authenticated tenant.
+    pub path: String,
+    /// Methods served; empty: all.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Upstream base URL the request is proxied to (the request path is appended).
+    pub upstream: String,
+    /// Named alternative upstreams a consumer's metadata may pick (a dedicated cluster).
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, String>,
+    /// Time the upstream has to answer with its response head (504 after).
+    #[serde(default = "default_route_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Units a request costs per meter (`compute_units = 5`); `requests` is always 1. The
+    /// upstream may report the real cost in `x-tollgate-cost: compute_units=42`.
+    #[serde(default)]
+    pub cost: BTreeMap<String, u64>,
+    /// Encoded slashes (`%2F`) inside a segment: `refuse` (400, the default) or `keep` (kept
+    /// encoded, within one segment, for APIs whose ids hold `/`). Envoy's
+    /// `path_with_escaped_slashes_action` is the model. `keep` on a broad route lets a request
+    /// meant for a narrower one reach an upstream that decodes `%2F`: use it on leaf routes.
+    #[serde(default)]
+    pub escaped_slashes: EscapedSlashes,
+    /// Non-ASCII characters in the path (valid UTF-8, percent-encoded): `refuse` (400, the
+    /// default; an upstream's Unicode normalisation can turn them into ASCII syntax) or `allow`.
+    #[serde(default)]
+    pub non_ascii: NonAscii,
+    /// Also check the tenant parameter (`identity.tenant_query_param`) in request bodies of
+    /// type `application/x-www-form-urlencoded` or `application/json` (top-level member).
+    #[serde(default)]
+    pub check_body_tenant: bool,
+}
+
+/// What a route does with `%2F` inside a path segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EscapedSlashes {
+    #[default]
+    Refuse,
+    Keep,
+}
+
+/// What a route does with non-ASCII characters in the path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NonAscii {
+    #[default]
+    Refuse,
+    Allow,
+}
+
+impl Default for RouteSettings {
+    fn default() -> Self {
+        Self {
+            id: String::new(),
+            path: "/".to_owned(),
+            methods: Vec::new(),
+            upstream: String::new(),
+            upstreams: BTreeMap::new(),
+            timeout_ms: default_route_timeout_ms(),
+            cost: BTreeMap::new(),
+            escaped_slashes: EscapedSlashes::default(),
+            non_ascii: NonAscii::default(),
+            check_body_tenant: false,
+        }
+    }
+}
+
+fn default_route_timeout_ms() -> u64 {
+    30_000
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Segment {
@@ -42,7 +127,7 @@ impl Pattern {
     }
 
     /// Matches decoded path segments; returns the params on success.
-    fn matches(&self, path: &[String]) -> Option<BTreeMap<String, String>> {
+    fn matches(&self, path: &[String], case_sensitive: bool) -> Option<BTreeMap<String, String>> {
         if path.len() < self.segments.len() || (!self.prefix && path.len() != self.segments.len()) {
             return None;
         }
@@ -50,6 +135,7 @@ impl Pattern {
         for (segment, value) in self.segments.iter().zip(path) {
             match segment {
                 Segment::Literal(lit) if lit == value => {}
+                Segment::Literal(lit) if !case_sensitive && lit.eq_ignore_ascii_case(value) => {}
                 Segment::Literal(_) => return None,
                 Segment::Param(name) => {
                     params.insert(name.clone(), value.clone());
@@ -57,6 +143,23 @@ impl Pattern {
             }
         }
         Some(params)
+    }
+
+    /// The pattern with its literals lower-cased: two patterns equal in this form cannot both
+    /// be served when literals match case-insensitively.
+    pub fn folded(&self) -> String {
+        let mut out = String::new();
+        for s in &self.segments {
+            out.push('/');
+            match s {
+                Segment::Literal(l) => out.push_str(&l.to_ascii_lowercase()),
+                Segment::Param(_) => out.push_str("{}"),
+            }
+        }
+        if self.prefix {
+            out.push('/');
+        }
+        out
     }
 
     /// More segments first, then more literal segments, then exact before prefix.
@@ -79,9 +182,6 @@ pub struct Route {
 /// Why no route serves a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Miss {
-    /// A `.` or `..` segment (also percent-encoded): refused, since an upstream that
-    /// normalises it would serve another path than the one checked here.
-    DotSegment,
     NoRoute,
     MethodNotAllowed,
 }
@@ -93,11 +193,12 @@ pub struct Matched {
 
 pub struct RouteTable {
     routes: Vec<Arc<Route>>,
+    case_sensitive: bool,
 }
 
 impl RouteTable {
     /// Builds the table from validated settings.
-    pub fn new(settings: &[RouteSettings]) -> Self {
+    pub fn new(settings: &[RouteSettings], case_sensitive: bool) -> Self {
         let mut routes: Vec<Arc<Route>> = settings
             .iter()
             .map(|s| {
@@ -107,22 +208,15 @@ impl RouteTable {
                 })
             })
             .collect();
-        routes.sort_by(|a, b| b.pattern.specificity().cmp(&a.pattern.specificity()));
-        Self { routes }
+        routes.sort_by_key(|r| std::cmp::Reverse(r.pattern.specificity()));
+        Self { routes, case_sensitive }
     }
 
-    pub fn find(&self, method: &str, raw_path: &str) -> Result<Matched, Miss> {
-        let segments: Vec<String> = raw_path
-            .split('/')
-            .filter(|s| !s.is_empty())
-            .map(percent_decode)
-            .collect();
-        if segments.iter().any(|s| s == "." || s == "..") {
-            return Err(Miss::DotSegment);
-        }
+    /// The route serving `method` on a canonical path's decoded `segments`.
+    pub fn find(&self, method: &str, segments: &[String]) -> Result<Matched, Miss> {
         let mut method_mismatch = false;
         for route in &self.routes {
-            if let Some(params) = route.pattern.matches(&segments) {
+            if let Some(params) = route.pattern.matches(segments, self.case_sensitive) {
                 let methods = &route.settings.methods;
                 if methods.is_empty() || methods.iter().any(|m| m == method) {
                     return Ok(Matched {
@@ -141,31 +235,6 @@ impl RouteTable {
     }
 }
 
-/// Decodes `%XX` escapes (invalid ones are kept as written).
-pub fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match (
-            bytes[i],
-            bytes.get(i + 1).and_then(|b| hex(*b)),
-            bytes.get(i + 2).and_then(|b| hex(*b)),
-        ) {
-            (b'%', Some(hi), Some(lo)) => {
-                out.push((hi * 16 + lo) as u8);
-                i += 3;
-            }
-            (b, _, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,39 +245,68 @@ mod tests {
             path: path.into(),
             methods: methods.iter().map(|m| m.to_string()).collect(),
             upstream: "http://127.0.0.1:1".into(),
-            upstreams: BTreeMap::new(),
-            timeout_ms: 1000,
-            cost: BTreeMap::new(),
+            ..RouteSettings::default()
         }
     }
 
-    fn table() -> RouteTable {
-        RouteTable::new(&[
-            route("v1", "/v1/", &[]),
-            route("tenants", "/v1/tenants/{tenantId}/", &[]),
-            route("health", "/health", &["GET"]),
-        ])
+    fn table(case_sensitive: bool) -> RouteTable {
+        RouteTable::new(
+            &[
+                route("v1", "/v1/", &[]),
+                route("tenants", "/v1/tenants/{tenantId}/", &[]),
+                route("health", "/health", &["GET"]),
+            ],
+            case_sensitive,
+        )
+    }
+
+    fn find(t: &RouteTable, method: &str, path: &str) -> Result<Matched, Miss> {
+        let segments: Vec<String> = path.split('/').filter(|s| !s.is_empty()).map(str::to_owned).collect();
+        t.find(method, &segments)
     }
 
     #[test]
     fn most_specific_route_wins_and_params_are_captured() {
-        let t = table();
-        let m = t.find("GET", "/v1/tenants/t%5F1/orders/7").unwrap();
+        let t = table(false);
+        let m = find(&t, "GET", "/v1/tenants/t_1/orders/7").unwrap();
         assert_eq!(m.route.settings.id, "tenants");
         assert_eq!(m.params["tenantId"], "t_1");
-        assert_eq!(t.find("POST", "/v1/orders").unwrap().route.settings.id, "v1");
-        assert_eq!(t.find("GET", "/v1").unwrap().route.settings.id, "v1");
-        assert_eq!(t.find("GET", "/health").unwrap().route.settings.id, "health");
+        assert_eq!(find(&t, "POST", "/v1/orders").unwrap().route.settings.id, "v1");
+        assert_eq!(find(&t, "GET", "/v1").unwrap().route.settings.id, "v1");
+        assert_eq!(find(&t, "GET", "/health").unwrap().route.settings.id, "health");
+    }
+
+    #[test]
+    fn literal_case_variants_hit_the_tenant_scoped_route_unless_case_sensitive() {
+        let t = table(false);
+        for path in ["/V1/TENANTS/T_1/x", "/v1/Tenants/t_1/x", "/V1/tEnAnTs/t_1"] {
+            let m = find(&t, "GET", path).unwrap();
+            assert_eq!(m.route.settings.id, "tenants", "{path}");
+        }
+        // The param keeps its case: the tenant check compares it exactly.
+        assert_eq!(find(&t, "GET", "/V1/TENANTS/T_1/x").unwrap().params["tenantId"], "T_1");
+        let strict = table(true);
+        assert_eq!(
+            find(&strict, "GET", "/v1/Tenants/t_1/x").unwrap().route.settings.id,
+            "v1"
+        );
+        assert_eq!(find(&strict, "GET", "/V1/x").err(), Some(Miss::NoRoute));
     }
 
     #[test]
     fn misses_say_why() {
-        let t = table();
-        assert_eq!(t.find("GET", "/v2/x").err(), Some(Miss::NoRoute));
-        assert_eq!(t.find("GET", "/health/deep").err(), Some(Miss::NoRoute));
-        assert_eq!(t.find("POST", "/health").err(), Some(Miss::MethodNotAllowed));
-        assert_eq!(t.find("GET", "/v1/tenants/a/../b/x").err(), Some(Miss::DotSegment));
-        assert_eq!(t.find("GET", "/v1/tenants/a/%2e%2E/b").err(), Some(Miss::DotSegment));
+        let t = table(false);
+        assert_eq!(find(&t, "GET", "/v2/x").err(), Some(Miss::NoRoute));
+        assert_eq!(find(&t, "GET", "/health/deep").err(), Some(Miss::NoRoute));
+        assert_eq!(find(&t, "POST", "/health").err(), Some(Miss::MethodNotAllowed));
+    }
+
+    #[test]
+    fn folded_patterns_ignore_literal_case_and_param_names() {
+        let a = Pattern::parse("/V1/Tenants/{tenantId}/").unwrap();
+        let b = Pattern::parse("/v1/tenants/{id}/").unwrap();
+        assert_eq!(a.folded(), b.folded());
+        assert_ne!(a.folded(), Pattern::parse("/v1/tenants/{id}").unwrap().folded());
     }
 
     #[test]

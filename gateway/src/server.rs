@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::{Request, Response, StatusCode};
+use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
@@ -23,9 +23,8 @@ use tollgate_runtime::ops::Ops;
 use tollgate_runtime::shutdown::Shutdown;
 
 use crate::admin::Admin;
+use crate::chain::{Body, Proxy};
 use crate::keystore::{KeyStore, StoreError};
-use crate::problem::Problem;
-use crate::proxy::{Body, Proxy};
 use crate::settings::{GatewaySettings, ADMIN_TOKEN_ENV};
 
 /// The shortest admin token accepted: anything shorter is guessable.
@@ -105,7 +104,9 @@ impl Gateway {
     pub async fn serve(self, shutdown: Shutdown) -> Result<(), GatewayError> {
         let settings = self.settings;
         let (ops, recorder) = Ops::new();
-        let event_metrics = Arc::new(crate::events::metrics::EventMetrics::new(&recorder));
+        let recorder = Arc::new(recorder);
+        let event_metrics = Arc::new(crate::events::metrics::EventMetrics::new(&*recorder));
+        let gateway_metrics = Arc::new(crate::metrics::GatewayMetrics::new(recorder.clone()));
         ops.set_not_ready("replaying the keys topic");
         let live: Arc<OnceLock<Live>> = Arc::default();
 
@@ -114,7 +115,7 @@ impl Gateway {
             tokio::spawn(serve(
                 self.admin,
                 shutdown.clone(),
-                settings.http.header_read_timeout_ms,
+                ConnectionPolicy::new(&settings.http, Arc::clone(&gateway_metrics)),
                 move |req, _peer| {
                     let (ops, live) = (ops.clone(), Arc::clone(&live));
                     async move {
@@ -126,36 +127,33 @@ impl Gateway {
                                 .handle(req)
                                 .await
                                 .map(|b| b.map_err(|never| match never {}).boxed()),
-                            None => starting(),
+                            None => crate::chain::starting::starting_response(&req, None),
                         }
                     }
                 },
             ))
         };
+        // While starting, public answers are 503s that still get a request id and a usage
+        // event (the sink opens before the replay: it needs only the spool directory).
+        let starting: Arc<OnceLock<crate::chain::starting::Starting>> = Arc::default();
         let public_task = {
-            let live = Arc::clone(&live);
+            let (live, starting) = (Arc::clone(&live), Arc::clone(&starting));
             tokio::spawn(serve(
                 self.public,
                 shutdown.clone(),
-                settings.http.header_read_timeout_ms,
+                ConnectionPolicy::new(&settings.http, Arc::clone(&gateway_metrics)),
                 move |req, peer| {
-                    let live = Arc::clone(&live);
+                    let (live, starting) = (Arc::clone(&live), Arc::clone(&starting));
                     async move {
                         match live.get() {
                             Some(live) => Arc::clone(&live.proxy).handle(req, peer).await,
-                            None => starting(),
+                            None => crate::chain::starting::starting_response(&req, starting.get()),
                         }
                     }
                 },
             ))
         };
 
-        tollgate_runtime::kafka::check_topics(
-            &settings.kafka,
-            &[settings.topics.keys.clone(), settings.topics.usage.clone()],
-        )
-        .await?;
-        let store = KeyStore::start(&settings.kafka, &settings.topics.keys).await?;
         let (usage, pipeline) = if settings.events.enabled {
             let (sink, pipeline) = crate::events::start(
                 settings.events.clone(),
@@ -171,13 +169,25 @@ impl Gateway {
                 None,
             )
         };
-        let limiter = crate::limits::build(&settings.limits, crate::limits::LimitsMetrics::new(&recorder))?;
+        let _ = starting.set(crate::chain::starting::Starting {
+            usage: usage.clone(),
+            metrics: Arc::clone(&gateway_metrics),
+            gateway_id: settings.service.id.clone(),
+        });
+        tollgate_runtime::kafka::check_topics(
+            &settings.kafka,
+            &[settings.topics.keys.clone(), settings.topics.usage.clone()],
+        )
+        .await?;
+        let store = KeyStore::start(&settings.kafka, &settings.topics.keys).await?;
+        let limiter = crate::limits::build(&settings.limits, crate::limits::LimitsMetrics::new(&*recorder))?;
         let proxy = Proxy::new(
             Arc::clone(&settings),
             Arc::clone(store.directory()),
             self.signing_secret,
             usage,
             limiter,
+            gateway_metrics,
         );
         let admin = Admin {
             store,
@@ -217,14 +227,6 @@ pub async fn run(
         .await
 }
 
-fn starting() -> Response<Body> {
-    Problem::new(StatusCode::SERVICE_UNAVAILABLE, "starting", "Service Unavailable")
-        .with_detail("the gateway is loading its keys")
-        .with_header("retry-after", "1")
-        .into_response()
-        .map(|b| b.map_err(|never| match never {}).boxed())
-}
-
 async fn bind(which: &'static str, listen: &str) -> Result<TcpListener, GatewayError> {
     let addr: SocketAddr = listen.parse().expect("validated by GatewaySettings::validate");
     TcpListener::bind(addr)
@@ -232,9 +234,34 @@ async fn bind(which: &'static str, listen: &str) -> Result<TcpListener, GatewayE
         .map_err(|source| GatewayError::Bind { which, addr, source })
 }
 
+/// How a listener treats its connections.
+#[derive(Clone)]
+struct ConnectionPolicy {
+    header_read_timeout: Duration,
+    first_request_timeout: Duration,
+    h2_keep_alive_interval: Duration,
+    table: Arc<crate::connections::ConnectionTable>,
+}
+
+impl ConnectionPolicy {
+    fn new(http: &crate::settings::HttpSettings, metrics: Arc<crate::metrics::GatewayMetrics>) -> Self {
+        Self {
+            header_read_timeout: Duration::from_millis(http.header_read_timeout_ms),
+            first_request_timeout: Duration::from_millis(http.first_request_timeout_ms),
+            h2_keep_alive_interval: Duration::from_millis(http.h2_keep_alive_interval_ms),
+            table: crate::connections::ConnectionTable::new(
+                http.max_connections as usize,
+                http.max_connections_per_ip as usize,
+                metrics,
+            ),
+        }
+    }
+}
+
 /// Serves HTTP/1.1 and h2c on `listener` until shutdown, then lets open connections finish
-/// (up to [`DRAIN_TIMEOUT`]).
-async fn serve<F, Fut>(listener: TcpListener, shutdown: Shutdown, header_read_timeout_ms: u64, handler: F)
+/// (up to [`DRAIN_TIMEOUT`]). Each connection holds a place in the connection table and must
+/// deliver its first request head within `first_request_timeout` (see `connections`).
+async fn serve<F, Fut>(listener: TcpListener, shutdown: Shutdown, policy: ConnectionPolicy, handler: F)
 where
     F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
@@ -244,7 +271,12 @@ where
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_millis(header_read_timeout_ms));
+        .header_read_timeout(policy.header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(policy.h2_keep_alive_interval))
+        .keep_alive_timeout(policy.h2_keep_alive_interval);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -256,15 +288,38 @@ where
             },
             _ = shutdown.wait() => break,
         };
+        let Some(permit) = policy.table.admit(peer.ip()) else {
+            drop(stream);
+            continue;
+        };
+        let first_request = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let handler = handler.clone();
-        let service = hyper::service::service_fn(move |req| {
-            let response = handler(req, peer);
-            async move { Ok::<_, Infallible>(response.await) }
+        let service = hyper::service::service_fn({
+            let first_request = Arc::clone(&first_request);
+            move |req| {
+                first_request.store(true, std::sync::atomic::Ordering::Release);
+                let response = handler(req, peer);
+                async move { Ok::<_, Infallible>(response.await) }
+            }
         });
         let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
         let connection = graceful.watch(connection);
+        let (deadline, table) = (policy.first_request_timeout, Arc::clone(&policy.table));
         tokio::spawn(async move {
-            let _ = connection.await;
+            let _permit = permit;
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = &mut connection => return,
+                _ = tokio::time::sleep(deadline) => {}
+            }
+            if first_request.load(std::sync::atomic::Ordering::Acquire) {
+                let _ = connection.await;
+            } else {
+                // Dropping the connection closes the socket.
+                table
+                    .metrics()
+                    .count("gateway_connections_closed_total", "first_request_timeout");
+            }
         });
     }
     drop(listener);

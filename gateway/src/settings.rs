@@ -6,6 +6,8 @@ use serde::Deserialize;
 use tollgate_runtime::kafka::KafkaSettings;
 use tollgate_runtime::settings::{http_url, in_range, socket_addr, Invalid, Validate};
 
+pub use crate::routes::RouteSettings;
+
 /// Where the admin token comes from: never the settings file.
 pub const ADMIN_TOKEN_ENV: &str = "TOLLGATE_ADMIN_TOKEN";
 
@@ -24,6 +26,9 @@ pub struct GatewaySettings {
     pub identity: IdentitySettings,
     #[serde(default)]
     pub http: HttpSettings,
+    /// Forwarding headers and header-name hygiene.
+    #[serde(default)]
+    pub forwarding: ForwardingSettings,
     #[serde(default)]
     pub events: crate::events::EventSettings,
     /// Where rate-limit counters live (`local` or `redis`) and what happens when Redis fails.
@@ -121,16 +126,72 @@ fn default_stripe_customer_field() -> String {
 fn default_upstream_field() -> String {
     "upstream".to_owned()
 }
+/// Identity-like headers other gateways, auth proxies and platforms set; an upstream behind
+/// Tollgate might trust any of them.
+pub const DEFAULT_STRIP_HEADERS: [&str; 34] = [
+    "x-tenant-id",
+    "x-tenant",
+    "x-consumer-id",
+    "x-consumer-name",
+    "x-consumer-username",
+    "x-consumer-custom-id",
+    "x-consumer-groups",
+    "x-credential-identifier",
+    "x-credential-username",
+    "x-anonymous-consumer",
+    "x-authenticated-userid",
+    "x-authenticated-scope",
+    "x-authenticated-groups",
+    "x-user-id",
+    "x-user",
+    "x-user-email",
+    "x-remote-user",
+    "remote-user",
+    "x-forwarded-user",
+    "x-forwarded-email",
+    "x-forwarded-preferred-username",
+    "x-forwarded-groups",
+    "x-forwarded-access-token",
+    "x-auth-request-user",
+    "x-auth-request-email",
+    "x-auth-request-preferred-username",
+    "x-auth-request-groups",
+    "x-auth-request-access-token",
+    "x-amzn-oidc-identity",
+    "x-amzn-oidc-data",
+    "x-ms-client-principal",
+    "x-ms-client-principal-name",
+    "x-goog-authenticated-user-email",
+    "x-original-url",
+];
+
 fn default_strip_headers() -> Vec<String> {
-    [
-        "x-tenant-id",
-        "x-consumer-id",
-        "x-consumer-name",
-        "x-user-id",
-        "x-forwarded-user",
-    ]
-    .map(str::to_owned)
-    .to_vec()
+    DEFAULT_STRIP_HEADERS.map(str::to_owned).to_vec()
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardingSettings {
+    /// Peers (CIDRs or addresses) whose `forwarded` / `x-forwarded-*` / `x-real-ip` headers are
+    /// kept and extended; from any other peer they are dropped and the gateway sets its own.
+    /// Empty (the default): nobody is trusted.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    /// Set `x-forwarded-host` from the request's `Host` (off by default: an upstream that picks
+    /// the tenant by host name would then trust the client's choice).
+    #[serde(default)]
+    pub forward_host: bool,
+    /// Client header names containing `_`: `drop` (the default, like nginx) or `refuse` (400).
+    #[serde(default)]
+    pub underscores_in_headers: UnderscoreHeaders,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnderscoreHeaders {
+    #[default]
+    Drop,
+    Refuse,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -155,6 +216,37 @@ pub struct HttpSettings {
     /// tenant cannot hold all upstream capacity).
     #[serde(default = "default_tenant_max_in_flight")]
     pub tenant_max_in_flight: u32,
+    /// Route literal segments match exactly (`true`) or ASCII case-insensitively (`false`, the
+    /// default: a case variant of a tenant-scoped path must not fall through to a broader
+    /// route, since some upstreams route case-insensitively).
+    #[serde(default)]
+    pub case_sensitive_routes: bool,
+    /// Time from accept to the first complete request head (HTTP/1 head or h2 preface and
+    /// first stream); the connection is closed after it.
+    #[serde(default = "default_first_request_timeout_ms")]
+    pub first_request_timeout_ms: u64,
+    /// HTTP/2 keep-alive: ping this often, and close when a ping is unanswered this long.
+    #[serde(default = "default_h2_keep_alive_interval_ms")]
+    pub h2_keep_alive_interval_ms: u64,
+    /// Open connections on one listener; more are closed at accept.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+    /// Open connections from one client IP on one listener; more are closed at accept.
+    #[serde(default = "default_max_connections_per_ip")]
+    pub max_connections_per_ip: u32,
+}
+
+fn default_first_request_timeout_ms() -> u64 {
+    10_000
+}
+fn default_h2_keep_alive_interval_ms() -> u64 {
+    30_000
+}
+fn default_max_connections() -> u32 {
+    10_000
+}
+fn default_max_connections_per_ip() -> u32 {
+    256
 }
 
 impl Default for HttpSettings {
@@ -166,6 +258,11 @@ impl Default for HttpSettings {
             body_read_timeout_ms: default_body_read_timeout_ms(),
             upstream_connect_timeout_ms: default_connect_timeout_ms(),
             tenant_max_in_flight: default_tenant_max_in_flight(),
+            case_sensitive_routes: false,
+            first_request_timeout_ms: default_first_request_timeout_ms(),
+            h2_keep_alive_interval_ms: default_h2_keep_alive_interval_ms(),
+            max_connections: default_max_connections(),
+            max_connections_per_ip: default_max_connections_per_ip(),
         }
     }
 }
@@ -229,36 +326,6 @@ pub fn default_keys_topic() -> String {
 
 pub fn default_usage_topic() -> String {
     "tollgate.usage.v1".to_owned()
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RouteSettings {
-    /// Route id, carried in usage events.
-    pub id: String,
-    /// Path pattern, starting with `/`: literal segments and `{param}` segments; a trailing
-    /// `/` makes it a prefix (`/v1/tenants/{tenantId}/`). `{tenantId}` must equal the
-    /// authenticated tenant.
-    pub path: String,
-    /// Methods served; empty: all.
-    #[serde(default)]
-    pub methods: Vec<String>,
-    /// Upstream base URL the request is proxied to (the request path is appended).
-    pub upstream: String,
-    /// Named alternative upstreams a consumer's metadata may pick (a dedicated cluster).
-    #[serde(default)]
-    pub upstreams: std::collections::BTreeMap<String, String>,
-    /// Time the upstream has to answer with its response head (504 after).
-    #[serde(default = "default_route_timeout_ms")]
-    pub timeout_ms: u64,
-    /// Units a request costs per meter (`compute_units = 5`); `requests` is always 1. The
-    /// upstream may report the real cost in `x-tollgate-cost: compute_units=42`.
-    #[serde(default)]
-    pub cost: std::collections::BTreeMap<String, u64>,
-}
-
-fn default_route_timeout_ms() -> u64 {
-    30_000
 }
 
 impl Validate for GatewaySettings {
@@ -337,11 +404,53 @@ impl Validate for GatewaySettings {
             600_000,
         )?;
         in_range(
+            "http.first_request_timeout_ms",
+            self.http.first_request_timeout_ms,
+            100,
+            600_000,
+        )?;
+        in_range(
+            "http.h2_keep_alive_interval_ms",
+            self.http.h2_keep_alive_interval_ms,
+            1_000,
+            3_600_000,
+        )?;
+        in_range(
+            "http.max_connections",
+            u64::from(self.http.max_connections),
+            1,
+            10_000_000,
+        )?;
+        in_range(
+            "http.max_connections_per_ip",
+            u64::from(self.http.max_connections_per_ip),
+            1,
+            u64::from(self.http.max_connections),
+        )?;
+        in_range(
             "http.tenant_max_in_flight",
             u64::from(self.http.tenant_max_in_flight),
             1,
             1_000_000,
         )?;
+        for (i, cidr) in self.forwarding.trusted_proxies.iter().enumerate() {
+            if crate::chain::headers::Cidr::parse(cidr).is_none() {
+                return Err(Invalid::new(
+                    format!("forwarding.trusted_proxies[{i}]"),
+                    cidr,
+                    "an address or CIDR block such as 10.0.0.0/8 or fd00::/8",
+                ));
+            }
+        }
+        if let Some((i, h)) = self
+            .identity
+            .strip_headers
+            .iter()
+            .enumerate()
+            .find(|(_, h)| hyper::header::HeaderName::from_bytes(h.as_bytes()).is_err())
+        {
+            return Err(Invalid::new(format!("identity.strip_headers[{i}]"), h, "a header name"));
+        }
         self.events.validate()?;
         self.limits.validate("limits")?;
         for (name, plan) in &self.plans {
@@ -369,11 +478,19 @@ impl Validate for GatewaySettings {
                     "a unique, non-empty route id",
                 ));
             }
-            if crate::routes::Pattern::parse(&route.path).is_none() || !paths.insert(route.path.as_str()) {
+            let folded = crate::routes::Pattern::parse(&route.path).map(|p| {
+                if self.http.case_sensitive_routes {
+                    route.path.clone()
+                } else {
+                    p.folded()
+                }
+            });
+            if !folded.is_some_and(|f| paths.insert(f)) {
                 return Err(Invalid::new(
                     format!("routes[{i}].path"),
                     &route.path,
-                    "a path starting with `/` of literal and `{name}` segments, not used by another route",
+                    "a path starting with `/` of literal and `{name}` segments, not used by another route \
+                     (literals compared ignoring case unless http.case_sensitive_routes)",
                 ));
             }
             for (j, method) in route.methods.iter().enumerate() {

@@ -49,9 +49,8 @@ pub fn dead_route() -> tollgate_gateway::settings::RouteSettings {
         path: "/dead/".into(),
         methods: vec![],
         upstream: "http://127.0.0.1:1".into(),
-        upstreams: Default::default(),
         timeout_ms: 1000,
-        cost: Default::default(),
+        ..Default::default()
     }
 }
 

@@ -140,7 +140,12 @@ async fn admin_api_refuses_bad_input_clearly() {
             reply.text()
         );
     }
-    gw.admin("POST", "/v1/consumers", Some(json!({"name": "ok"}))).await;
+    gw.admin(
+        "POST",
+        "/v1/consumers",
+        Some(json!({"name": "ok", "metadata": {"tenantId": "t_ok"}})),
+    )
+    .await;
     let past = gw
         .admin(
             "POST",

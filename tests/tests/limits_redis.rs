@@ -26,6 +26,7 @@ fn settings(url: &str, prefix: &str) -> LimitsSettings {
         redis_timeout_ms: 5_000,
         on_redis_error: FailPolicy::Closed,
         key_prefix: prefix.to_owned(),
+        ..LimitsSettings::default()
     }
 }
 

@@ -8,8 +8,6 @@ use std::time::{Duration, Instant};
 use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder};
 
 pub struct EventMetrics {
-    /// Requests by outcome (`gateway_requests_total{outcome}`), counted with their event.
-    requests: [(tollgate_schemas::Outcome, Counter); 6],
     pub spooled: Counter,
     pub produced: Counter,
     pub replayed: Counter,
@@ -35,24 +33,7 @@ impl EventMetrics {
                 &METADATA,
             )
         };
-        use tollgate_schemas::Outcome;
-        let requests = [
-            Outcome::Allowed,
-            Outcome::RateLimited,
-            Outcome::Unauthenticated,
-            Outcome::Forbidden,
-            Outcome::UpstreamError,
-            Outcome::Rejected,
-        ]
-        .map(|outcome| {
-            let key = Key::from_parts(
-                "gateway_requests_total",
-                vec![Label::new("outcome", outcome.as_str().to_ascii_lowercase())],
-            );
-            (outcome, recorder.register_counter(&key, &METADATA))
-        });
         Self {
-            requests,
             spooled: counter("gateway_events_spooled_total"),
             produced: counter("gateway_events_produced_total"),
             replayed: counter("gateway_events_replayed_total"),
@@ -66,12 +47,6 @@ impl EventMetrics {
             delivery_seconds: recorder
                 .register_histogram(&Key::from_static_name("gateway_events_delivery_seconds"), &METADATA),
             last_drop_log: Mutex::new(None),
-        }
-    }
-
-    pub fn request(&self, outcome: tollgate_schemas::Outcome) {
-        if let Some((_, counter)) = self.requests.iter().find(|(o, _)| *o == outcome) {
-            counter.increment(1);
         }
     }
 

@@ -25,7 +25,7 @@
 
 use std::collections::VecDeque;
 
-use super::settings::{calendar_period, Window};
+use super::spec::{calendar_period, Window};
 
 /// Buckets per sliding window.
 pub const BUCKETS_PER_WINDOW: u64 = 60;
@@ -100,6 +100,21 @@ impl Counter {
             Counter::Sliding(s) => s.commit(now_ms, cost),
             Counter::Calendar(c) => c.commit(now_ms, cost),
             Counter::InFlight(n) => *n = n.saturating_add(cost),
+        }
+    }
+
+    /// Gives back `cost` committed by a decision at `at_ms` (a request the gateway refused after
+    /// admitting it). In-flight counts ignore it (`release` ends those). Saturating: what has
+    /// already left the window stays gone.
+    pub fn refund(&mut self, at_ms: i64, cost: u64) {
+        match self {
+            Counter::Sliding(s) => s.refund(at_ms, cost),
+            Counter::Calendar(c) => {
+                if (c.start..c.end).contains(&at_ms) {
+                    c.used = c.used.saturating_sub(cost);
+                }
+            }
+            Counter::InFlight(_) => {}
         }
     }
 
@@ -205,6 +220,17 @@ impl Sliding {
             _ => self.buckets.push_back((index, cost)),
         }
         self.total = self.total.saturating_add(cost);
+    }
+
+    /// The admission went into the bucket of `at_ms`, or into a later one when the clock had
+    /// stepped back (see `commit`): the oldest bucket at or after `at_ms`'s.
+    fn refund(&mut self, at_ms: i64, cost: u64) {
+        let index = at_ms.div_euclid(self.bucket_ms);
+        if let Some((_, amount)) = self.buckets.iter_mut().find(|(i, _)| *i >= index) {
+            let taken = cost.min(*amount);
+            *amount -= taken;
+            self.total = self.total.saturating_sub(taken);
+        }
     }
 
     /// `now`, or the latest time seen if that is later.
@@ -396,6 +422,22 @@ mod tests {
         assert_eq!(s.check(40_000, 4, 5).retry_ms, 91_000 - 40_000);
         assert!(s.check(71_000, 3, 5).passes);
         assert_eq!(s.check(91_000, 0, 5).used, 0);
+    }
+
+    #[test]
+    fn a_refund_gives_back_what_the_decision_took() {
+        for window in [Window::Sliding { secs: 60 }, Window::Day, Window::Month] {
+            let mut c = Counter::new(window);
+            let at = 1_700_000_000_000;
+            assert!(c.check(at, 3, 5).passes);
+            c.commit(at, 3);
+            assert!(!c.check(at + 10, 3, 5).passes, "{window:?}");
+            c.refund(at, 3);
+            assert_eq!(c.check(at + 10, 5, 5).used, 0, "{window:?}");
+            assert!(c.check(at + 10, 5, 5).passes, "{window:?}");
+            c.refund(at, 3);
+            assert_eq!(c.check(at + 10, 5, 5).used, 0, "never below zero: {window:?}");
+        }
     }
 
     #[test]

@@ -2,8 +2,9 @@
 -- script alone). The counting rules are those of gateway/src/limits/counter.rs.
 --
 -- KEYS[i]: one counter per dimension. ARGV[1]: "decide" (check all, commit all only if all
--- pass), "add" (commit unconditionally, in-flight counters skipped) or "release" (end
--- in-flight counts). ARGV[2]: now in epoch ms, or "" for the Redis server's clock (one clock
+-- pass), "add" (commit unconditionally, in-flight counters skipped), "release" (end
+-- in-flight counts) or "refund" (give back what a decision at ARGV[2] committed; in-flight
+-- counters skipped). ARGV[2]: now in epoch ms, or "" for the Redis server's clock (one clock
 -- for every gateway). Then five values per key: kind ("s" sliding, "d" day, "m" month,
 -- "c" in flight), window ms, bucket ms, limit, cost.
 --
@@ -75,6 +76,37 @@ if mode == 'release' then
     if kind == 'c' then
       local left = redis.call('DECRBY', KEYS[i], cost)
       if left <= 0 then redis.call('DEL', KEYS[i]) end
+    end
+  end
+  return {1, now}
+end
+
+if mode == 'refund' then
+  for i = 1, #KEYS do
+    local b = 2 + (i - 1) * 5
+    local kind, bucket, cost = ARGV[b + 1], tonumber(ARGV[b + 3]), tonumber(ARGV[b + 5])
+    local key = KEYS[i]
+    if kind == 's' and cost > 0 then
+      -- The bucket of the decision's time, or the oldest later one (a clock that stepped back
+      -- committed into the newest bucket).
+      local index = math.floor(now / bucket)
+      local best
+      local flat = redis.call('HKEYS', key)
+      for j = 1, #flat do
+        local k = tonumber(flat[j])
+        if k >= index and (best == nil or k < best) then best = k end
+      end
+      if best then
+        local left = redis.call('HINCRBY', key, int(best), -cost)
+        if left <= 0 then redis.call('HDEL', key, int(best)) end
+      end
+    elseif (kind == 'd' or kind == 'm') and cost > 0 then
+      local start = period(kind, now)
+      local stored = redis.call('HMGET', key, 'p', 'n')
+      if tonumber(stored[1]) == start then
+        local left = math.max((tonumber(stored[2]) or 0) - cost, 0)
+        redis.call('HSET', key, 'n', int(left))
+      end
     end
   end
   return {1, now}

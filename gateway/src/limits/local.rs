@@ -105,7 +105,18 @@ impl LocalLimiter {
                     c.commit(now_ms, g.cost);
                 }
             }
-            assemble(charges, groups, &checks)
+            Decision {
+                at_ms: now_ms,
+                ..assemble(charges, groups, &checks)
+            }
+        })
+    }
+
+    pub fn refund_now(&self, charges: &[Charge], at_ms: i64) {
+        self.with_counters(charges, at_ms, |groups, counters| {
+            for (g, c) in groups.iter().zip(counters.iter_mut()) {
+                c.refund(at_ms, g.cost);
+            }
         })
     }
 
@@ -140,6 +151,11 @@ impl Limiter for LocalLimiter {
 
     fn add<'a>(&'a self, charges: &'a [Charge], now_ms: i64) -> LimitFuture<'a, ()> {
         Box::pin(async move { self.add_now(charges, now_ms) })
+    }
+
+    fn refund<'a>(&'a self, charges: &'a [Charge], at_ms: i64) -> LimitFuture<'a, ()> {
+        self.refund_now(charges, at_ms);
+        Box::pin(std::future::ready(()))
     }
 
     fn release<'a>(&'a self, charges: &'a [Charge]) -> LimitFuture<'a, ()> {

@@ -28,6 +28,7 @@ pub mod headers;
 mod local;
 mod redis;
 pub mod settings;
+pub mod spec;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -38,9 +39,9 @@ pub use self::headers::{legacy_headers, policy_header, ratelimit_header, refusal
 pub use self::local::LocalLimiter;
 pub use self::redis::{LimitsMetrics, RedisLimiter};
 pub use self::settings::{
-    effective_limits, validate_route_cost, Backend, FailPolicy, KeyBy, LimitSettings, LimitSpec, LimitsSettings, Meter,
-    PlanSettings, Window,
+    effective_limits, validate_route_cost, Backend, FailPolicy, LimitSettings, LimitsSettings, PlanSettings,
 };
+pub use self::spec::{calendar_period, KeyBy, LimitSpec, Meter, Window};
 
 /// A boxed future, so that `Arc<dyn Limiter>` works.
 pub type LimitFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -55,6 +56,10 @@ pub trait Limiter: Send + Sync {
     /// Ends the `concurrent` charges of an admitted request; other charges are ignored. Call it
     /// once per decision that was `allowed` and not `degraded` (nothing was counted otherwise).
     fn release<'a>(&'a self, charges: &'a [Charge]) -> LimitFuture<'a, ()>;
+    /// Gives back what an admitted decision at `at_ms` counted (the gateway refused the request
+    /// after admitting it: a refusal is never charged); `concurrent` charges are ignored
+    /// (`release` ends those). Same call rule as `release`.
+    fn refund<'a>(&'a self, charges: &'a [Charge], at_ms: i64) -> LimitFuture<'a, ()>;
 }
 
 /// One dimension of one request: which limit, whose counter, how many units.
@@ -91,6 +96,8 @@ pub struct Decision {
     pub retry_after_secs: u64,
     /// The backend failed and `on_redis_error` decided.
     pub degraded: bool,
+    /// The time the decision counted at, on the backend's clock (what a refund needs).
+    pub at_ms: i64,
 }
 
 /// Who is asking: the values the `by` of each limit picks from.
@@ -263,6 +270,7 @@ pub(crate) fn assemble(charges: &[Charge], groups: &[Group], checks: &[counter::
         violated,
         retry_after_secs: if allowed { 0 } else { ceil_secs(retry_ms).max(1) },
         degraded: false,
+        at_ms: 0,
     }
 }
 

@@ -18,7 +18,8 @@ use metrics::Counter;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::counter::{bucket_ms, Check};
-use super::settings::{FailPolicy, LimitsSettings, Window};
+use super::settings::{FailPolicy, LimitsSettings};
+use super::spec::Window;
 use super::{assemble, group, Charge, Decision, Group, LimitFuture, Limiter, LimitsError};
 
 /// Shortest gap between two "Redis failed" log lines.
@@ -30,6 +31,7 @@ pub struct LimitsMetrics {
     decide_errors: Counter,
     add_errors: Counter,
     release_errors: Counter,
+    refund_errors: Counter,
 }
 
 impl LimitsMetrics {
@@ -43,6 +45,7 @@ impl LimitsMetrics {
                 decide_errors: metrics::counter!("gateway_limits_redis_errors_total", "op" => "decide"),
                 add_errors: metrics::counter!("gateway_limits_redis_errors_total", "op" => "add"),
                 release_errors: metrics::counter!("gateway_limits_redis_errors_total", "op" => "release"),
+                refund_errors: metrics::counter!("gateway_limits_redis_errors_total", "op" => "refund"),
             }
         })
     }
@@ -53,6 +56,7 @@ impl LimitsMetrics {
             decide_errors: Counter::noop(),
             add_errors: Counter::noop(),
             release_errors: Counter::noop(),
+            refund_errors: Counter::noop(),
         }
     }
 }
@@ -110,7 +114,8 @@ impl RedisLimiter {
     async fn run(&self, mode: &str, groups: &[Group], now_ms: i64) -> Result<Vec<i64>, String> {
         let mut invocation = self.script.prepare_invoke();
         invocation.arg(mode);
-        if self.caller_clock {
+        // A refund names the decision's own time, whichever clock decided.
+        if self.caller_clock || mode == "refund" {
             invocation.arg(now_ms);
         } else {
             invocation.arg("");
@@ -168,9 +173,12 @@ impl RedisLimiter {
         match self
             .run("decide", &groups, now_ms)
             .await
-            .and_then(|reply| checks(&reply, groups.len()))
+            .and_then(|reply| Ok((reply[1], checks(&reply, groups.len())?)))
         {
-            Ok(checks) => assemble(charges, &groups, &checks),
+            Ok((at_ms, checks)) => Decision {
+                at_ms,
+                ..assemble(charges, &groups, &checks)
+            },
             Err(error) => {
                 self.metrics.decide_errors.increment(1);
                 self.warn("decide", &error);
@@ -181,6 +189,7 @@ impl RedisLimiter {
                     violated: Vec::new(),
                     retry_after_secs: if allowed { 0 } else { 1 },
                     degraded: true,
+                    at_ms: now_ms,
                 }
             }
         }
@@ -227,5 +236,9 @@ impl Limiter for RedisLimiter {
 
     fn release<'a>(&'a self, charges: &'a [Charge]) -> LimitFuture<'a, ()> {
         Box::pin(self.apply("release", charges, 0, &self.metrics.release_errors))
+    }
+
+    fn refund<'a>(&'a self, charges: &'a [Charge], at_ms: i64) -> LimitFuture<'a, ()> {
+        Box::pin(self.apply("refund", charges, at_ms, &self.metrics.refund_errors))
     }
 }

@@ -1,79 +1,17 @@
-//! Limit settings: plans' named limits, the backend choice, route costs, and the checked
-//! [`LimitSpec`] the limiters work from.
+//! Limit settings: plans' named limits, the backend choice and route costs, as written in the
+//! gateway settings, checked into [`LimitSpec`]s.
 //!
 //! In: the `[plans.<plan>]` and `[limits]` tables of the gateway settings, a route's `cost`
-//! table and a consumer's `metadata.limits` overrides. Out: validated [`LimitSpec`]s (no IO
-//! here; the backends are built in `mod.rs`).
+//! table and a consumer's `metadata.limits` overrides. Out: validated [`LimitSpec`]s, or an
+//! [`Invalid`] naming the field (no IO here; the backends are built in `mod.rs`).
 
 use std::collections::BTreeMap;
 
-use chrono::{Datelike, TimeZone, Utc};
 use serde::Deserialize;
 use tollgate_runtime::settings::Invalid;
 
-/// Shortest and longest sliding window, in seconds (`1s` … `30d`).
-const MIN_WINDOW_SECS: u64 = 1;
-const MAX_WINDOW_SECS: u64 = 30 * 86_400;
-const DAY_MS: i64 = 86_400_000;
-
-/// What a limit counts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Meter {
-    Requests,
-    ComputeUnits,
-    RequestBytes,
-    ResponseBytes,
-    /// Requests in flight at once; the window does not apply.
-    Concurrent,
-}
-
-impl Meter {
-    pub const ALL: [Meter; 5] = [
-        Meter::Requests,
-        Meter::ComputeUnits,
-        Meter::RequestBytes,
-        Meter::ResponseBytes,
-        Meter::Concurrent,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Meter::Requests => "requests",
-            Meter::ComputeUnits => "compute_units",
-            Meter::RequestBytes => "request_bytes",
-            Meter::ResponseBytes => "response_bytes",
-            Meter::Concurrent => "concurrent",
-        }
-    }
-
-    pub fn parse(name: &str) -> Option<Meter> {
-        Meter::ALL.into_iter().find(|m| m.as_str() == name)
-    }
-}
-
-/// Whose counter a limit uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum KeyBy {
-    /// One counter per tenant (consumer), shared by all its keys.
-    #[default]
-    Tenant,
-    /// One counter per API key.
-    Key,
-    /// One counter per client IP address (for unauthenticated routes).
-    Ip,
-}
-
-impl KeyBy {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            KeyBy::Tenant => "tenant",
-            KeyBy::Key => "key",
-            KeyBy::Ip => "ip",
-        }
-    }
-}
+pub use super::spec::calendar_period;
+pub use super::spec::{KeyBy, LimitSpec, Meter, Window};
 
 /// One plan: the named limits every consumer on it gets.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
@@ -144,6 +82,15 @@ pub struct LimitsSettings {
     /// Prefix of every Redis key the limiter writes.
     #[serde(default = "default_key_prefix")]
     pub key_prefix: String,
+    /// Most units an upstream may report for one meter of one request in `x-tollgate-cost`;
+    /// a report above it (or malformed) is counted in `gateway_reported_cost_rejected_total`
+    /// and the route's cost applies instead.
+    #[serde(default = "default_max_reported_units")]
+    pub max_reported_units: u64,
+}
+
+fn default_max_reported_units() -> u64 {
+    1_000_000
 }
 
 fn default_redis_url() -> String {
@@ -166,6 +113,7 @@ impl Default for LimitsSettings {
             redis_timeout_ms: default_redis_timeout_ms(),
             on_redis_error: FailPolicy::default(),
             key_prefix: default_key_prefix(),
+            max_reported_units: default_max_reported_units(),
         }
     }
 }
@@ -189,6 +137,13 @@ impl LimitsSettings {
                 "1 to 10000 milliseconds",
             ));
         }
+        if !(1..=1_000_000_000_000).contains(&self.max_reported_units) {
+            return Err(Invalid::new(
+                format!("{field}.max_reported_units"),
+                self.max_reported_units,
+                "1 to 10^12 units",
+            ));
+        }
         if self.key_prefix.is_empty() || self.key_prefix.chars().any(|c| c.is_whitespace()) {
             return Err(Invalid::new(
                 format!("{field}.key_prefix"),
@@ -200,103 +155,10 @@ impl LimitsSettings {
     }
 }
 
-/// How long a limit's counting lasts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Window {
-    /// Any interval of this many seconds (sliding).
-    Sliding { secs: u64 },
-    /// The UTC calendar day.
-    Day,
-    /// The UTC calendar month.
-    Month,
-    /// No window: in-flight count (`concurrent`).
-    InFlight,
-}
-
-impl Window {
-    /// Parses `<n><s|m|h|d>` (1 s … 30 d), `day` or `month`; the message says what is allowed.
-    pub fn parse(text: &str) -> Result<Window, &'static str> {
-        const EXPECTED: &str = "a window from 1s to 30d as <n><s|m|h|d>, or `day` or `month`";
-        match text {
-            "day" => return Ok(Window::Day),
-            "month" => return Ok(Window::Month),
-            _ => {}
-        }
-        let split = text
-            .len()
-            .checked_sub(1)
-            .filter(|&i| text.is_char_boundary(i))
-            .ok_or(EXPECTED)?;
-        let (digits, unit) = text.split_at(split);
-        let unit_secs = match unit {
-            "s" => 1,
-            "m" => 60,
-            "h" => 3_600,
-            "d" => 86_400,
-            _ => return Err(EXPECTED),
-        };
-        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(EXPECTED);
-        }
-        let n: u64 = digits.parse().map_err(|_| EXPECTED)?;
-        let secs = n.checked_mul(unit_secs).ok_or(EXPECTED)?;
-        if !(MIN_WINDOW_SECS..=MAX_WINDOW_SECS).contains(&secs) {
-            return Err(EXPECTED);
-        }
-        Ok(Window::Sliding { secs })
-    }
-
-    /// Stable text for counter keys: `60s`, `day`, `month`, `inflight`.
-    pub fn code(&self) -> String {
-        match self {
-            Window::Sliding { secs } => format!("{secs}s"),
-            Window::Day => "day".to_owned(),
-            Window::Month => "month".to_owned(),
-            Window::InFlight => "inflight".to_owned(),
-        }
-    }
-}
-
-/// UTC calendar period `[start, end)` in epoch milliseconds holding `now_ms` (day or month).
-pub fn calendar_period(window: Window, now_ms: i64) -> (i64, i64) {
-    let day = now_ms.div_euclid(DAY_MS);
-    match window {
-        Window::Month => {
-            let date = Utc
-                .timestamp_millis_opt(day * DAY_MS)
-                .single()
-                .unwrap_or_default()
-                .date_naive();
-            let start = date.with_day(1).unwrap_or(date);
-            let next = if start.month() == 12 {
-                start.with_year(start.year() + 1).and_then(|d| d.with_month(1))
-            } else {
-                start.with_month(start.month() + 1)
-            }
-            .unwrap_or(start);
-            let ms = |d: chrono::NaiveDate| d.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc().timestamp_millis();
-            (ms(start), ms(next))
-        }
-        _ => (day * DAY_MS, (day + 1) * DAY_MS),
-    }
-}
-
-/// One checked limit, shared by the decisions that charge it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct LimitSpec {
-    /// Policy name (unique within the plan).
-    pub name: String,
-    pub meter: Meter,
-    pub window: Window,
-    /// Allowance per window, or in flight for `concurrent`.
-    pub limit: u64,
-    pub by: KeyBy,
-}
-
-impl LimitSpec {
+impl LimitSettings {
     /// Checks one limit as written; `field` is its dotted path (`plans.free.limits[0]`).
-    pub fn from_settings(field: &str, settings: &LimitSettings) -> Result<LimitSpec, Invalid> {
-        let name = &settings.name;
+    pub fn spec(&self, field: &str) -> Result<LimitSpec, Invalid> {
+        let name = &self.name;
         if name.is_empty()
             || name.len() > 64
             || !name
@@ -309,25 +171,19 @@ impl LimitSpec {
                 "1 to 64 characters from A-Z a-z 0-9 _ - .",
             ));
         }
-        let window = if settings.meter == Meter::Concurrent {
+        let window = if self.meter == Meter::Concurrent {
             Window::InFlight
         } else {
-            Window::parse(&settings.window)
-                .map_err(|expected| Invalid::new(format!("{field}.window"), &settings.window, expected))?
+            Window::parse(&self.window)
+                .map_err(|expected| Invalid::new(format!("{field}.window"), &self.window, expected))?
         };
         Ok(LimitSpec {
             name: name.clone(),
-            meter: settings.meter,
+            meter: self.meter,
             window,
-            limit: settings.limit,
-            by: settings.by,
+            limit: self.limit,
+            by: self.by,
         })
-    }
-
-    /// The counter's identity below the backend's prefix: name, meter, window and subject key.
-    /// Changing a limit's allowance keeps its counter; changing its window or meter does not.
-    pub fn counter_id(&self, key: &str) -> String {
-        format!("{}:{}:{}:{}", self.name, self.meter.as_str(), self.window.code(), key)
     }
 }
 
@@ -342,7 +198,7 @@ impl PlanSettings {
         let mut specs: Vec<LimitSpec> = Vec::with_capacity(self.limits.len());
         for (i, limit) in self.limits.iter().enumerate() {
             let at = format!("{field}.limits[{i}]");
-            let spec = LimitSpec::from_settings(&at, limit)?;
+            let spec = limit.spec(&at)?;
             if specs.iter().any(|s| s.name == spec.name) {
                 return Err(Invalid::new(
                     format!("{at}.name"),
@@ -378,24 +234,32 @@ pub fn validate_route_cost(field: &str, cost: &BTreeMap<String, u64>) -> Result<
 /// `metadata` is the consumer's metadata object; its `limits` member (if any) maps a limit
 /// name to a new allowance: `{"limits": {"requests_per_minute": 20000}}`. Unknown names and
 /// values that are not whole numbers are errors (a typo in a deal must not pass silently).
-pub fn effective_limits(plan: &PlanSettings, metadata: &serde_json::Value) -> Result<Vec<LimitSpec>, String> {
-    let mut specs = plan.specs("plan").map_err(|e| e.to_string())?;
+pub fn effective_limits(plan: &PlanSettings, metadata: &serde_json::Value) -> Result<Vec<LimitSpec>, Invalid> {
+    let mut specs = plan.specs("plan")?;
     let overrides = match metadata.get("limits") {
         None | Some(serde_json::Value::Null) => return Ok(specs),
         Some(serde_json::Value::Object(map)) => map,
         Some(other) => {
-            return Err(format!(
-                "metadata.limits: found {other}, expected an object of limit name to allowance"
+            return Err(Invalid::new(
+                "metadata.limits",
+                other,
+                "an object of limit name to allowance",
             ))
         }
     };
     for (name, value) in overrides {
+        let field = format!("metadata.limits.{name}");
         let Some(spec) = specs.iter_mut().find(|s| &s.name == name) else {
-            return Err(format!("metadata.limits.{name}: the plan has no limit of that name"));
+            let known: Vec<&str> = plan.limits.iter().map(|l| l.name.as_str()).collect();
+            return Err(Invalid::new(
+                field,
+                name,
+                format!("the name of a limit of the plan ({})", known.join(", ")),
+            ));
         };
         spec.limit = value
             .as_u64()
-            .ok_or_else(|| format!("metadata.limits.{name}: found {value}, expected a whole number ≥ 0"))?;
+            .ok_or_else(|| Invalid::new(field, value, "a whole number ≥ 0"))?;
     }
     Ok(specs)
 }
@@ -408,72 +272,16 @@ mod tests {
         toml::from_str(toml_text).expect("plan parses")
     }
 
-    /// The four seed plans as the example config ships them (copy of the reply to the lead).
-    const SEED_PLANS: &str = r#"
-[limits]
-backend = "local"
-on_redis_error = "open"
-
-[[plans.free.limits]]
-name = "requests_per_minute"
-meter = "requests"
-window = "1m"
-limit = 100
-
-[[plans.free.limits]]
-name = "compute_units_per_day"
-meter = "compute_units"
-window = "day"
-limit = 10000
-
-[[plans.starter.limits]]
-name = "requests_per_minute"
-meter = "requests"
-window = "1m"
-limit = 500
-
-[[plans.starter.limits]]
-name = "compute_units_per_day"
-meter = "compute_units"
-window = "day"
-limit = 100000
-
-[[plans.professional.limits]]
-name = "requests_per_minute"
-meter = "requests"
-window = "1m"
-limit = 2000
-
-[[plans.professional.limits]]
-name = "compute_units_per_day"
-meter = "compute_units"
-window = "day"
-limit = 1000000
-
-[[plans.enterprise.limits]]
-name = "requests_per_minute"
-meter = "requests"
-window = "1m"
-limit = 10000
-
-[[plans.enterprise.limits]]
-name = "compute_units_per_day"
-meter = "compute_units"
-window = "day"
-limit = 10000000
-"#;
-
     #[test]
-    fn the_seed_plans_parse_and_validate() {
-        #[derive(Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct Seed {
-            limits: LimitsSettings,
-            plans: BTreeMap<String, PlanSettings>,
-        }
-        let seed: Seed = toml::from_str(SEED_PLANS).unwrap();
-        seed.limits.validate("limits").unwrap();
-        let rpm: Vec<(String, u64)> = seed
+    fn the_example_configs_seed_plans_parse_and_validate() {
+        let settings: crate::GatewaySettings = tollgate_runtime::settings::from_str_with_env(
+            include_str!("../../../config/gateway.toml"),
+            "config/gateway.toml",
+            Vec::new(),
+        )
+        .expect("the example config loads");
+        settings.limits.validate("limits").unwrap();
+        let rpm: Vec<(String, u64)> = settings
             .plans
             .iter()
             .map(|(name, plan)| {
@@ -491,51 +299,6 @@ limit = 10000000
                 ("professional".into(), 2_000),
                 ("starter".into(), 500)
             ]
-        );
-    }
-
-    #[test]
-    fn windows_parse_and_reject() {
-        assert_eq!(Window::parse("1s"), Ok(Window::Sliding { secs: 1 }));
-        assert_eq!(Window::parse("60s"), Ok(Window::Sliding { secs: 60 }));
-        assert_eq!(Window::parse("1m"), Ok(Window::Sliding { secs: 60 }));
-        assert_eq!(Window::parse("30d"), Ok(Window::Sliding { secs: 30 * 86_400 }));
-        assert_eq!(Window::parse("day"), Ok(Window::Day));
-        assert_eq!(Window::parse("month"), Ok(Window::Month));
-        for bad in [
-            "",
-            "0s",
-            "31d",
-            "1w",
-            "m",
-            "-1s",
-            "1.5m",
-            "1 m",
-            "99999999999999999999d",
-            "é",
-        ] {
-            assert!(Window::parse(bad).is_err(), "{bad:?} accepted");
-        }
-    }
-
-    #[test]
-    fn calendar_periods_are_utc_days_and_months() {
-        let ms = |y, m, d, h| Utc.with_ymd_and_hms(y, m, d, h, 0, 0).unwrap().timestamp_millis();
-        assert_eq!(
-            calendar_period(Window::Day, ms(2026, 11, 27, 23)),
-            (ms(2026, 11, 27, 0), ms(2026, 11, 28, 0))
-        );
-        assert_eq!(
-            calendar_period(Window::Month, ms(2026, 12, 31, 23)),
-            (ms(2026, 12, 1, 0), ms(2027, 1, 1, 0))
-        );
-        assert_eq!(
-            calendar_period(Window::Month, ms(2028, 2, 29, 5)),
-            (ms(2028, 2, 1, 0), ms(2028, 3, 1, 0))
-        );
-        assert_eq!(
-            calendar_period(Window::Month, ms(2026, 3, 1, 0)),
-            (ms(2026, 3, 1, 0), ms(2026, 4, 1, 0))
         );
     }
 
@@ -624,9 +387,10 @@ limit = 10000000
         assert_eq!(specs[1].limit, 5);
         assert_eq!(effective_limits(&p, &serde_json::Value::Null).unwrap()[0].limit, 10000);
         let err = effective_limits(&p, &serde_json::json!({"limits": {"rpm": 1}})).unwrap_err();
-        assert!(err.contains("metadata.limits.rpm"), "{err}");
+        assert_eq!(err.field, "metadata.limits.rpm");
+        assert!(err.expected.contains("requests_per_minute"), "{err}");
         let err = effective_limits(&p, &serde_json::json!({"limits": {"requests_per_minute": "lots"}})).unwrap_err();
-        assert!(err.contains("whole number"), "{err}");
+        assert!(err.to_string().contains("whole number"), "{err}");
         assert!(effective_limits(&p, &serde_json::json!({"limits": 3})).is_err());
     }
 }

@@ -1,0 +1,257 @@
+//! The whole chain in-process: an in-memory directory, usage sink and upstream, the local
+//! limiter. No sockets, Kafka or Redis.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::header::HeaderMap;
+use hyper::{Request, Response, StatusCode};
+use tollgate_schemas::{ApiKeyRecord, ConsumerRecord, UsageEvent};
+
+use super::{Body, Proxy, Upstream, UpstreamFuture};
+use crate::directory::Directory;
+use crate::events::{RecordedEvents, UsageSink};
+use crate::metrics::GatewayMetrics;
+use crate::settings::GatewaySettings;
+
+pub(crate) const EXAMPLE: &str = include_str!("../../../config/gateway.toml");
+
+/// What the upstream saw of one request.
+#[derive(Debug, Clone)]
+#[allow(dead_code)] // every field is read by some test
+pub(crate) struct Seen {
+    pub method: String,
+    /// Path and query as sent on the wire.
+    pub target: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// An upstream that records every request and answers 200 with the configured headers.
+#[derive(Default)]
+pub(crate) struct RecordingUpstream {
+    pub seen: Mutex<Vec<Seen>>,
+    pub reply_headers: Mutex<Vec<(&'static str, String)>>,
+    pub reply_status: Mutex<Option<StatusCode>>,
+    /// Fail every request as an unreachable upstream would.
+    pub unreachable: std::sync::atomic::AtomicBool,
+}
+
+impl Upstream for RecordingUpstream {
+    fn send(&self, req: Request<Bytes>) -> UpstreamFuture {
+        if self.unreachable.load(std::sync::atomic::Ordering::Relaxed) {
+            return Box::pin(async { Err("connection refused".into()) });
+        }
+        let (parts, body) = req.into_parts();
+        self.seen.lock().unwrap().push(Seen {
+            method: parts.method.to_string(),
+            target: parts
+                .uri
+                .path_and_query()
+                .map_or("/".to_owned(), |pq| pq.as_str().to_owned()),
+            headers: parts.headers,
+            body,
+        });
+        let mut response = Response::builder().status(self.reply_status.lock().unwrap().unwrap_or(StatusCode::OK));
+        for (name, value) in self.reply_headers.lock().unwrap().iter() {
+            response = response.header(*name, value);
+        }
+        let response = response
+            .body(
+                Full::new(Bytes::from_static(b"upstream says hi"))
+                    .map_err(|never| match never {})
+                    .boxed(),
+            )
+            .unwrap();
+        Box::pin(async move { Ok(response) })
+    }
+}
+
+/// A chain over the example settings (with `edit` applied to their text), one consumer
+/// `acme` of tenant `t_acme` on plan `free` with one key, and a recording upstream.
+pub(crate) struct Harness {
+    pub proxy: Arc<Proxy>,
+    pub upstream: Arc<RecordingUpstream>,
+    pub events: RecordedEvents,
+    pub directory: Arc<RwLock<Directory>>,
+    pub key: String,
+}
+
+pub(crate) const PEER: &str = "203.0.113.7:40000";
+
+impl Harness {
+    pub fn new() -> Self {
+        Self::with(|text| text.to_owned())
+    }
+
+    pub fn with(edit: impl FnOnce(&str) -> String) -> Self {
+        let settings: GatewaySettings =
+            tollgate_runtime::settings::from_str_with_env(&edit(EXAMPLE), "gateway.toml", Vec::new())
+                .expect("test settings load");
+        let settings = Arc::new(settings);
+        let directory: Arc<RwLock<Directory>> = Arc::default();
+        let (usage, events) = UsageSink::in_memory(
+            settings.events.clone(),
+            Arc::new(crate::events::metrics::EventMetrics::new(&metrics::NoopRecorder)),
+        );
+        let upstream = Arc::new(RecordingUpstream::default());
+        let proxy = Proxy::new(
+            Arc::clone(&settings),
+            Arc::clone(&directory),
+            None,
+            usage,
+            Arc::new(crate::limits::LocalLimiter::new()),
+            Arc::new(GatewayMetrics::noop()),
+        )
+        .with_upstream(upstream.clone());
+        let mut harness = Self {
+            proxy: Arc::new(proxy),
+            upstream,
+            events,
+            directory,
+            key: String::new(),
+        };
+        harness.key = harness.consumer("acme", "t_acme", Some("free"), "{}");
+        harness
+    }
+
+    /// Adds a consumer with one key; returns the key's plaintext.
+    pub fn consumer(&self, name: &str, tenant: &str, plan: Option<&str>, metadata_json: &str) -> String {
+        let id = format!("c_{name}");
+        let record = ConsumerRecord {
+            id: id.clone(),
+            name: name.into(),
+            tenant_id: Some(tenant.into()),
+            plan: plan.map(str::to_owned),
+            stripe_customer_id: None,
+            metadata_json: metadata_json.into(),
+            created_at_ms: 1,
+            updated_at_ms: 1,
+            version: 1,
+            updated_by: "test".into(),
+        };
+        let key = crate::apikey::generate("live");
+        let key_record = ApiKeyRecord {
+            id: format!("k_{name}"),
+            consumer_id: id.clone(),
+            consumer_name: name.into(),
+            prefix: key.prefix.clone(),
+            secret_sha256: key.digest,
+            description: String::new(),
+            labels: BTreeMap::new(),
+            created_at_ms: 1,
+            expires_at_ms: None,
+            revoked_at_ms: None,
+            rolled_from: None,
+            version: 1,
+            updated_by: "test".into(),
+        };
+        let mut directory = self.directory.write().unwrap();
+        directory.apply_consumer(&id, Some(&record));
+        directory.apply_key(&key_record.id, Some(&key_record));
+        key.plaintext
+    }
+
+    /// Sends a request with acme's key plus `headers`; returns the status, headers and body.
+    pub async fn send(&self, method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
+        let auth = format!("Bearer {}", self.key);
+        let mut all = vec![("authorization", auth.as_str())];
+        all.extend_from_slice(headers);
+        self.send_raw(method, target, &all, Full::new(Bytes::copy_from_slice(body)))
+            .await
+    }
+
+    /// Sends a request exactly as given (no key added), with any body.
+    pub async fn send_raw<B>(&self, method: &str, target: &str, headers: &[(&str, &str)], body: B) -> Reply
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        let mut req = Request::builder().method(method).uri(target);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let req = req.body(body).expect("a valid test request");
+        let response = Arc::clone(&self.proxy)
+            .handle(req, PEER.parse::<SocketAddr>().unwrap())
+            .await;
+        Reply::read(response).await
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.upstream.seen.lock().unwrap().clone()
+    }
+
+    pub fn last_event(&self) -> UsageEvent {
+        self.events.all().pop().expect("a usage event was recorded")
+    }
+}
+
+pub(crate) struct Reply {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    async fn read(response: Response<Body>) -> Self {
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+        Self {
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            body,
+        }
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("a JSON body")
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+#[tokio::test]
+async fn an_allowed_request_reaches_the_upstream_with_the_gateways_identity_and_one_event() {
+    let h = Harness::new();
+    let reply = h
+        .send("GET", "/v1/orders?x=1", &[("x-tollgate-tenant", "t_evil")], b"")
+        .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(&reply.body[..], b"upstream says hi");
+    assert!(reply.header("x-request-id").is_some());
+    assert!(reply.header("ratelimit-policy").is_some());
+    let seen = h.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].target, "/v1/orders?x=1");
+    assert_eq!(seen[0].headers["x-tollgate-tenant"], "t_acme");
+    assert!(
+        seen[0].headers.get("authorization").is_none(),
+        "the key is never forwarded"
+    );
+    let event = h.last_event();
+    assert_eq!(event.tenant_id.as_deref(), Some("t_acme"));
+    assert_eq!(event.route, "v1");
+    assert!(event.billable);
+    assert_eq!(event.response_bytes, 16);
+}
+
+#[tokio::test]
+async fn refusals_are_problems_with_a_request_id_and_a_non_billable_event() {
+    let h = Harness::new();
+    let unauthenticated = h.send_raw("GET", "/v1/orders", &[], Full::new(Bytes::new())).await;
+    assert_eq!(unauthenticated.status, 401);
+    assert_eq!(unauthenticated.header("content-type"), Some("application/problem+json"));
+    assert!(unauthenticated.header("x-request-id").is_some());
+    let other_tenant = h.send("GET", "/v1/tenants/t_other/orders", &[], b"").await;
+    assert_eq!(other_tenant.status, 403);
+    assert!(h.seen().is_empty(), "nothing refused reaches the upstream");
+    let events = h.events.all();
+    assert_eq!(events.len(), 2);
+    assert!(events.iter().all(|e| !e.billable));
+}

@@ -1,0 +1,160 @@
+//! The shipper loop: reads the spool in order and ships each batch to the usage topic as one
+//! Kafka transaction that also commits the spool position after it
+//! ([`super::transactions`]); then saves that position in the spool's own file too.
+//!
+//! In: spooled records and the writer's notifications. Out: Kafka messages keyed by tenant;
+//! the spool position, in Kafka and on disk.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::producer::FutureProducer;
+use tokio::sync::Notify;
+
+use super::metrics::EventMetrics;
+use super::record::split_record;
+use super::spool::{self, SpoolReader};
+use super::transactions;
+
+/// How the pipeline tells the shipper to finish: `closing` ships what is spooled and ends;
+/// `stop` ends at once (what is left stays in the spool).
+#[derive(Default)]
+pub(crate) struct ShipperControl {
+    pub(crate) written: Notify,
+    pub(crate) closing: AtomicBool,
+    pub(crate) stop: Notify,
+}
+
+/// What the shipper ships with: the transactional producer, the consumer its spool position
+/// is committed through, the usage topic and this spool's epoch.
+pub(crate) struct Shipping {
+    pub(crate) producer: FutureProducer,
+    pub(crate) positions: rdkafka::consumer::BaseConsumer,
+    pub(crate) topic: String,
+    pub(crate) epoch: String,
+}
+
+/// Starts shipping: catches the spool up with the position Kafka committed (a crash after a
+/// commit but before the position file), registers the transactional id (aborting what a
+/// crashed instance left open), then ships batch after batch. Retries until Kafka answers;
+/// stops on shutdown, or for good if another producer took over this gateway's id.
+pub(crate) async fn ship_loop(
+    mut reader: SpoolReader,
+    shipping: Shipping,
+    metrics: Arc<EventMetrics>,
+    control: Arc<ShipperControl>,
+    mut from_earlier_run: u64,
+) {
+    let Shipping {
+        producer,
+        positions,
+        topic,
+        epoch,
+    } = shipping;
+    let positions = Arc::new(positions);
+    let retry = Duration::from_millis(500);
+    loop {
+        match transactions::committed_position(Arc::clone(&positions), &topic, &epoch).await {
+            Ok(committed) => {
+                if let Some(target) = committed.filter(|c| *c > reader.position()) {
+                    match reader.skip_to(target) {
+                        Ok(passed) => {
+                            tracing::info!(
+                                events = passed,
+                                "spool: events Kafka already had from the last run skipped"
+                            );
+                            let passed = passed.min(from_earlier_run);
+                            from_earlier_run -= passed;
+                            metrics.replay_pending.decrement(passed as f64);
+                        }
+                        Err(err) => tracing::error!(error = %err, "spool: cannot move to the position Kafka committed"),
+                    }
+                }
+                break;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "usage topic: cannot read the committed spool position yet; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(retry) => {}
+                    _ = control.stop.notified() => return,
+                }
+            }
+        }
+    }
+    let shipper = loop {
+        match transactions::TransactionalShipper::init(producer.clone(), &positions, &topic, &epoch).await {
+            Ok(shipper) => break shipper,
+            Err(transactions::ShipError::Fatal(reason)) => {
+                tracing::error!(%reason, "usage topic: shipping stopped; events stay in the spool");
+                return;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "usage topic: transactions not ready yet; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(retry) => {}
+                    _ = control.stop.notified() => return,
+                }
+            }
+        }
+    };
+    loop {
+        let batch = match reader.read_batch(2000) {
+            Ok(batch) => batch,
+            Err(err) => {
+                tracing::error!(error = %err, "spool read failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if batch.skipped > 0 {
+            metrics.corrupt.increment(batch.skipped);
+            tracing::warn!(records = batch.skipped, "spool: damaged records skipped");
+        }
+        if batch.records.is_empty() {
+            if control.closing.load(Ordering::Acquire) {
+                return;
+            }
+            tokio::select! {
+                _ = control.written.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = control.stop.notified() => return,
+            }
+            continue;
+        }
+        let bytes: u64 = batch.records.iter().map(|r| spool::record_bytes(r.len())).sum();
+        let records: Vec<(&[u8], &[u8])> = batch.records.iter().filter_map(|r| split_record(r)).collect();
+        let started = Instant::now();
+        let shipped = tokio::select! {
+            result = shipper.ship(&records, batch.next) => result,
+            _ = control.stop.notified() => return,
+        };
+        match shipped {
+            Ok(()) => {
+                let count = batch.records.len() as u64;
+                metrics.produced.increment(count);
+                let replayed = count.min(from_earlier_run);
+                from_earlier_run -= replayed;
+                metrics.replayed.increment(replayed);
+                metrics.replay_pending.decrement(replayed as f64);
+                metrics.delivery_seconds.record(started.elapsed().as_secs_f64());
+                // Kafka holds the position too: a failure here only means the next start
+                // reads it from there.
+                if let Err(err) = reader.commit(batch.next, bytes) {
+                    tracing::error!(error = %err, "spool: cannot save the shipped position");
+                }
+            }
+            Err(transactions::ShipError::Fatal(reason)) => {
+                tracing::error!(%reason, "usage topic: shipping stopped; events stay in the spool");
+                return;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "usage topic: batch not shipped; retrying it");
+                tokio::select! {
+                    _ = tokio::time::sleep(retry) => {}
+                    _ = control.stop.notified() => return,
+                }
+            }
+        }
+    }
+}
