@@ -134,8 +134,10 @@ async fn exported() -> BTreeMap<&'static str, String> {
     let mut out = BTreeMap::new();
 
     let (ops, recorder) = Ops::new();
-    let _events = tollgate_gateway::events::metrics::EventMetrics::new(&recorder);
-    let _limits = tollgate_gateway::limits::LimitsMetrics::new(&recorder);
+    let recorder = std::sync::Arc::new(recorder);
+    let _events = tollgate_gateway::events::metrics::EventMetrics::new(&*recorder);
+    let _limits = tollgate_gateway::limits::LimitsMetrics::new(&*recorder);
+    let _requests = tollgate_gateway::metrics::GatewayMetrics::new(recorder.clone());
     // The gateway installs the recorder's handle on its admin listener the same way.
     out.insert("gateway", render_with(&ops, recorder).await);
 
