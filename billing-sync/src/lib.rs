@@ -19,7 +19,9 @@ pub mod consumers;
 pub mod customers;
 pub mod products;
 pub mod provision;
-// Usage into meter events: windows, usage, pushes, the ledger, and checking it all.
+// Usage into meter events: windows, usage, pushes, the ledger, and checking it all
+// (ledger against ClickHouse, invoices against Stripe).
+pub mod invoice;
 pub mod ledger;
 pub mod push;
 pub mod reconcile;
@@ -76,6 +78,8 @@ pub enum BillingError {
     Products(#[from] products::ProductsError),
     #[error(transparent)]
     Provision(#[from] provision::ProvisionError),
+    #[error(transparent)]
+    Invoice(#[from] invoice::InvoiceError),
 }
 
 /// Reads `[catalogue].path` and checks that every priced meter is one billing-sync pushes.
@@ -221,6 +225,34 @@ pub async fn setup(settings: &BillingSettings, api_key: &str) -> Result<Vec<prod
         lines.extend(products::setup_catalogue(&caller, &catalogue, &settings.meters, &meter_ids).await?);
     }
     Ok(lines)
+}
+
+/// The invoice check of `reconcile` (see [`invoice`]): for the current month only (Stripe
+/// previews the upcoming invoice), and only with a catalogue; `None` otherwise.
+pub async fn reconcile_invoices(
+    settings: &BillingSettings,
+    api_key: &str,
+    period: &str,
+) -> Result<Option<invoice::InvoiceReport>, BillingError> {
+    let period: reconcile::Period = period.parse()?;
+    let now = sync::unix_now();
+    let Some(catalogue) = load_catalogue(settings)? else {
+        return Ok(None);
+    };
+    if !(period.start..period.end).contains(&now) {
+        return Ok(None);
+    }
+    let client = settings.clickhouse.connect().await?;
+    ledger::migrate(&client).await?;
+    let schedule = schedule::load(&client, settings.billing.window_secs).await?;
+    let to = schedule.closed_until(now, settings.billing.lateness_secs);
+    let api = stripe::client(&settings.stripe, api_key)?;
+    let limiter = std::sync::Arc::new(retry::RateLimiter::new(settings.stripe.max_requests_per_second));
+    let caller = Caller::new(api, &settings.stripe, limiter, Shutdown::default());
+    let meters: Vec<String> = settings.meters.iter().map(|m| m.meter.clone()).collect();
+    Ok(Some(
+        invoice::compare(&client, &caller, &catalogue, &meters, period.start as u32, to).await?,
+    ))
 }
 
 /// `billing-sync reconcile --period YYYY-MM`.

@@ -26,7 +26,9 @@ enum Command {
     /// plan with its prices (idempotent); prints `object name created|found|changed id`.
     Setup,
     /// Per tenant and meter: billable units in ClickHouse, units pushed to Stripe and the
-    /// difference, over the closed windows of one month; exits 1 if any differs.
+    /// difference, over the closed windows of one month; for the current month with a
+    /// catalogue, also each tenant's amount against Stripe's upcoming invoice; exits 1 if
+    /// anything differs.
     Reconcile {
         /// The month, UTC, like 2026-11.
         #[arg(long)]
@@ -79,11 +81,17 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 .await
                 .context("reconcile")?;
             println!("{report}");
-            Ok(if report.differs() {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            })
+            let mut differs = report.differs();
+            if !api_key.is_empty() {
+                let invoices = tollgate_billing_sync::reconcile_invoices(&settings, &api_key, &period)
+                    .await
+                    .context("reconcile invoices")?;
+                if let Some(invoices) = invoices {
+                    println!("{invoices}");
+                    differs |= invoices.differs();
+                }
+            }
+            Ok(if differs { ExitCode::FAILURE } else { ExitCode::SUCCESS })
         }
     }
 }

@@ -584,6 +584,8 @@ impl Provisioner {
         for (i, price) in rec.price_ids.iter().enumerate() {
             form.push(format!("items[{i}][price]"), price.clone());
         }
+        // Periods are calendar months, as Tollgate's invoice preview and reconcile count them.
+        form.push("billing_cycle_anchor_config[day_of_month]", "1");
         form.push("collection_method", self.settings.collection_method.as_str());
         if self.settings.collection_method == CollectionMethod::SendInvoice {
             form.push("days_until_due", self.settings.days_until_due.to_string());

@@ -129,6 +129,12 @@ impl Proxy {
         self.state.stripe_state.as_ref()?.lock().unwrap().price(lookup_key)
     }
 
+    /// Makes Stripe's price at `lookup_key` charge `decimal` per unit (a stateful proxy only).
+    pub fn set_unit_price(&self, lookup_key: &str, decimal: &str) {
+        let state = self.state.stripe_state.as_ref().expect("a stateful proxy");
+        state.lock().unwrap().set_unit_price(lookup_key, decimal);
+    }
+
     /// Requests to `method path` so far.
     pub fn calls(&self, method: &str, path: &str) -> Vec<Other> {
         self.others()

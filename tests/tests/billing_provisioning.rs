@@ -398,3 +398,89 @@ async fn sigkill_between_customer_creation_and_write_back_makes_no_second_custom
 async fn sigkill_between_subscription_creation_and_its_record_makes_no_second_subscription() {
     killed_while_waiting_for("POST", "/v1/subscriptions", "billing_kill_subscription").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_finds_no_invoice_difference_until_a_price_in_stripe_changes() {
+    let stack = stack("billing_invoice").await;
+    let service = Shutdown::default();
+    let task = tokio::spawn(tollgate_billing_sync::run(
+        stack.settings(),
+        KEY.to_owned(),
+        service.clone(),
+    ));
+    let tenant = unique("tenant");
+    stack.create_consumer("umbrella", &tenant, "starter").await;
+    let customer = stack.customer_of("umbrella").await;
+    stack.status_of(&tenant, "active").await;
+    eventually("the customer id in ClickHouse", Duration::from_secs(60), || async {
+        let ids: Vec<String> = stack
+            .db
+            .client
+            .query("SELECT stripe_customer_id FROM consumers FINAL WHERE tenant_id = ? AND deleted = 0")
+            .bind(&tenant)
+            .fetch_all()
+            .await
+            .expect("consumers");
+        (ids == [customer.clone()]).then_some(())
+    })
+    .await;
+    // 40 requests (10 included, 30 at 0.01) and compute units at 0.25, in a closed window.
+    let windows = closed_windows(&[2]);
+    let mut expected = Expected::new();
+    insert_usage(&stack.db, std::slice::from_ref(&tenant), &windows, 40, &mut expected).await;
+    eventually("usage pushed", Duration::from_secs(60), || async {
+        (stack.proxy.seen().len() == 2).then_some(())
+    })
+    .await;
+    let settings = stack.settings();
+    let period = chrono_month(unix_now_secs());
+    let report = tollgate_billing_sync::reconcile_invoices(&settings, KEY, &period)
+        .await
+        .expect("reconcile")
+        .expect("the current month, with a catalogue");
+    assert_eq!(report.lines.len(), 1, "{report}");
+    let line = &report.lines[0];
+    assert_eq!(
+        (line.tenant_id.as_str(), line.plan.as_str()),
+        (tenant.as_str(), "starter")
+    );
+    assert_eq!(line.difference(), 0, "{report}");
+    assert!(!report.differs());
+    let in_month = |(_, _, start): &&(String, String, u32)| chrono_month(i64::from(*start)) == period;
+    let units = |meter: &str| -> i64 {
+        expected
+            .iter()
+            .filter(|(k, _)| k.1 == meter && in_month(k))
+            .map(|(_, v)| *v)
+            .sum()
+    };
+    // Fee + (requests - 10 included) × 0.01 + compute units × 0.25, each line rounded.
+    let requests = ((units("requests") - 10).max(0) as f64 * 0.01).round() as i64;
+    let compute = (units("compute_units") as f64 * 0.25).round() as i64;
+    assert_eq!(line.tollgate, 2900 + requests + compute, "{report}");
+
+    // A price changed in Stripe behind Tollgate's back is reported.
+    stack.proxy.set_unit_price("tollgate:starter:fee", "0");
+    stack
+        .proxy
+        .set_unit_price("tollgate:starter:meter:compute_units", "0.5");
+    let changed = tollgate_billing_sync::reconcile_invoices(&settings, KEY, &period)
+        .await
+        .expect("reconcile")
+        .expect("a report");
+    assert!(changed.differs(), "{changed}");
+    assert_ne!(changed.lines[0].stripe, line.stripe, "{changed}");
+    assert!(
+        changed
+            .to_string()
+            .contains(&format!("{tenant}\tstarter\tusd\t{}\t", line.tollgate)),
+        "{changed}"
+    );
+    service.trigger();
+    let _ = tokio::time::timeout(Duration::from_secs(20), task).await;
+    stack.remove().await;
+}
+
+fn unix_now_secs() -> i64 {
+    tollgate_billing_sync::sync::unix_now()
+}

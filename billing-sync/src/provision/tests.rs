@@ -26,7 +26,7 @@ fn consumer(id: &str, plan: Option<&str>, customer: Option<&str>, updated: i64) 
 
 fn tenant(consumers: Vec<ConsumerRecord>) -> Tenant {
     let mut consumers = consumers;
-    consumers.sort_by(|a, b| b.updated_at_ms.cmp(&a.updated_at_ms));
+    consumers.sort_by_key(|c| std::cmp::Reverse(c.updated_at_ms));
     Tenant {
         tenant_id: "t1".to_owned(),
         plan: consumers[0].plan.clone(),
