@@ -102,7 +102,7 @@ impl CollectionMethod {
 }
 
 fn default_keys_topic() -> String {
-    "tollgate.keys".to_owned()
+    tollgate_runtime::topics::KEYS.to_owned()
 }
 fn default_stripe_customer_field() -> String {
     "stripeCustomerId".to_owned()
@@ -290,9 +290,7 @@ impl Validate for BillingSettings {
                 ));
             }
             p.kafka.validate("provisioning.kafka")?;
-            if p.keys_topic.is_empty() {
-                return Err(Invalid::new("provisioning.keys_topic", "", "a topic name"));
-            }
+            tollgate_runtime::topics::validate("provisioning.keys_topic", &p.keys_topic)?;
             if p.stripe_customer_field.is_empty() {
                 return Err(Invalid::new(
                     "provisioning.stripe_customer_field",
