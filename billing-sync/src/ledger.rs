@@ -16,10 +16,11 @@ pub const TABLE: &str = "billing_ledger";
 const MIGRATIONS_TABLE: &str = "billing_migrations";
 
 /// Versioned, idempotent migrations, applied in order; a version is never edited once released.
-const MIGRATIONS: &[(u32, &str, &str)] = &[(
-    1,
-    "billing_ledger",
-    "CREATE TABLE IF NOT EXISTS billing_ledger (
+const MIGRATIONS: &[(u32, &str, &str)] = &[
+    (
+        1,
+        "billing_ledger",
+        "CREATE TABLE IF NOT EXISTS billing_ledger (
         tenant_id String,
         stripe_customer_id String,
         meter String,
@@ -40,7 +41,10 @@ const MIGRATIONS: &[(u32, &str, &str)] = &[(
     ) ENGINE = ReplacingMergeTree(row_version)
     PARTITION BY toYYYYMM(window_start)
     ORDER BY (tenant_id, meter, window_start, window_end, revision)",
-)];
+    ),
+    (2, "billing_customers", crate::customers::CREATE_TABLE),
+    (3, "billing_window_lengths", crate::schedule::CREATE_TABLE),
+];
 
 /// A revision's state.
 pub mod status {

@@ -1,17 +1,31 @@
-//! billing-sync: billable usage from ClickHouse to Stripe meter events, billed exactly once.
+//! billing-sync: billable usage from ClickHouse to Stripe meter events, billed exactly once,
+//! and each tenant a Stripe customer subscribed to its plan's prices.
 //!
 //! In: `usage_events` and `consumers` in ClickHouse (written by the meter consumer), the
-//! Stripe secret key. Out: Stripe billing meter events, `billing_ledger` rows in ClickHouse,
-//! health and metrics on the ops listener. [`run`] is the service loop; [`setup`] and
-//! [`reconcile`] are the `setup` and `reconcile` subcommands.
+//! consumers on the keys topic, the plan catalogue, the Stripe secret key. Out: Stripe
+//! customers, subscriptions and billing meter events, the customer id written back to the
+//! consumers, `billing_ledger` and `billing_customers` rows in ClickHouse, health and metrics
+//! on the ops listener. [`run`] is the service loop; [`setup`] and [`reconcile`] are the
+//! `setup` and `reconcile` subcommands.
 #![forbid(unsafe_code)]
 
-pub mod ledger;
-pub mod push;
-pub mod reconcile;
+// Settings and the Stripe transport.
+pub mod calls;
 pub mod retry;
 pub mod settings;
 pub mod stripe;
+// The catalogue in Stripe, and customers and subscriptions kept in step with the consumers.
+pub mod consumers;
+pub mod customers;
+pub mod products;
+pub mod provision;
+// Usage into meter events: windows, usage, pushes, the ledger, and checking it all
+// (ledger against ClickHouse, invoices against Stripe).
+pub mod invoice;
+pub mod ledger;
+pub mod push;
+pub mod reconcile;
+pub mod schedule;
 pub mod sync;
 pub mod usage;
 pub mod window;
@@ -19,11 +33,15 @@ pub mod window;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tollgate_runtime::catalogue::Catalogue;
 use tollgate_runtime::ops::Ops;
 use tollgate_runtime::shutdown::Shutdown;
 
 pub use settings::BillingSettings;
 
+use crate::calls::Caller;
+use crate::products::SetupAction;
+use crate::provision::{ProvisionMetrics, Provisioner};
 use crate::push::{PushMetrics, Pusher};
 use crate::sync::Biller;
 
@@ -42,11 +60,57 @@ pub enum BillingError {
     Setup(#[from] stripe::StripeCallError),
     #[error(transparent)]
     Reconcile(#[from] reconcile::ReconcileError),
+    #[error(transparent)]
+    Catalogue(#[from] tollgate_runtime::catalogue::CatalogueError),
+    #[error(
+        "catalogue plans.{plan}.meters.{meter}: billing-sync does not push meter {meter:?} (its [[meters]]: {pushed})"
+    )]
+    UnpushedMeter {
+        plan: String,
+        meter: String,
+        pushed: String,
+    },
+    #[error(transparent)]
+    Schedule(#[from] schedule::ScheduleError),
+    #[error(transparent)]
+    Consumers(#[from] consumers::ConsumersError),
+    #[error(transparent)]
+    Products(#[from] products::ProductsError),
+    #[error(transparent)]
+    Provision(#[from] provision::ProvisionError),
+    #[error(transparent)]
+    Invoice(#[from] invoice::InvoiceError),
+}
+
+/// Reads `[catalogue].path` and checks that every priced meter is one billing-sync pushes.
+pub fn load_catalogue(settings: &BillingSettings) -> Result<Option<Catalogue>, BillingError> {
+    let Some(c) = &settings.catalogue else {
+        return Ok(None);
+    };
+    let catalogue = Catalogue::load(&c.path)?;
+    for (plan, prices) in &catalogue.plans {
+        for meter in prices.meters.keys() {
+            if !settings.meters.iter().any(|m| &m.meter == meter) {
+                return Err(BillingError::UnpushedMeter {
+                    plan: plan.clone(),
+                    meter: meter.clone(),
+                    pushed: settings
+                        .meters
+                        .iter()
+                        .map(|m| m.meter.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                });
+            }
+        }
+    }
+    Ok(Some(catalogue))
 }
 
 /// Checks every dependency, then closes billing windows as they become due until `shutdown`
 /// fires. A failed pass (ClickHouse down, say) is logged and retried at the next interval.
 pub async fn run(settings: BillingSettings, api_key: String, shutdown: Shutdown) -> Result<(), BillingError> {
+    let catalogue = load_catalogue(&settings)?;
     let listener = TcpListener::bind(&settings.admin.listen)
         .await
         .map_err(|error| BillingError::Bind {
@@ -60,14 +124,46 @@ pub async fn run(settings: BillingSettings, api_key: String, shutdown: Shutdown)
     let (ops, recorder) = Ops::new();
     let push_metrics = PushMetrics::register(&recorder);
     let service_metrics = ServiceMetrics::register(&recorder);
-    let pusher = Pusher::new(api, &settings.stripe, push_metrics, shutdown.clone());
+    let schedule = schedule::establish(
+        &client,
+        settings.billing.window_secs,
+        settings.billing.lateness_secs,
+        sync::unix_now(),
+    )
+    .await?;
+    let attempts = push_metrics.attempts.clone();
+    let pusher = Pusher::new(api.clone(), &settings.stripe, push_metrics, shutdown.clone());
     let interval = Duration::from_secs(settings.billing.poll_interval_secs);
-    let biller = Biller::new(client.clone(), settings.clone(), pusher);
+    let provisioner = match (&settings.provisioning, catalogue) {
+        (Some(provisioning), Some(catalogue)) => Some(Provisioner {
+            client: client.clone(),
+            caller: Caller::new(api, &settings.stripe, pusher.rate_limiter(), shutdown.clone()).counting(attempts),
+            consumers: consumers::Consumers::start(provisioning, shutdown.clone()).await?,
+            settings: provisioning.clone(),
+            catalogue,
+            meters: settings.meters.clone(),
+            metrics: ProvisionMetrics::register(&recorder),
+        }),
+        _ => None,
+    };
+    let biller = Biller::new(client.clone(), settings.clone(), pusher).with_schedule(schedule);
     let mut reconciled_at: Option<std::time::Instant> = None;
     ops.set_ready();
     tracing::info!(admin = %settings.admin.listen, "billing-sync ready");
     let ops_task = tokio::spawn(tollgate_runtime::ops::serve(listener, ops.clone(), shutdown.clone()));
     while !shutdown.is_triggered() {
+        if let Some(provisioner) = &provisioner {
+            match provisioner.pass(sync::unix_now() as u32).await {
+                Ok(report) if report.steps > 0 => tracing::info!(
+                    steps = report.steps,
+                    failed = report.failed,
+                    unresolved = report.unresolved,
+                    "provisioning pass done"
+                ),
+                Ok(_) => {}
+                Err(err) => tracing::error!(error = %err, "provisioning pass failed; retrying next interval"),
+            }
+        }
         match biller.pass(sync::unix_now()).await {
             Ok(report) => {
                 service_metrics.passes_ok.increment(1);
@@ -157,10 +253,60 @@ async fn reconcile_gauges(client: &clickhouse::Client, settings: &BillingSetting
     }
 }
 
-/// `billing-sync setup`: makes sure a Stripe meter exists for every configured meter.
-pub async fn setup(settings: &BillingSettings, api_key: &str) -> Result<Vec<stripe::MeterSetup>, BillingError> {
+/// `billing-sync setup`: a Stripe meter for every configured meter and, with a catalogue,
+/// a product per plan and its prices. Idempotent: a second run creates nothing.
+pub async fn setup(settings: &BillingSettings, api_key: &str) -> Result<Vec<products::SetupLine>, BillingError> {
+    let catalogue = load_catalogue(settings)?;
     let api = stripe::client(&settings.stripe, api_key)?;
-    Ok(stripe::setup_meters(&api, &settings.meters).await?)
+    let mut lines = Vec::new();
+    let mut meter_ids = std::collections::HashMap::new();
+    for meter in stripe::setup_meters(&api, &settings.meters).await? {
+        let (action, event_name, id) = match meter {
+            stripe::MeterSetup::Existing { event_name, id } => (SetupAction::Found, event_name, id),
+            stripe::MeterSetup::Created { event_name, id } => (SetupAction::Created, event_name, id),
+        };
+        meter_ids.insert(event_name.clone(), id.clone());
+        lines.push(products::SetupLine {
+            object: "meter",
+            name: event_name,
+            action,
+            id,
+        });
+    }
+    if let Some(catalogue) = catalogue {
+        let limiter = std::sync::Arc::new(retry::RateLimiter::new(settings.stripe.max_requests_per_second));
+        let caller = Caller::new(api, &settings.stripe, limiter, Shutdown::default());
+        lines.extend(products::setup_catalogue(&caller, &catalogue, &settings.meters, &meter_ids).await?);
+    }
+    Ok(lines)
+}
+
+/// The invoice check of `reconcile` (see [`invoice`]): for the current month only (Stripe
+/// previews the upcoming invoice), and only with a catalogue; `None` otherwise.
+pub async fn reconcile_invoices(
+    settings: &BillingSettings,
+    api_key: &str,
+    period: &str,
+) -> Result<Option<invoice::InvoiceReport>, BillingError> {
+    let period: reconcile::Period = period.parse()?;
+    let now = sync::unix_now();
+    let Some(catalogue) = load_catalogue(settings)? else {
+        return Ok(None);
+    };
+    if !(period.start..period.end).contains(&now) {
+        return Ok(None);
+    }
+    let client = settings.clickhouse.connect().await?;
+    ledger::migrate(&client).await?;
+    let schedule = schedule::load(&client, settings.billing.window_secs).await?;
+    let to = schedule.closed_until(now, settings.billing.lateness_secs);
+    let api = stripe::client(&settings.stripe, api_key)?;
+    let limiter = std::sync::Arc::new(retry::RateLimiter::new(settings.stripe.max_requests_per_second));
+    let caller = Caller::new(api, &settings.stripe, limiter, Shutdown::default());
+    let meters: Vec<String> = settings.meters.iter().map(|m| m.meter.clone()).collect();
+    Ok(Some(
+        invoice::compare(&client, &caller, &catalogue, &meters, period.start as u32, to).await?,
+    ))
 }
 
 /// `billing-sync reconcile --period YYYY-MM`.

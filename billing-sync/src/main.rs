@@ -7,7 +7,6 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tollgate_billing_sync::settings::STRIPE_KEY_ENV;
-use tollgate_billing_sync::stripe::MeterSetup;
 use tollgate_billing_sync::BillingSettings;
 use tollgate_runtime::shutdown::Shutdown;
 
@@ -23,10 +22,13 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Make sure a Stripe meter exists for each configured meter (idempotent).
+    /// Make sure Stripe has a meter per configured meter and, with a catalogue, a product per
+    /// plan with its prices (idempotent); prints `object name created|found|changed id`.
     Setup,
     /// Per tenant and meter: billable units in ClickHouse, units pushed to Stripe and the
-    /// difference, over the closed windows of one month; exits 1 if any differs.
+    /// difference, over the closed windows of one month; for the current month with a
+    /// catalogue, also each tenant's amount against Stripe's upcoming invoice; exits 1 if
+    /// anything differs.
     Reconcile {
         /// The month, UTC, like 2026-11.
         #[arg(long)]
@@ -52,7 +54,14 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     // After the settings: `[log]` says how to log (stderr; the subcommands' results go to
     // stdout). A refusal to load them is one plain line.
     tollgate_runtime::logging::init(&loaded.log);
-    let settings = loaded.settings;
+    let mut settings = loaded.settings;
+    // The catalogue path is relative to the settings file, wherever the process runs.
+    if let Some(catalogue) = settings.catalogue.as_mut() {
+        if catalogue.path.is_relative() {
+            let dir = config.parent().unwrap_or_else(|| std::path::Path::new("."));
+            catalogue.path = dir.join(&catalogue.path);
+        }
+    }
     let api_key = std::env::var(STRIPE_KEY_ENV).unwrap_or_default();
     match args.command {
         None => {
@@ -62,14 +71,11 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Some(Command::Setup) => {
-            for meter in tollgate_billing_sync::setup(&settings, &api_key)
+            for line in tollgate_billing_sync::setup(&settings, &api_key)
                 .await
                 .context("setup")?
             {
-                match meter {
-                    MeterSetup::Existing { event_name, id } => println!("{event_name}\texists\t{id}"),
-                    MeterSetup::Created { event_name, id } => println!("{event_name}\tcreated\t{id}"),
-                }
+                println!("{}\t{}\t{}\t{}", line.object, line.name, line.action.as_str(), line.id);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -78,11 +84,17 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 .await
                 .context("reconcile")?;
             println!("{report}");
-            Ok(if report.differs() {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            })
+            let mut differs = report.differs();
+            if !api_key.is_empty() {
+                let invoices = tollgate_billing_sync::reconcile_invoices(&settings, &api_key, &period)
+                    .await
+                    .context("reconcile invoices")?;
+                if let Some(invoices) = invoices {
+                    println!("{invoices}");
+                    differs |= invoices.differs();
+                }
+            }
+            Ok(if differs { ExitCode::FAILURE } else { ExitCode::SUCCESS })
         }
     }
 }

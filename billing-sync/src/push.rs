@@ -109,6 +109,11 @@ impl Pusher {
         }
     }
 
+    /// The global cap on Stripe calls, to share with the other callers of the same account.
+    pub fn rate_limiter(&self) -> Arc<RateLimiter> {
+        self.limiter.clone()
+    }
+
     pub fn is_shutting_down(&self) -> bool {
         self.shutdown.is_triggered()
     }

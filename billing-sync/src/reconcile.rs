@@ -14,7 +14,6 @@ use clickhouse::Client;
 use crate::ledger::{self, status, LedgerError};
 use crate::settings::BillingSettings;
 use crate::usage::{self, UsageError};
-use crate::window;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
@@ -24,6 +23,8 @@ pub enum ReconcileError {
     Ledger(#[from] LedgerError),
     #[error(transparent)]
     Usage(#[from] UsageError),
+    #[error(transparent)]
+    Schedule(#[from] crate::schedule::ScheduleError),
 }
 
 /// A calendar month in UTC, `[start, end)` in Unix seconds.
@@ -91,7 +92,8 @@ pub async fn reconcile(
     period: Period,
     now: i64,
 ) -> Result<Report, ReconcileError> {
-    let (_, closed_to) = window::closed_range(&settings.billing, now);
+    let schedule = crate::schedule::load(client, settings.billing.window_secs).await?;
+    let closed_to = schedule.closed_until(now, settings.billing.lateness_secs);
     let from = period.start.max(0) as u32;
     let to = period.end.min(i64::from(closed_to)).max(period.start) as u32;
     let meters: Vec<String> = settings.meters.iter().map(|m| m.meter.clone()).collect();

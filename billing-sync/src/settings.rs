@@ -1,9 +1,11 @@
 //! billing-sync's settings (`config/billing-sync.toml`), parsed and validated without IO.
 
 use std::collections::HashSet;
+use std::path::PathBuf;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tollgate_runtime::clickhouse::ClickhouseSettings;
+use tollgate_runtime::kafka::KafkaSettings;
 use tollgate_runtime::settings::{http_url, in_range, socket_addr, Invalid, Validate};
 
 /// Where the Stripe secret key comes from: never the settings file.
@@ -19,6 +21,97 @@ pub struct BillingSettings {
     /// Meters pushed to Stripe, one meter event name each.
     pub meters: Vec<MeterSettings>,
     pub admin: AdminSettings,
+    /// The plan catalogue with prices; without it billing-sync only pushes meter events.
+    #[serde(default)]
+    pub catalogue: Option<CatalogueSettings>,
+    /// Stripe customers and subscriptions kept in step with the consumers on the keys topic;
+    /// needs `[catalogue]`.
+    #[serde(default)]
+    pub provisioning: Option<ProvisioningSettings>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogueSettings {
+    /// The catalogue file (`config/plans.toml`); a relative path is read from the directory of
+    /// this settings file.
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProvisioningSettings {
+    pub kafka: KafkaSettings,
+    /// The compacted keys topic the admin API writes consumers to.
+    #[serde(default = "default_keys_topic")]
+    pub keys_topic: String,
+    /// Consumer metadata field holding the Stripe customer id (the gateway's
+    /// `identity.stripe_customer_field`).
+    #[serde(default = "default_stripe_customer_field")]
+    pub stripe_customer_field: String,
+    /// What Stripe does with the price difference when a tenant changes plan mid-period.
+    #[serde(default)]
+    pub proration_behavior: ProrationBehavior,
+    /// How subscription invoices are paid: `send_invoice` needs no payment method on file.
+    #[serde(default)]
+    pub collection_method: CollectionMethod,
+    /// Days a sent invoice is due in (`send_invoice` only).
+    #[serde(default = "default_days_until_due")]
+    pub days_until_due: u32,
+    /// How long a step Stripe refused stays `failed` before it is tried again.
+    #[serde(default = "default_retry_failed_secs")]
+    pub retry_failed_secs: u64,
+}
+
+/// Stripe's `proration_behavior` (<https://docs.stripe.com/billing/subscriptions/prorations>).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProrationBehavior {
+    #[default]
+    CreateProrations,
+    None,
+    AlwaysInvoice,
+}
+
+impl ProrationBehavior {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProrationBehavior::CreateProrations => "create_prorations",
+            ProrationBehavior::None => "none",
+            ProrationBehavior::AlwaysInvoice => "always_invoice",
+        }
+    }
+}
+
+/// Stripe's `collection_method` for subscriptions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CollectionMethod {
+    #[default]
+    SendInvoice,
+    ChargeAutomatically,
+}
+
+impl CollectionMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CollectionMethod::SendInvoice => "send_invoice",
+            CollectionMethod::ChargeAutomatically => "charge_automatically",
+        }
+    }
+}
+
+fn default_keys_topic() -> String {
+    tollgate_runtime::topics::KEYS.to_owned()
+}
+fn default_stripe_customer_field() -> String {
+    "stripeCustomerId".to_owned()
+}
+fn default_days_until_due() -> u32 {
+    30
+}
+fn default_retry_failed_secs() -> u64 {
+    3_600
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -188,6 +281,26 @@ impl Validate for BillingSettings {
             }
         }
         socket_addr("admin.listen", &self.admin.listen)?;
+        if let Some(p) = &self.provisioning {
+            if self.catalogue.is_none() {
+                return Err(Invalid::new(
+                    "provisioning",
+                    "a [provisioning] section",
+                    "a [catalogue] too: subscriptions need the plans' prices",
+                ));
+            }
+            p.kafka.validate("provisioning.kafka")?;
+            tollgate_runtime::topics::validate("provisioning.keys_topic", &p.keys_topic)?;
+            if p.stripe_customer_field.is_empty() {
+                return Err(Invalid::new(
+                    "provisioning.stripe_customer_field",
+                    "",
+                    "a metadata field name",
+                ));
+            }
+            in_range("provisioning.days_until_due", u64::from(p.days_until_due), 1, 365)?;
+            in_range("provisioning.retry_failed_secs", p.retry_failed_secs, 60, 30 * 86_400)?;
+        }
         Ok(())
     }
 }
@@ -249,6 +362,23 @@ mod tests {
         assert!(load(&EXAMPLE.replace("max_requests_per_second = 25", "max_requests_per_second = 0")).is_ok());
         let text = EXAMPLE.replace("max_attempts = 8", "max_attempts = 0");
         assert!(load(&text).unwrap_err().contains("setting `stripe.max_attempts`"));
+    }
+
+    #[test]
+    fn provisioning_needs_a_catalogue_and_known_enums() {
+        let (head, rest) = EXAMPLE.split_once("[catalogue]").unwrap();
+        let without = format!("{head}[provisioning]{}", rest.split_once("[provisioning]").unwrap().1);
+        assert!(
+            load(&without).unwrap_err().contains("expected a [catalogue] too"),
+            "{}",
+            load(&without).unwrap_err()
+        );
+        let err = load(&EXAMPLE.replace(
+            "proration_behavior = \"create_prorations\"",
+            "proration_behavior = \"sometimes\"",
+        ))
+        .unwrap_err();
+        assert!(err.contains("provisioning.proration_behavior"), "{err}");
     }
 
     #[test]

@@ -17,6 +17,7 @@ use tracing::Instrument;
 
 use crate::ledger::{self, status, LedgerError, LedgerRow};
 use crate::push::{MeterEvent, PushOutcome, Pusher};
+use crate::schedule::Schedule;
 use crate::settings::BillingSettings;
 use crate::usage::{self, UsageError};
 use crate::window::{self, Window};
@@ -58,15 +59,25 @@ pub struct Biller {
     client: Client,
     settings: BillingSettings,
     pusher: Pusher,
+    /// Window lengths over time ([`crate::schedule`]); one length unless it was changed.
+    schedule: Schedule,
 }
 
 impl Biller {
     pub fn new(client: Client, settings: BillingSettings, pusher: Pusher) -> Self {
+        let schedule = Schedule::fixed(settings.billing.window_secs);
         Self {
             client,
             settings,
             pusher,
+            schedule,
         }
+    }
+
+    /// Cuts windows as `schedule` says (what [`crate::schedule::establish`] returned).
+    pub fn with_schedule(mut self, schedule: Schedule) -> Self {
+        self.schedule = schedule;
+        self
     }
 
     fn meters(&self) -> Vec<String> {
@@ -75,13 +86,19 @@ impl Biller {
 
     /// Accounts for every closed window in the lookback whose usage is not yet accounted for.
     pub async fn pass(&self, now: i64) -> Result<PassReport, SyncError> {
-        let (from, to) = window::closed_range(&self.settings.billing, now);
+        let billing = &self.settings.billing;
+        let to = self.schedule.closed_until(now, billing.lateness_secs);
+        let lookback_start = (now - billing.lookback_days as i64 * 86_400).max(0) as u32;
+        let from = self.schedule.window_at(lookback_start).start;
         let mut report = PassReport::default();
         if from >= to {
             return Ok(report);
         }
         let meters = self.meters();
-        let usage = usage::per_window(&self.client, self.settings.billing.window_secs, from, to, &meters).await?;
+        let mut usage = Vec::new();
+        for (a, b, len) in self.schedule.spans(from, to) {
+            usage.extend(usage::per_window(&self.client, u64::from(len), a, b, &meters).await?);
+        }
         let accounts = ledger::window_accounts(&self.client, from, to).await?;
         let mut balance: HashMap<(u32, String), (i64, i64, u64)> = HashMap::new();
         for u in usage {
@@ -107,7 +124,7 @@ impl Biller {
             if self.pusher_shutdown() {
                 break;
             }
-            let window = Window::from_start(start, self.settings.billing.window_secs);
+            let window = self.schedule.window_at(start);
             let span = tracing::info_span!("window", start = window.start, end = window.end);
             report.add(self.close_window(window, &customers, now).instrument(span).await?);
         }

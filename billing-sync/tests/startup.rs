@@ -7,8 +7,13 @@ use tollgate_test_support::service::run_with_settings;
 const EXAMPLE: &str = include_str!("../../config/billing-sync.toml");
 const BIN: &str = env!("CARGO_BIN_EXE_tollgate-billing-sync");
 
+/// The example on a free port, its catalogue named by absolute path (the settings file is
+/// written to a temporary directory, and a relative catalogue path is read from there).
 fn example_on_free_port() -> String {
-    EXAMPLE.replace("127.0.0.1:9102", "127.0.0.1:0")
+    EXAMPLE.replace("127.0.0.1:9102", "127.0.0.1:0").replace(
+        "path = \"plans.toml\"",
+        &format!("path = \"{}/../config/plans.toml\"", env!("CARGO_MANIFEST_DIR")),
+    )
 }
 
 #[test]

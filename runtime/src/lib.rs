@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backoff;
+pub mod catalogue;
 pub mod clickhouse;
 pub mod kafka;
 pub mod logging;

@@ -63,7 +63,7 @@ pub type Plan = Arc<dyn Fn(usize, &str) -> Fault + Send + Sync>;
 /// Rewrites stripe-mock's answer to a request (by path) before billing-sync sees it.
 pub type Rewrite = Arc<dyn Fn(&str, Bytes) -> Bytes + Send + Sync>;
 
-/// A request other than a meter event (meter listing, meter creation).
+/// A request other than a meter event (meters, products, prices, customers, subscriptions).
 #[derive(Debug, Clone)]
 pub struct Other {
     pub method: String,
@@ -71,6 +71,8 @@ pub struct Other {
     pub idempotency_key: String,
     pub form: HashMap<String, String>,
     pub upstream: u16,
+    /// The answer billing-sync got (JSON), or `Null` when it got none.
+    pub response: serde_json::Value,
 }
 
 struct ProxyState {
@@ -81,6 +83,12 @@ struct ProxyState {
     plan: Plan,
     rewrite: Rewrite,
     count: Mutex<usize>,
+    /// Lookups answered from what was created (see `crate::stripe_state`); off by default.
+    stripe_state: Option<Mutex<crate::stripe_state::StripeState>>,
+    /// A `(method, path)` whose next requests are forwarded but never answered: billing-sync
+    /// is then killed with the call made and its answer not yet seen.
+    hold: Mutex<Option<(String, String)>>,
+    held: std::sync::atomic::AtomicUsize,
 }
 
 pub struct Proxy {
@@ -94,6 +102,48 @@ impl Proxy {
     }
 
     pub async fn start_with(plan: Plan, rewrite: Rewrite) -> Self {
+        Self::start_full(plan, rewrite, false).await
+    }
+
+    /// A proxy that also answers lookups from what was created through it, as Stripe would.
+    pub async fn start_stateful() -> Self {
+        Self::start_full(Arc::new(|_, _| Fault::None), Arc::new(|_, body| body), true).await
+    }
+
+    /// From now on, `method path` is forwarded to stripe-mock and its answer withheld.
+    pub fn hold(&self, method: &str, path: &str) {
+        *self.state.hold.lock().unwrap() = Some((method.to_owned(), path.to_owned()));
+    }
+
+    pub fn release(&self) {
+        *self.state.hold.lock().unwrap() = None;
+    }
+
+    /// Requests held so far.
+    pub fn held(&self) -> usize {
+        self.state.held.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The price holding `lookup_key`, as created through this proxy.
+    pub fn price(&self, lookup_key: &str) -> Option<serde_json::Value> {
+        self.state.stripe_state.as_ref()?.lock().unwrap().price(lookup_key)
+    }
+
+    /// Makes Stripe's price at `lookup_key` charge `decimal` per unit (a stateful proxy only).
+    pub fn set_unit_price(&self, lookup_key: &str, decimal: &str) {
+        let state = self.state.stripe_state.as_ref().expect("a stateful proxy");
+        state.lock().unwrap().set_unit_price(lookup_key, decimal);
+    }
+
+    /// Requests to `method path` so far.
+    pub fn calls(&self, method: &str, path: &str) -> Vec<Other> {
+        self.others()
+            .into_iter()
+            .filter(|o| o.method == method && o.path == path)
+            .collect()
+    }
+
+    async fn start_full(plan: Plan, rewrite: Rewrite, stateful: bool) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let addr = listener.local_addr().expect("proxy address");
         let state = Arc::new(ProxyState {
@@ -104,6 +154,9 @@ impl Proxy {
             plan,
             rewrite,
             count: Mutex::new(0),
+            stripe_state: stateful.then(Mutex::default),
+            hold: Mutex::new(None),
+            held: Default::default(),
         });
         let shared = state.clone();
         tokio::spawn(async move {
@@ -193,6 +246,21 @@ async fn handle(req: Request<Incoming>, state: &ProxyState) -> Result<Response<F
             .to_bytes();
         let bytes = (state.rewrite)(parts.uri.path(), bytes);
         upstream_status = Some(status.as_u16());
+        let (status, bytes) = match &state.stripe_state {
+            Some(stripe_state) => {
+                let query = crate::stripe_state::query_params(parts.uri.query().unwrap_or_default());
+                let (code, bytes) = stripe_state.lock().unwrap().answer(
+                    parts.method.as_str(),
+                    parts.uri.path(),
+                    &query,
+                    &form,
+                    status.as_u16(),
+                    bytes,
+                );
+                (hyper::StatusCode::from_u16(code).expect("status"), bytes)
+            }
+            None => (status, bytes),
+        };
         answer = Some(
             Response::builder()
                 .status(status)
@@ -208,13 +276,30 @@ async fn handle(req: Request<Incoming>, state: &ProxyState) -> Result<Response<F
         .unwrap_or_default()
         .to_owned();
     if !is_meter_event {
+        let response = match &answer {
+            Some(a) => serde_json::from_slice(&a.body().clone().collect().await.map_err(|_| Dropped)?.to_bytes())
+                .unwrap_or_default(),
+            None => serde_json::Value::Null,
+        };
         state.others.lock().unwrap().push(Other {
             method: parts.method.to_string(),
             path: parts.uri.path().to_owned(),
             idempotency_key,
             form,
             upstream: upstream_status.unwrap_or_default(),
+            response,
         });
+        let held = state
+            .hold
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|(m, p)| parts.method.as_str() == m && parts.uri.path() == p);
+        if held {
+            state.held.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            // Never answered: the caller is killed while it waits.
+            std::future::pending::<()>().await;
+        }
     } else {
         state.seen.lock().unwrap().push(Seen {
             at: arrived,
@@ -575,4 +660,115 @@ pub fn assert_ledger_exact(
 
 pub fn customer_of(unbillable: &HashSet<String>) -> impl Fn(&str) -> Option<String> + '_ {
     move |tenant| (!unbillable.contains(tenant)).then(|| format!("cus_{tenant}"))
+}
+
+// ---------------------------------------------------------------------------------------
+// Provisioning: a catalogue and settings with `[catalogue]` and `[provisioning]`.
+
+/// Two priced plans: `starter` (a fee, requests with included units, compute units) and
+/// `professional` (another fee and other unit prices). `requests_price` is starter's.
+pub fn catalogue_text(requests_price: &str) -> String {
+    format!(
+        r#"
+[plans.starter]
+currency = "usd"
+monthly_fee_minor = 2900
+meters.requests = {{ unit_price_minor = "{requests_price}", included_units = 10 }}
+meters.compute_units = {{ unit_price_minor = "0.25" }}
+
+[plans.professional]
+currency = "usd"
+monthly_fee_minor = 9900
+meters.requests = {{ unit_price_minor = "0.008" }}
+meters.compute_units = {{ unit_price_minor = "0.1" }}
+"#
+    )
+}
+
+/// Writes `text` to a catalogue file of the test's own; returns its path.
+pub fn write_catalogue(text: &str) -> String {
+    let path = std::env::temp_dir().join(format!("{}.toml", unique("tollgate-plans")));
+    std::fs::write(&path, text).expect("write catalogue");
+    path.display().to_string()
+}
+
+/// Settings text for billing-sync with a catalogue and provisioning on `keys_topic`.
+pub fn provisioning_settings_text(db: &Db, stripe_url: &str, keys_topic: &str, catalogue: &str) -> String {
+    format!(
+        r#"
+[clickhouse]
+url = "{url}"
+database = "{database}"
+
+[stripe]
+api_base = "{stripe_url}"
+max_requests_per_second = 0
+initial_backoff_ms = 50
+max_backoff_ms = 500
+
+[billing]
+window_secs = 3600
+lateness_secs = 300
+poll_interval_secs = 1
+
+[[meters]]
+meter = "requests"
+event_name = "tollgate_requests"
+
+[[meters]]
+meter = "compute_units"
+event_name = "tollgate_compute_units"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[catalogue]
+path = "{catalogue}"
+
+[provisioning]
+keys_topic = "{keys_topic}"
+proration_behavior = "none"
+
+[provisioning.kafka]
+brokers = "{kafka}"
+"#,
+        url = db.settings.url,
+        database = db.settings.database,
+        kafka = crate::kafka(),
+    )
+}
+
+pub fn provisioning_settings(db: &Db, stripe_url: &str, keys_topic: &str, catalogue: &str) -> BillingSettings {
+    let text = provisioning_settings_text(db, stripe_url, keys_topic, catalogue);
+    tollgate_runtime::settings::from_str_with_env(&text, "test.toml", Vec::new()).expect("valid test settings")
+}
+
+/// Each tenant's `billing_customers` row: (customer, subscription, plan, status, last error).
+pub async fn customer_rows(db: &Db) -> HashMap<String, (String, String, String, String, String)> {
+    #[derive(serde::Deserialize, clickhouse::Row)]
+    struct Row {
+        tenant_id: String,
+        stripe_customer_id: String,
+        subscription_id: String,
+        plan: String,
+        status: String,
+        last_error: String,
+    }
+    let rows: Vec<Row> = db
+        .client
+        .query(
+            "SELECT tenant_id, stripe_customer_id, subscription_id, plan, status, last_error \
+             FROM billing_customers FINAL",
+        )
+        .fetch_all()
+        .await
+        .expect("read billing_customers");
+    rows.into_iter()
+        .map(|r| {
+            (
+                r.tenant_id,
+                (r.stripe_customer_id, r.subscription_id, r.plan, r.status, r.last_error),
+            )
+        })
+        .collect()
 }

@@ -7,5 +7,6 @@ pub mod billing;
 pub mod gateway;
 pub mod http;
 pub mod process;
+pub mod stripe_state;
 
 pub use tollgate_test_support::*;

@@ -403,12 +403,16 @@ async fn setup_creates_missing_meters_once_and_keeps_existing_ones() {
     let db = Db::new("billing_setup").await;
     let settings = settings(&db, &proxy.url(), "");
     let done = tollgate_billing_sync::setup(&settings, KEY).await.expect("setup");
-    assert!(
-        matches!(&done[0], tollgate_billing_sync::stripe::MeterSetup::Existing { event_name, .. } if event_name == "tollgate_requests"),
+    use tollgate_billing_sync::products::SetupAction;
+    assert_eq!(done.len(), 2, "no catalogue: meters only: {done:?}");
+    assert_eq!(
+        (done[0].object, done[0].name.as_str(), done[0].action),
+        ("meter", "tollgate_requests", SetupAction::Found),
         "{done:?}"
     );
-    assert!(
-        matches!(&done[1], tollgate_billing_sync::stripe::MeterSetup::Created { event_name, .. } if event_name == "tollgate_compute_units"),
+    assert_eq!(
+        (done[1].object, done[1].name.as_str(), done[1].action),
+        ("meter", "tollgate_compute_units", SetupAction::Created),
         "{done:?}"
     );
     let creates: Vec<Other> = proxy.others().into_iter().filter(|o| o.method == "POST").collect();
