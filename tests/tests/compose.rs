@@ -515,6 +515,11 @@ fn example_configs_use_the_native_stack_ports() {
             at(&billing, "admin.listen"),
             "BILLING_SYNC_PORT",
         ),
+        (
+            "config/billing-sync.toml provisioning.kafka.brokers",
+            at(&billing, "provisioning.kafka.brokers"),
+            "KAFKA_PORT",
+        ),
     ];
     let routes = gateway["routes"].as_array().expect("example routes");
     for (index, _) in routes.iter().enumerate() {

@@ -218,6 +218,9 @@ async fn every_billable_answer_is_counted_and_billed_once_through_crashes() {
         ("TOLLGATE_BILLING__LATENESS_SECS", "2".to_owned()),
         ("TOLLGATE_BILLING__POLL_INTERVAL_SECS", "1".to_owned()),
         ("TOLLGATE_ADMIN__LISTEN", format!("127.0.0.1:{billing_port}")),
+        // Provisioning follows this test's consumers, on this test's Kafka.
+        ("TOLLGATE_PROVISIONING__KEYS_TOPIC", keys_topic.clone()),
+        ("TOLLGATE_PROVISIONING__KAFKA__BROKERS", kafka.brokers.clone()),
     ]);
     let mut billing = ServiceProcess::new(
         "tollgate-billing-sync",
