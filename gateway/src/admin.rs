@@ -15,7 +15,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use subtle::ConstantTimeEq;
-use tollgate_schemas::{encode, ApiKeyRecord, ConsumerRecord};
+use tollgate_schemas::{encode, ApiKeyRecord, ConsumerRecord, EntityKey};
 
 use crate::apikey;
 use crate::directory::Consumer;
@@ -125,13 +125,13 @@ impl Admin {
         }
         let now = now_ms();
         let record = self.consumer_record(uuid::Uuid::now_v7().to_string(), &body.name, body.metadata, now, now, 1)?;
-        self.write(&format!("consumer/{}", record.id), Some(encode(&record)))
+        self.write(&EntityKey::Consumer(&record.id).to_string(), Some(encode(&record)))
             .await?;
         // Two creates of one name race on the topic: the earlier record wins everywhere.
         match self.consumer(&body.name) {
             Ok(winner) if winner.id == record.id => Ok(json_response(StatusCode::CREATED, consumer_json(&winner))),
             _ => {
-                self.write(&format!("consumer/{}", record.id), None).await?;
+                self.write(&EntityKey::Consumer(&record.id).to_string(), None).await?;
                 Err(conflict(&body.name))
             }
         }
@@ -222,7 +222,7 @@ impl Admin {
             now_ms(),
             current.version + 1,
         )?;
-        self.write(&format!("consumer/{}", record.id), Some(encode(&record)))
+        self.write(&EntityKey::Consumer(&record.id).to_string(), Some(encode(&record)))
             .await?;
         Ok(json_response(StatusCode::OK, consumer_json(&*self.consumer(name)?)))
     }
@@ -237,9 +237,9 @@ impl Admin {
             .keys_of(&consumer.id);
         // Keys first: a consumer is never left with keys that outlive it.
         for key in keys {
-            self.write(&format!("key/{}", key.id), None).await?;
+            self.write(&EntityKey::ApiKey(&key.id).to_string(), None).await?;
         }
-        self.write(&format!("consumer/{}", consumer.id), None).await?;
+        self.write(&EntityKey::Consumer(&consumer.id).to_string(), None).await?;
         Ok(empty(StatusCode::NO_CONTENT))
     }
 
@@ -248,7 +248,8 @@ impl Admin {
         let body: NewKeyBody = from_json(body)?;
         let expires_at_ms = body.expires_on.as_deref().map(parse_future_time).transpose()?;
         let (record, plaintext) = self.new_key(&consumer, body.description, body.labels, expires_at_ms, None);
-        self.write(&format!("key/{}", record.id), Some(encode(&record))).await?;
+        self.write(&EntityKey::ApiKey(&record.id).to_string(), Some(encode(&record)))
+            .await?;
         Ok(json_response(StatusCode::CREATED, key_json(&record, Some(&plaintext))))
     }
 
@@ -310,12 +311,14 @@ impl Admin {
         // The new key first: if anything below fails, the consumer still has a working key.
         let rolled_from = current.last().map(|k| k.id.clone());
         let (record, plaintext) = self.new_key(&consumer, body.description, BTreeMap::new(), None, rolled_from);
-        self.write(&format!("key/{}", record.id), Some(encode(&record))).await?;
+        self.write(&EntityKey::ApiKey(&record.id).to_string(), Some(encode(&record)))
+            .await?;
         for mut old in current {
             old.expires_at_ms = Some(old.expires_at_ms.map_or(deadline, |at| at.min(deadline)));
             old.version += 1;
             old.updated_by = ACTOR.to_owned();
-            self.write(&format!("key/{}", old.id), Some(encode(&old))).await?;
+            self.write(&EntityKey::ApiKey(&old.id).to_string(), Some(encode(&old)))
+                .await?;
         }
         Ok(json_response(StatusCode::CREATED, key_json(&record, Some(&plaintext))))
     }
@@ -336,7 +339,7 @@ impl Admin {
             revoked.revoked_at_ms = Some(now_ms());
             revoked.version += 1;
             revoked.updated_by = ACTOR.to_owned();
-            self.write(&format!("key/{}", revoked.id), Some(encode(&revoked)))
+            self.write(&EntityKey::ApiKey(&revoked.id).to_string(), Some(encode(&revoked)))
                 .await?;
         }
         Ok(empty(StatusCode::NO_CONTENT))

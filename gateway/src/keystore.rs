@@ -15,7 +15,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::sync::watch;
 use tollgate_runtime::kafka::KafkaSettings;
-use tollgate_schemas::{decode, ApiKeyRecord, ConsumerRecord};
+use tollgate_schemas::{decode, ApiKeyRecord, ConsumerRecord, EntityKey};
 
 use crate::directory::Directory;
 
@@ -189,22 +189,20 @@ async fn follow(consumer: StreamConsumer, directory: Arc<RwLock<Directory>>, app
 /// (a newer gateway may write kinds an older one does not know).
 fn apply(directory: &RwLock<Directory>, key: &str, payload: Option<&[u8]>) {
     let mut directory = directory.write().expect("directory lock");
-    if let Some(id) = key.strip_prefix("consumer/") {
-        match payload.map(decode::<ConsumerRecord>).transpose() {
+    match EntityKey::parse(key) {
+        Ok(EntityKey::Consumer(id)) => match payload.map(decode::<ConsumerRecord>).transpose() {
             Ok(record) => {
                 if let Err(invalid) = directory.try_apply_consumer(id, record.as_ref()) {
                     skipped_invalid(key, &invalid);
                 }
             }
             Err(err) => tracing::warn!(record = key, error = %err, "keys topic: undecodable consumer record skipped"),
-        }
-    } else if let Some(id) = key.strip_prefix("key/") {
-        match payload.map(decode::<ApiKeyRecord>).transpose() {
+        },
+        Ok(EntityKey::ApiKey(id)) => match payload.map(decode::<ApiKeyRecord>).transpose() {
             Ok(record) => directory.apply_key(id, record.as_ref()),
             Err(err) => tracing::warn!(record = key, error = %err, "keys topic: undecodable key record skipped"),
-        }
-    } else {
-        tracing::warn!(record = key, "keys topic: record of unknown kind skipped");
+        },
+        Err(_) => tracing::warn!(record = key, "keys topic: record of unknown kind skipped"),
     }
 }
 

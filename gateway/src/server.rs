@@ -179,6 +179,9 @@ impl Gateway {
             &[settings.topics.keys.clone(), settings.topics.usage.clone()],
         )
         .await?;
+        if let Some(pipeline) = &pipeline {
+            pipeline.kafka_checked();
+        }
         let store = KeyStore::start(&settings.kafka, &settings.topics.keys).await?;
         let limiter = crate::limits::build(&settings.limits, crate::limits::LimitsMetrics::new(&*recorder))?;
         let proxy = Proxy::new(

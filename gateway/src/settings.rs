@@ -321,11 +321,11 @@ impl Default for TopicSettings {
 }
 
 pub fn default_keys_topic() -> String {
-    "tollgate.keys".to_owned()
+    tollgate_runtime::topics::KEYS.to_owned()
 }
 
 pub fn default_usage_topic() -> String {
-    "tollgate.usage.v1".to_owned()
+    tollgate_runtime::topics::USAGE.to_owned()
 }
 
 impl Validate for GatewaySettings {
@@ -344,15 +344,8 @@ impl Validate for GatewaySettings {
             ));
         }
         self.kafka.validate("kafka")?;
-        for (field, topic) in [("topics.keys", &self.topics.keys), ("topics.usage", &self.topics.usage)] {
-            if !valid_topic(topic) {
-                return Err(Invalid::new(
-                    field,
-                    topic,
-                    "a Kafka topic name: 1-249 of [a-zA-Z0-9._-]",
-                ));
-            }
-        }
+        tollgate_runtime::topics::validate("topics.keys", &self.topics.keys)?;
+        tollgate_runtime::topics::validate("topics.usage", &self.topics.usage)?;
         if !crate::apikey::valid_env(&self.keys.environment) {
             return Err(Invalid::new(
                 "keys.environment",
@@ -511,17 +504,6 @@ impl Validate for GatewaySettings {
         }
         Ok(())
     }
-}
-
-/// Kafka's own rule for topic names.
-pub fn valid_topic(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 249
-        && name != "."
-        && name != ".."
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
 #[cfg(test)]

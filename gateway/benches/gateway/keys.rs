@@ -12,7 +12,7 @@ use tollgate_gateway::apikey;
 use tollgate_gateway::directory::Directory;
 use tollgate_gateway::keystore::KeyStore;
 use tollgate_runtime::kafka::KafkaSettings;
-use tollgate_schemas::{encode, ApiKeyRecord, ConsumerRecord};
+use tollgate_schemas::{encode, ApiKeyRecord, ConsumerRecord, EntityKey};
 use uuid::Uuid;
 
 use crate::kafka::{create_topic, produce_all};
@@ -176,10 +176,15 @@ pub(crate) async fn replay(kafka: &KafkaSettings, n: usize, topics: &mut Vec<Str
     );
     let topic = create_topic(kafka, "keys", 1, &[("cleanup.policy", "compact")], topics).await;
     let records = (0..n.div_ceil(KEYS_PER_CONSUMER))
-        .map(|i| (format!("consumer/{}", consumer_id(i)), encode(&consumer_record(i))))
+        .map(|i| {
+            (
+                EntityKey::Consumer(&consumer_id(i)).to_string(),
+                encode(&consumer_record(i)),
+            )
+        })
         .chain((0..n).map(|i| {
             let record = key_record(i, &apikey::generate("live"));
-            (format!("key/{}", record.id), encode(&record))
+            (EntityKey::ApiKey(&record.id).to_string(), encode(&record))
         }));
     let produced = tokio::task::block_in_place(|| produce_all(kafka, &topic, records));
     let total = produced.delivered as usize;

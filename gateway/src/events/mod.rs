@@ -163,7 +163,6 @@ pub fn start(
         .set("linger.ms", "5");
     transactions::configure(&mut config, service_id);
     let producer: FutureProducer = config.create().map_err(kafka_error)?;
-    let positions = transactions::positions_consumer(&kafka.client_config(), service_id).map_err(kafka_error)?;
     let settings = Arc::new(settings);
     let (tx, rx) = mpsc::unbounded_channel();
     let watermark = Arc::clone(writer.watermark());
@@ -178,7 +177,8 @@ pub fn start(
         reader,
         Shipping {
             producer,
-            positions,
+            kafka: kafka.client_config(),
+            service_id: service_id.to_owned(),
             topic: topic.to_owned(),
             epoch,
         },
@@ -205,6 +205,11 @@ pub fn start(
 }
 
 impl UsagePipeline {
+    /// Kafka answered the start-up check: the shipper may connect now.
+    pub fn kafka_checked(&self) {
+        self.control.kafka_checked.notify_one();
+    }
+
     /// After the listeners have drained: makes every recorded event durable, gives Kafka up to
     /// `shutdown_flush_ms` to take the spool, and leaves the rest for the next start.
     pub async fn shutdown(self) {

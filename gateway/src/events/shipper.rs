@@ -24,13 +24,18 @@ pub(crate) struct ShipperControl {
     pub(crate) written: Notify,
     pub(crate) closing: AtomicBool,
     pub(crate) stop: Notify,
+    /// Kafka answered the gateway's start-up check: until then the shipper opens no
+    /// connection, so a gateway refusing to start for an unreachable broker says so last.
+    pub(crate) kafka_checked: Notify,
 }
 
 /// What the shipper ships with: the transactional producer, the consumer its spool position
 /// is committed through, the usage topic and this spool's epoch.
 pub(crate) struct Shipping {
     pub(crate) producer: FutureProducer,
-    pub(crate) positions: rdkafka::consumer::BaseConsumer,
+    /// Client settings for the consumer the spool position is read back through.
+    pub(crate) kafka: rdkafka::ClientConfig,
+    pub(crate) service_id: String,
     pub(crate) topic: String,
     pub(crate) epoch: String,
 }
@@ -48,14 +53,29 @@ pub(crate) async fn ship_loop(
 ) {
     let Shipping {
         producer,
-        positions,
+        kafka,
+        service_id,
         topic,
         epoch,
     } = shipping;
-    let positions = Arc::new(positions);
+    tokio::select! {
+        _ = control.kafka_checked.notified() => {}
+        _ = control.stop.notified() => return,
+    }
+    let positions = match transactions::positions_consumer(&kafka, &service_id) {
+        Ok(consumer) => Arc::new(consumer),
+        Err(err) => {
+            tracing::error!(error = %err, "usage topic: cannot create the position consumer; shipping stopped, events stay in the spool");
+            return;
+        }
+    };
     let retry = Duration::from_millis(500);
     loop {
-        match transactions::committed_position(Arc::clone(&positions), &topic, &epoch).await {
+        let committed = tokio::select! {
+            committed = transactions::committed_position(Arc::clone(&positions), &topic, &epoch) => committed,
+            _ = control.stop.notified() => return,
+        };
+        match committed {
             Ok(committed) => {
                 if let Some(target) = committed.filter(|c| *c > reader.position()) {
                     match reader.skip_to(target) {
