@@ -206,7 +206,10 @@ format = "json"
 
 #[test]
 fn a_refused_start_is_one_json_error_line_too() {
+    // The settings file is written elsewhere, so the catalogue is named by its full path.
+    let catalogue = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/plans.toml");
     let settings = include_str!("../../config/billing-sync.toml")
+        .replace("path = \"plans.toml\"", &format!("path = \"{catalogue}\""))
         .replace("127.0.0.1:9102", "127.0.0.1:0")
         .replace("http://127.0.0.1:8123", "http://127.0.0.1:1");
     let exit = tollgate_tests::service::run_with_settings(
