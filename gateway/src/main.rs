@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
@@ -17,10 +18,21 @@ struct Args {
     config: PathBuf,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+/// How long the exit waits for Kafka calls still running on blocking threads. A
+/// transactional call can block past its own timeout while the broker is down; by then the
+/// spool holds every event and the position moves only after a commit, so leaving the call
+/// behind loses nothing (the next start aborts the open transaction).
+const BLOCKING_CALLS_AT_EXIT: Duration = Duration::from_secs(2);
+
+fn main() -> ExitCode {
     let args = Args::parse();
-    tollgate_runtime::exit_code("tollgate-gateway", run(args).await)
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => return tollgate_runtime::exit_code("tollgate-gateway", Err(err)),
+    };
+    let result = runtime.block_on(run(args));
+    runtime.shutdown_timeout(BLOCKING_CALLS_AT_EXIT);
+    tollgate_runtime::exit_code("tollgate-gateway", result)
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
