@@ -317,6 +317,15 @@ mod tests {
         from_str_with_env(text, "billing-sync.toml", Vec::new()).map_err(|e| e.to_string())
     }
 
+    /// The example with one setting changed; fails if the example no longer has the line, so
+    /// a test never checks the unchanged example by mistake.
+    fn edited(edits: &[(&str, &str)]) -> String {
+        edits.iter().fold(EXAMPLE.to_owned(), |text, (from, to)| {
+            assert!(text.contains(from), "config/billing-sync.toml has no `{from}`");
+            text.replace(from, to)
+        })
+    }
+
     #[test]
     fn example_config_is_valid() {
         let s = load(EXAMPLE).unwrap();
@@ -327,7 +336,7 @@ mod tests {
 
     #[test]
     fn rejects_window_that_does_not_divide_a_day() {
-        let err = load(&EXAMPLE.replace("window_secs = 3600", "window_secs = 7000")).unwrap_err();
+        let err = load(&edited(&[("window_secs = 3600", "window_secs = 7000")])).unwrap_err();
         assert!(
             err.contains("setting `billing.window_secs`: found \"7000\", expected a divisor"),
             "{err}"
@@ -347,9 +356,10 @@ mod tests {
 
     #[test]
     fn rejects_backoff_cap_below_first_delay() {
-        let text = EXAMPLE
-            .replace("initial_backoff_ms = 250", "initial_backoff_ms = 500")
-            .replace("max_backoff_ms = 30000", "max_backoff_ms = 100");
+        let text = edited(&[
+            ("initial_backoff_ms = 250", "initial_backoff_ms = 500"),
+            ("max_backoff_ms = 30000", "max_backoff_ms = 100"),
+        ]);
         let err = load(&text).unwrap_err();
         assert!(
             err.contains("setting `stripe.max_backoff_ms`: found \"100\", expected a number from 500"),
@@ -359,8 +369,13 @@ mod tests {
 
     #[test]
     fn zero_rate_turns_the_cap_off_but_zero_attempts_is_refused() {
-        assert!(load(&EXAMPLE.replace("max_requests_per_second = 25", "max_requests_per_second = 0")).is_ok());
-        let text = EXAMPLE.replace("max_attempts = 8", "max_attempts = 0");
+        let uncapped = load(&edited(&[(
+            "max_requests_per_second = 25",
+            "max_requests_per_second = 0",
+        )]))
+        .unwrap();
+        assert_eq!(uncapped.stripe.max_requests_per_second, 0);
+        let text = edited(&[("max_attempts = 8", "max_attempts = 0")]);
         assert!(load(&text).unwrap_err().contains("setting `stripe.max_attempts`"));
     }
 
@@ -373,17 +388,21 @@ mod tests {
             "{}",
             load(&without).unwrap_err()
         );
-        let err = load(&EXAMPLE.replace(
+        let err = load(&edited(&[(
             "proration_behavior = \"create_prorations\"",
             "proration_behavior = \"sometimes\"",
-        ))
+        )]))
         .unwrap_err();
         assert!(err.contains("provisioning.proration_behavior"), "{err}");
     }
 
     #[test]
     fn rejects_rate_above_live_mode_limit() {
-        let err = load(&EXAMPLE.replace("max_requests_per_second = 25", "max_requests_per_second = 5000")).unwrap_err();
+        let err = load(&edited(&[(
+            "max_requests_per_second = 25",
+            "max_requests_per_second = 5000",
+        )]))
+        .unwrap_err();
         assert!(err.contains("setting `stripe.max_requests_per_second`"), "{err}");
     }
 }

@@ -478,78 +478,93 @@ mod tests {
         assert_eq!(decide(Some(pending), 100, true, false), Decision::ResendTooLate);
     }
 
-    /// One step of the world between two passes: late units arrive, and the push of a
-    /// pending revision either settles or is interrupted (crash, outage).
+    /// One step of the world between two passes: late units arrive (or a correction takes
+    /// some back), the push of a pending revision either settles or is interrupted (crash,
+    /// outage), and Stripe may stop accepting the window for good (it aged out).
     #[derive(Debug, Clone)]
     struct Step {
         late_units: i64,
         push_settles: bool,
+        stripe_closes: bool,
     }
 
     fn steps() -> impl Strategy<Value = Vec<Step>> {
         prop::collection::vec(
-            (0i64..50, any::<bool>()).prop_map(|(late_units, push_settles)| Step {
-                late_units,
-                push_settles,
-            }),
+            (-20i64..50, any::<bool>(), prop::bool::weighted(0.1)).prop_map(
+                |(late_units, push_settles, stripe_closes)| Step {
+                    late_units,
+                    push_settles,
+                    stripe_closes,
+                },
+            ),
             1..30,
         )
     }
 
+    fn latest(ledger: &[(u32, i64, &'static str)]) -> Option<Latest> {
+        ledger.last().map(|&(revision, _, status)| Latest {
+            revision,
+            pending: status == status::PENDING,
+            accounted: ledger.iter().filter(|r| r.2 != status::PENDING).map(|r| r.1).sum(),
+        })
+    }
+
     proptest! {
         /// Sums in, sums out: once pushes go through, the revisions account for exactly the
-        /// units in ClickHouse, revisions are consecutive, only pending revisions are sent,
-        /// and a re-send never changes a revision's value.
+        /// units in ClickHouse, however they grow or shrink; revisions are consecutive; only
+        /// positive pending revisions go to Stripe, and only while it accepts the window; a
+        /// re-send never changes a revision's value.
         #[test]
         fn revisions_account_for_every_unit(initial in 0i64..1_000, steps in steps(), has_customer: bool) {
             let mut total = initial;
+            let mut accepts = true;
             let mut ledger: Vec<(u32, i64, &'static str)> = Vec::new();
             let mut sent: std::collections::HashMap<u32, i64> = Default::default();
-            let last_steps = [Step { late_units: 0, push_settles: true }, Step { late_units: 0, push_settles: true }];
-            for step in steps.iter().chain(last_steps.iter()) {
-                let latest = ledger.last().map(|&(revision, _, status)| Latest {
-                    revision,
-                    pending: status == status::PENDING,
-                    accounted: ledger.iter().filter(|r| r.2 != status::PENDING).map(|r| r.1).sum(),
-                });
-                match decide(latest, total, has_customer, true) {
+            let settle = Step { late_units: 0, push_settles: true, stripe_closes: false };
+            for step in steps.iter().chain([settle.clone(), settle].iter()) {
+                match decide(latest(&ledger), total, has_customer, accepts) {
                     Decision::Nothing => {}
                     Decision::Resend => {
+                        prop_assert!(accepts, "nothing is sent once Stripe refuses the window");
                         let (revision, value, _) = *ledger.last().unwrap();
                         prop_assert_eq!(sent.insert(revision, value).unwrap_or(value), value);
                         if step.push_settles {
                             ledger.last_mut().unwrap().2 = status::PUSHED;
                         }
                     }
-                    Decision::ResendTooLate => prop_assert!(false, "the window is young"),
+                    Decision::ResendTooLate => {
+                        prop_assert!(!accepts);
+                        ledger.last_mut().unwrap().2 = status::ADJUSTMENT;
+                    }
                     Decision::New { revision, value, status } => {
                         prop_assert_eq!(revision as usize, ledger.len());
-                        prop_assert!(value > 0);
+                        prop_assert_ne!(value, 0);
                         if status == status::PENDING {
-                            prop_assert!(has_customer);
+                            prop_assert!(has_customer && accepts && value > 0);
                             sent.insert(revision, value);
                             let settled = if step.push_settles { status::PUSHED } else { status::PENDING };
                             ledger.push((revision, value, settled));
+                        } else if status == status::UNBILLABLE {
+                            prop_assert!(!has_customer && value > 0);
+                            ledger.push((revision, value, status));
                         } else {
-                            prop_assert_eq!(status, status::UNBILLABLE);
+                            prop_assert_eq!(status, status::ADJUSTMENT);
+                            prop_assert!(value < 0 || (has_customer && !accepts));
                             ledger.push((revision, value, status));
                         }
                     }
                 }
-                total += step.late_units;
+                total = (total + step.late_units).max(0);
+                accepts &= !step.stripe_closes;
             }
-            // Two settling passes after the last late units: everything is accounted for.
-            let latest = ledger.last().map(|&(revision, _, status)| Latest {
-                revision,
-                pending: status == status::PENDING,
-                accounted: ledger.iter().filter(|r| r.2 != status::PENDING).map(|r| r.1).sum(),
-            });
-            if let Decision::New { value, .. } = decide(latest, total, has_customer, true) {
-                prop_assert_eq!(value, total - ledger.iter().map(|r| r.1).sum::<i64>());
-            } else {
-                prop_assert_eq!(ledger.iter().map(|r| r.1).sum::<i64>(), total);
-                prop_assert!(ledger.iter().all(|r| r.2 != status::PENDING));
-            }
+            // Two settling passes after the last change: everything is accounted for.
+            prop_assert_eq!(decide(latest(&ledger), total, has_customer, accepts), Decision::Nothing);
+            prop_assert_eq!(ledger.iter().map(|r| r.1).sum::<i64>(), total);
+            prop_assert!(ledger.iter().all(|r| r.2 != status::PENDING));
+            let pushed: i64 = ledger.iter().filter(|r| r.2 == status::PUSHED).map(|r| r.1).sum();
+            prop_assert!(sent.values().all(|v| *v > 0));
+            prop_assert!(ledger.iter().filter(|r| r.2 == status::PUSHED).all(|r| sent.get(&r.0) == Some(&r.1)));
+            prop_assert!(pushed <= sent.values().sum::<i64>());
         }
     }
 }

@@ -149,9 +149,37 @@ mod tests {
             prop_assert_eq!(parse(&typo), Err(MalformedKey::Checksum));
         }
 
+        // Candidates of the right shape reach the checksum: one is accepted exactly when its
+        // checksum is right, and then looked up by the digest of exactly that text.
         #[test]
-        fn arbitrary_input_never_panics(s in ".{0,80}") {
-            let _ = parse(&s);
+        fn well_shaped_keys_are_accepted_only_with_their_checksum(
+            env in "[a-z0-9]{1,16}",
+            secret in proptest::collection::vec(0usize..62, SECRET_LEN),
+            check in proptest::collection::vec(0usize..62, CHECK_LEN),
+            use_real_checksum in any::<bool>(),
+        ) {
+            let base62 = |chars: &[usize]| chars.iter().map(|c| BASE62[*c] as char).collect::<String>();
+            let body = format!("tg_{env}_{}", base62(&secret));
+            let check = if use_real_checksum { checksum(&body) } else { base62(&check) };
+            let candidate = format!("{body}_{check}");
+            match parse(&candidate) {
+                Ok(found) => {
+                    prop_assert_eq!(&check, &checksum(&body));
+                    prop_assert_eq!(found, digest(&candidate));
+                    prop_assert_eq!(found, from_parts(&env, &base62(&secret)).digest);
+                }
+                Err(err) => {
+                    prop_assert_eq!(err, MalformedKey::Checksum);
+                    prop_assert_ne!(&check, &checksum(&body));
+                }
+            }
+        }
+
+        // Whatever else arrives is refused for its shape, never looked up.
+        #[test]
+        fn anything_else_is_refused_for_its_shape(s in ".{0,80}") {
+            prop_assume!(!s.starts_with("tg_"));
+            prop_assert_eq!(parse(&s), Err(MalformedKey::Shape));
         }
     }
 }

@@ -70,9 +70,20 @@ impl ClickhouseSettings {
     /// Checks the server answers and creates the database if missing.
     pub async fn connect(&self) -> Result<clickhouse::Client, ClickhouseCheckError> {
         let server = self.server_client();
-        let unreachable = |e: clickhouse::error::Error| ClickhouseCheckError {
-            url: self.url.clone(),
-            reason: e.to_string(),
+        // Either nothing answers, or the server answers and refuses (a wrong password, a
+        // user without the grant): the operator fixes different things.
+        let unreachable = |e: clickhouse::error::Error| match e {
+            clickhouse::error::Error::Network(_) | clickhouse::error::Error::TimedOut => {
+                ClickhouseCheckError::Unreachable {
+                    url: self.url.clone(),
+                    reason: e.to_string(),
+                }
+            }
+            _ => ClickhouseCheckError::Refused {
+                url: self.url.clone(),
+                user: self.user.clone(),
+                reason: e.to_string(),
+            },
         };
         server.query("SELECT 1").fetch_one::<u8>().await.map_err(unreachable)?;
         server
@@ -84,9 +95,12 @@ impl ClickhouseSettings {
     }
 }
 
+/// Why the start-up check failed; the password is never part of it (ClickHouse's own
+/// answer names only the user).
 #[derive(Debug, thiserror::Error)]
-#[error("clickhouse at {url} is unreachable: {reason}")]
-pub struct ClickhouseCheckError {
-    pub url: String,
-    pub reason: String,
+pub enum ClickhouseCheckError {
+    #[error("clickhouse at {url} is unreachable: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("clickhouse at {url} refused user `{user}`: {reason}")]
+    Refused { url: String, user: String, reason: String },
 }

@@ -42,6 +42,12 @@ pub fn clickhouse() -> String {
     url
 }
 
+/// The stack's ClickHouse user with a password (`scripts/clickhouse/users.xml`): services run
+/// as it in the tests that check the password never shows in their output.
+pub const CLICKHOUSE_SECRETS_USER: &str = "tollgate_secrets";
+/// Its password, known only to those tests; it guards nothing on a loopback-only server.
+pub const CLICKHOUSE_SECRETS_PASSWORD: &str = "ch-pw-secrets-check-5e1d07a9";
+
 /// stripe-mock base URL (with trailing slash); panics at once when nothing listens.
 pub fn stripe() -> String {
     let url = var_or("TOLLGATE_TEST_STRIPE", "http://127.0.0.1:12111");

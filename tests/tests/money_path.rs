@@ -29,7 +29,9 @@ use tollgate_tests::meter::CuttableProxy;
 use tollgate_tests::private_kafka::PrivateKafka;
 use tollgate_tests::process::{free_port, repo, ServiceProcess};
 use tollgate_tests::service::binary;
-use tollgate_tests::{clickhouse, create_topic, eventually, unique};
+use tollgate_tests::{
+    clickhouse, create_topic, eventually, unique, CLICKHOUSE_SECRETS_PASSWORD, CLICKHOUSE_SECRETS_USER,
+};
 
 const ADMIN_TOKEN: &str = "money-path-admin-token-0123456789";
 const STRIPE_KEY: &str = "sk_test_123";
@@ -200,16 +202,24 @@ async fn every_billable_answer_is_counted_and_billed_once_through_crashes() {
     )
     .expect("meter-consumer settings");
     let meter_config = meter_config.display().to_string();
+    // Both services reach ClickHouse as a user with a password, so the check at the end
+    // can look for it in their output.
+    let clickhouse_login = [
+        ("TOLLGATE_CLICKHOUSE__USER", CLICKHOUSE_SECRETS_USER.to_owned()),
+        ("TOLLGATE_CLICKHOUSE_PASSWORD", CLICKHOUSE_SECRETS_PASSWORD.to_owned()),
+    ];
     let mut meter = ServiceProcess::new(
         "tollgate-meter-consumer",
         &["--config", &meter_config],
-        Vec::new(),
+        env(&clickhouse_login),
         format!("http://127.0.0.1:{meter_port}/healthz"),
         &dir,
     );
     // One-minute windows (the shortest billing-sync allows), closed 2 s after they end.
     let billing_config = repo().join("config/billing-sync.toml").display().to_string();
     let billing_env = env(&[
+        clickhouse_login[0].clone(),
+        clickhouse_login[1].clone(),
         ("TOLLGATE_STRIPE_API_KEY", STRIPE_KEY.to_owned()),
         ("TOLLGATE_CLICKHOUSE__URL", ch.url.clone()),
         ("TOLLGATE_CLICKHOUSE__DATABASE", database.clone()),
@@ -483,6 +493,11 @@ async fn every_billable_answer_is_counted_and_billed_once_through_crashes() {
         let output = service.output();
         assert!(!output.contains(STRIPE_KEY), "{} logged the Stripe key", service.name);
         assert!(!output.contains(ADMIN_TOKEN), "{} logged the admin token", service.name);
+        assert!(
+            !output.contains(CLICKHOUSE_SECRETS_PASSWORD),
+            "{} logged the ClickHouse password",
+            service.name
+        );
         for tenant in &tenants {
             assert!(!output.contains(&tenant.key), "{} logged an API key", service.name);
             let digest: String = Sha256::digest(tenant.key.as_bytes())
