@@ -18,7 +18,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use clickhouse::Client;
-use metrics::{Counter, Gauge};
 
 use crate::calls::{idempotency_key, CallError, Caller};
 use crate::consumers::{Consumers, Tenant};
@@ -26,6 +25,9 @@ use crate::customers::{self, CustomerRecord, CustomerSource, CustomerStatus};
 use crate::ledger::LedgerError;
 use crate::products::PlanPriceIds;
 use crate::settings::{CollectionMethod, ProvisioningSettings};
+
+mod counters;
+pub use counters::ProvisionMetrics;
 
 /// An intent older than this may have outlived Stripe's idempotency window (24 h).
 const IDEMPOTENCY_WINDOW_SECS: u32 = 23 * 3_600;
@@ -153,71 +155,6 @@ pub fn decide(
         return Step::WriteBack { consumer_ids: lacking };
     }
     Step::Nothing
-}
-
-/// Counters and gauges on `/metrics`; no tenant labels (per-tenant state is in ClickHouse).
-#[derive(Clone)]
-pub struct ProvisionMetrics {
-    pub customers_created: Counter,
-    pub customers_adopted: Counter,
-    pub subscriptions_created: Counter,
-    pub subscriptions_updated: Counter,
-    pub subscriptions_cancelled: Counter,
-    pub write_backs: Counter,
-    pub failures: Counter,
-    pub unresolved: Counter,
-    /// Tenants per status after the last pass.
-    pub tenants: BTreeMap<&'static str, Gauge>,
-}
-
-const STATUSES: [CustomerStatus; 9] = [
-    CustomerStatus::CreatingCustomer,
-    CustomerStatus::Customer,
-    CustomerStatus::Subscribing,
-    CustomerStatus::Active,
-    CustomerStatus::Updating,
-    CustomerStatus::Cancelling,
-    CustomerStatus::Cancelled,
-    CustomerStatus::NoPlan,
-    CustomerStatus::Failed,
-];
-
-impl ProvisionMetrics {
-    pub fn noop() -> Self {
-        Self {
-            customers_created: Counter::noop(),
-            customers_adopted: Counter::noop(),
-            subscriptions_created: Counter::noop(),
-            subscriptions_updated: Counter::noop(),
-            subscriptions_cancelled: Counter::noop(),
-            write_backs: Counter::noop(),
-            failures: Counter::noop(),
-            unresolved: Counter::noop(),
-            tenants: BTreeMap::new(),
-        }
-    }
-
-    pub fn register(recorder: &impl metrics::Recorder) -> Self {
-        metrics::with_local_recorder(recorder, || Self {
-            customers_created: metrics::counter!("billing_sync_customers_total", "outcome" => "created"),
-            customers_adopted: metrics::counter!("billing_sync_customers_total", "outcome" => "adopted"),
-            subscriptions_created: metrics::counter!("billing_sync_subscriptions_total", "action" => "created"),
-            subscriptions_updated: metrics::counter!("billing_sync_subscriptions_total", "action" => "updated"),
-            subscriptions_cancelled: metrics::counter!("billing_sync_subscriptions_total", "action" => "cancelled"),
-            write_backs: metrics::counter!("billing_sync_customer_write_backs_total"),
-            failures: metrics::counter!("billing_sync_provisioning_failures_total", "kind" => "refused"),
-            unresolved: metrics::counter!("billing_sync_provisioning_failures_total", "kind" => "unresolved"),
-            tenants: STATUSES
-                .iter()
-                .map(|s| {
-                    (
-                        s.as_str(),
-                        metrics::gauge!("billing_sync_tenants", "status" => s.as_str()),
-                    )
-                })
-                .collect(),
-        })
-    }
 }
 
 /// What one pass did.

@@ -241,4 +241,8 @@ fn set_header(headers: &mut hyper::HeaderMap, name: &'static str, value: &str) {
 #[cfg(test)]
 mod edge_tests;
 #[cfg(test)]
+mod header_tests;
+#[cfg(test)]
+mod refund_tests;
+#[cfg(test)]
 mod tests;

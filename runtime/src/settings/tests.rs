@@ -185,11 +185,20 @@ fn http_url_accepts_only_absolute_http() {
 }
 
 proptest::proptest! {
-    // Whatever an operator puts in a string setting's overlay, it is the value loaded, as is.
+    // Whatever an operator puts in a string setting's overlay, it is the value loaded: as is,
+    // or, when it is written as a TOML string (`"host:9092"`, `'a b'`), that string.
     #[test]
-    fn a_string_overlay_is_taken_verbatim(raw in "\\PC*") {
+    fn a_string_overlay_is_taken_verbatim_or_as_a_toml_string(raw in proptest::prop_oneof![
+        "\\PC*",
+        "\\PC*".prop_map(|s| format!("{s:?}")),
+        "[^'\n]*".prop_map(|s| format!("'{s}'")),
+    ]) {
         let loaded = load_with(FILE, &[("TOLLGATE_KAFKA__BROKERS", raw.as_str())]).expect("any text is a string");
-        proptest::prop_assert_eq!(loaded.kafka.brokers, raw);
+        let as_toml = format!("v = {raw}").parse::<toml::Table>().ok().and_then(|t| t.get("v").cloned());
+        match as_toml {
+            Some(toml::Value::String(text)) => proptest::prop_assert_eq!(loaded.kafka.brokers, text),
+            _ => proptest::prop_assert_eq!(loaded.kafka.brokers, raw),
+        }
     }
 
     // A number setting's overlay loads exactly when it is a number in range; otherwise the
