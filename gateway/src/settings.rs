@@ -40,6 +40,10 @@ pub struct GatewaySettings {
     /// Routes; the most specific pattern that matches a request's path serves it.
     #[serde(default)]
     pub routes: Vec<RouteSettings>,
+    /// Monthly spend caps (set per tenant on the admin API); without this section caps are
+    /// stored but not enforced.
+    #[serde(default)]
+    pub budgets: Option<crate::spend::settings::BudgetSettings>,
 }
 
 /// Where the upstream signing secret comes from: never the settings file.
@@ -446,6 +450,9 @@ impl Validate for GatewaySettings {
         }
         self.events.validate()?;
         self.limits.validate("limits")?;
+        if let Some(budgets) = &self.budgets {
+            budgets.validate("budgets")?;
+        }
         for (name, plan) in &self.plans {
             plan.validate(&format!("plans.{name}"))?;
         }
@@ -524,6 +531,25 @@ mod tests {
         assert_eq!(s.public.listen, "127.0.0.1:8080");
         assert_eq!(s.admin.listen, "127.0.0.1:8081");
         assert!(s.routes.iter().any(|r| r.path == "/v1/"));
+    }
+
+    #[test]
+    fn budgets_refuse_unknown_fields_and_bad_values_by_their_path() {
+        let section = "\n[budgets]\ncatalogue = \"plans.toml\"\nclickhouse = { url = \"http://127.0.0.1:8123\" }\n";
+        let s = load(&format!("{EXAMPLE}{section}")).unwrap();
+        assert_eq!(s.budgets.unwrap().refresh_interval_ms, 5_000);
+        let err = load(&format!("{EXAMPLE}{section}refresh_interval_ms = 10\n")).unwrap_err();
+        assert!(err.contains("budgets.refresh_interval_ms"), "{err}");
+        let err = load(&format!("{EXAMPLE}{section}refresh_every = 10\n")).unwrap_err();
+        assert!(err.contains("refresh_every"), "{err}");
+        let err = load(&format!(
+            "{EXAMPLE}{}",
+            section.replace("http://127.0.0.1:8123", "ftp://x")
+        ))
+        .unwrap_err();
+        assert!(err.contains("budgets.clickhouse.url"), "{err}");
+        let err = load(&format!("{EXAMPLE}{}", section.replace("\"plans.toml\"", "\"\""))).unwrap_err();
+        assert!(err.contains("budgets.catalogue"), "{err}");
     }
 
     #[test]

@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use apache_avro::{reader::datum::GenericDatumReader, types::Value};
 use proptest::prelude::*;
 use tollgate_schemas::{
-    decode, encode, encode_value, fingerprint_of, shipped, ApiKeyRecord, AvroRecord, BudgetRecord, ConsumerRecord, Outcome,
-    UsageEvent,
+    decode, encode, encode_value, fingerprint_of, shipped, ApiKeyRecord, AvroRecord, BudgetRecord, ConsumerRecord,
+    Outcome, UsageEvent,
 };
 
 /// What a v1 writer (which predates `request_id`) would have sent for `event`.

@@ -56,7 +56,12 @@ fn shipped_schemas_are_consistent() {
             s.version
         );
     }
-    for name in [UsageEvent::NAME, ConsumerRecord::NAME, ApiKeyRecord::NAME, BudgetRecord::NAME] {
+    for name in [
+        UsageEvent::NAME,
+        ConsumerRecord::NAME,
+        ApiKeyRecord::NAME,
+        BudgetRecord::NAME,
+    ] {
         let versions: Vec<u32> = shipped()
             .iter()
             .filter(|s| s.record == name)
