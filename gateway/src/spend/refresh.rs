@@ -9,7 +9,8 @@
 //! The query leaves out this process's own events (its `service.id`, timed at or after it
 //! started): the ledger counts those itself, without ClickHouse's lag. SQL kept to what
 //! Debian's ClickHouse 18.16 and current releases both run (`ARRAY JOIN` over the `units`
-//! nested column, `has` over a bound array); `usage_events` is ordered by tenant and time, so
+//! nested column, `has` over a bound array; no alias shadows a column, which 18.16 resolves
+//! differently); `usage_events` is ordered by tenant and time, so
 //! the tenant and month filters read only the budgeted tenants' parts of the month.
 
 use std::sync::{Arc, RwLock};
@@ -27,7 +28,7 @@ const TICK: Duration = Duration::from_millis(200);
 struct CountedRow {
     tenant_id: String,
     meter: String,
-    units: i64,
+    total: i64,
 }
 
 /// What the refresh needs to leave this process's own events out.
@@ -72,7 +73,7 @@ async fn counted(
 ) -> Result<Vec<(String, String, i64)>, clickhouse::error::Error> {
     let rows: Vec<CountedRow> = client
         .query(
-            "SELECT tenant_id, units.meter AS meter, toInt64(sum(units.value)) AS units \
+            "SELECT tenant_id, units.meter AS meter, toInt64(sum(units.value)) AS total \
              FROM usage_events ARRAY JOIN units \
              WHERE billable = 1 AND has(?, tenant_id) \
                AND time >= toDateTime(?) AND time < toDateTime(?) \
@@ -86,7 +87,7 @@ async fn counted(
         .bind(u64::try_from(own.started_ms).unwrap_or(0))
         .fetch_all()
         .await?;
-    Ok(rows.into_iter().map(|r| (r.tenant_id, r.meter, r.units)).collect())
+    Ok(rows.into_iter().map(|r| (r.tenant_id, r.meter, r.total)).collect())
 }
 
 /// Unix seconds as ClickHouse's `DateTime` takes them (unsigned 32-bit).
