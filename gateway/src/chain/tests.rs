@@ -91,9 +91,9 @@ impl Harness {
         Self::build(edit, None)
     }
 
-    /// The example settings, with spend caps enforced from `ledger`.
-    pub fn with_spend_caps(ledger: Arc<crate::spend::SpendLedger>) -> Self {
-        Self::build(|text| text.to_owned(), Some(ledger))
+    /// The example settings (with `edit` applied), with spend caps enforced from `ledger`.
+    pub fn with_spend_caps(edit: impl FnOnce(&str) -> String, ledger: Arc<crate::spend::SpendLedger>) -> Self {
+        Self::build(edit, Some(ledger))
     }
 
     fn build(edit: impl FnOnce(&str) -> String, ledger: Option<Arc<crate::spend::SpendLedger>>) -> Self {
@@ -295,7 +295,7 @@ fn cap(h: &Harness, tenant: &str, cap_minor: i64) {
 #[tokio::test]
 async fn a_capped_tenant_is_refused_once_the_next_request_would_pass_the_cap_and_pays_nothing_for_it() {
     let ledger = crate::spend::SpendLedger::new(priced_catalogue());
-    let h = Harness::with_spend_caps(Arc::clone(&ledger));
+    let h = Harness::with_spend_caps(|text| text.to_owned(), Arc::clone(&ledger));
     cap(&h, "t_acme", 50);
     let now = chrono::Utc::now().timestamp_millis();
     let month = crate::spend::Month::of(now);
@@ -347,4 +347,23 @@ async fn a_capped_tenant_is_refused_once_the_next_request_would_pass_the_cap_and
     assert_eq!(h.send("GET", "/v1/orders", &[], b"").await.status, 429);
     h.directory.write().unwrap().apply_budget("t_acme", None);
     assert_eq!(h.send("GET", "/v1/orders", &[], b"").await.status, 200);
+}
+
+#[tokio::test]
+async fn a_request_the_limits_refuse_holds_nothing_against_the_spend_cap() {
+    let ledger = crate::spend::SpendLedger::new(priced_catalogue());
+    let h = Harness::with_spend_caps(
+        |text| text.replacen("window = \"1m\", limit = 100 }", "window = \"1m\", limit = 2 }", 1),
+        Arc::clone(&ledger),
+    );
+    cap(&h, "t_acme", 1000);
+    let now = chrono::Utc::now().timestamp_millis();
+    ledger.apply_counted(crate::spend::Month::of(now), &["t_acme".to_owned()], &[]);
+    for _ in 0..2 {
+        assert_eq!(h.send("GET", "/v1/orders", &[], b"").await.status, 200);
+    }
+    let limited = h.send("GET", "/v1/orders", &[], b"").await;
+    assert_eq!(limited.status, 429);
+    assert_eq!(limited.json()["type"], crate::limits::headers::QUOTA_EXCEEDED);
+    assert_eq!(ledger.status("t_acme", Some("free"), now).spent_minor, Some(22));
 }
