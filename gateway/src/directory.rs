@@ -1,8 +1,8 @@
 //! The in-memory directory of consumers and API keys every gateway replica keeps.
 //!
 //! In: full-state records (and tombstones) from the keys topic, applied in topic order. Out:
-//! authentication answers ("this digest is key K of consumer C, valid now") and the views
-//! the admin API lists. Pure state: the Kafka side lives in `keystore`.
+//! authentication answers ("this digest is key K of consumer C, valid now"), each tenant's
+//! spend cap (for the `cap` chain step) and the views the admin API lists. Pure state: the Kafka side lives in `keystore`.
 //!
 //! Names are unique: when two records claim one name (two replicas creating the same
 //! consumer at once), the one earlier in the topic wins on every replica, since all apply the
@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use tollgate_schemas::{ApiKeyRecord, ConsumerRecord};
+use tollgate_schemas::{ApiKeyRecord, BudgetRecord, ConsumerRecord};
 
 /// A consumer as the request chain and the admin API see it.
 #[derive(Debug, Clone, PartialEq)]
@@ -127,6 +127,8 @@ pub struct Directory {
     id_by_name: HashMap<String, String>,
     keys: HashMap<String, ApiKeyRecord>,
     key_by_digest: HashMap<[u8; 32], String>,
+    /// Spend caps by tenant id.
+    budgets: HashMap<String, Arc<BudgetRecord>>,
 }
 
 impl Directory {
@@ -227,6 +229,29 @@ impl Directory {
 
     pub fn key(&self, id: &str) -> Option<&ApiKeyRecord> {
         self.keys.get(id)
+    }
+
+    /// Applies a budget record (a tombstone removes the tenant's cap).
+    pub fn apply_budget(&mut self, tenant: &str, record: Option<&BudgetRecord>) {
+        match record {
+            Some(record) => {
+                self.budgets.insert(tenant.to_owned(), Arc::new(record.clone()));
+            }
+            None => {
+                self.budgets.remove(tenant);
+            }
+        }
+    }
+
+    pub fn budget(&self, tenant: &str) -> Option<Arc<BudgetRecord>> {
+        self.budgets.get(tenant).cloned()
+    }
+
+    /// Every tenant with a cap: whose month-to-date spend the gateway keeps up to date.
+    pub fn budgeted_tenants(&self) -> Vec<String> {
+        let mut tenants: Vec<_> = self.budgets.keys().cloned().collect();
+        tenants.sort();
+        tenants
     }
 
     pub fn key_count(&self) -> usize {

@@ -15,7 +15,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::sync::watch;
 use tollgate_runtime::kafka::KafkaSettings;
-use tollgate_schemas::{decode, ApiKeyRecord, ConsumerRecord, EntityKey};
+use tollgate_schemas::{decode, ApiKeyRecord, BudgetRecord, ConsumerRecord, EntityKey};
 
 use crate::directory::Directory;
 
@@ -201,6 +201,10 @@ fn apply(directory: &RwLock<Directory>, key: &str, payload: Option<&[u8]>) {
         Ok(EntityKey::ApiKey(id)) => match payload.map(decode::<ApiKeyRecord>).transpose() {
             Ok(record) => directory.apply_key(id, record.as_ref()),
             Err(err) => tracing::warn!(record = key, error = %err, "keys topic: undecodable key record skipped"),
+        },
+        Ok(EntityKey::Budget(tenant)) => match payload.map(decode::<BudgetRecord>).transpose() {
+            Ok(record) => directory.apply_budget(tenant, record.as_ref()),
+            Err(err) => tracing::warn!(record = key, error = %err, "keys topic: undecodable budget record skipped"),
         },
         Err(_) => tracing::warn!(record = key, "keys topic: record of unknown kind skipped"),
     }

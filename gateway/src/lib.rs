@@ -1,13 +1,14 @@
 //! The Tollgate gateway: tenants' requests in, proxied requests and usage events out.
 //!
-//! In: HTTP on the public listener; operators' calls on the admin listener; consumer and key
-//! records from the keys topic. Out: proxied requests to the configured upstreams, health,
-//! readiness and metrics on the admin listener.
+//! In: HTTP on the public listener; operators' calls on the admin listener; consumer, key and
+//! budget records from the keys topic; month-to-date usage from ClickHouse when spend caps are
+//! on. Out: proxied requests to the configured upstreams, health, readiness and metrics on the
+//! admin listener.
 #![forbid(unsafe_code)]
 
 // Alphabetical (rustfmt); in the order a request flows: `server` (listeners) → `chain` (its
-// steps; `routes`, `apikey`, `directory`, `limits`) → `events` (usage) and `metrics`; the admin
-// side: `admin` → `keystore` (keys topic); `settings`, `problem` and `strict_json` serve all.
+// steps; `routes`, `apikey`, `directory`, `spend` (caps), `limits`) → `events` (usage) and
+// `metrics`; the admin side: `admin` → `keystore` (keys topic); `settings`, `problem` and `strict_json` serve all.
 pub mod admin;
 pub mod apikey;
 pub mod chain;
@@ -22,6 +23,7 @@ pub mod problem;
 pub mod routes;
 pub mod server;
 pub mod settings;
+pub mod spend;
 pub mod strict_json;
 
 pub use server::{run, GatewayError};

@@ -39,7 +39,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let loaded = tollgate_runtime::load_with_log::<GatewaySettings>(&args.config)?;
     // After the settings: `[log]` says how to log. A refusal to load them is one plain line.
     tollgate_runtime::logging::init(&loaded.log);
-    let settings = loaded.settings;
+    let mut settings = loaded.settings;
+    // The catalogue path is relative to the settings file, wherever the process runs.
+    if let Some(budgets) = settings.budgets.as_mut() {
+        if budgets.catalogue.is_relative() {
+            let dir = args.config.parent().unwrap_or_else(|| std::path::Path::new("."));
+            budgets.catalogue = dir.join(&budgets.catalogue);
+        }
+    }
     let token = std::env::var(tollgate_gateway::settings::ADMIN_TOKEN_ENV).ok();
     let signing_secret = std::env::var(tollgate_gateway::settings::SIGNING_SECRET_ENV).ok();
     tollgate_gateway::run(settings, token, signing_secret, Shutdown::on_signals())

@@ -52,6 +52,10 @@ pub enum GatewayError {
     Events(#[from] crate::events::EventError),
     #[error(transparent)]
     Limits(#[from] crate::limits::LimitsError),
+    #[error("budgets.catalogue: {0}")]
+    Catalogue(#[from] tollgate_runtime::catalogue::CatalogueError),
+    #[error("budgets.catalogue {path}: plan {plan:?} has no prices there, so its tenants' spend cannot be capped")]
+    UnpricedPlan { path: String, plan: String },
 }
 
 /// What serves requests once the keys topic has been replayed.
@@ -184,7 +188,7 @@ impl Gateway {
         }
         let store = KeyStore::start(&settings.kafka, &settings.topics.keys).await?;
         let limiter = crate::limits::build(&settings.limits, crate::limits::LimitsMetrics::new(&*recorder))?;
-        let proxy = Proxy::new(
+        let mut proxy = Proxy::new(
             Arc::clone(&settings),
             Arc::clone(store.directory()),
             self.signing_secret,
@@ -192,12 +196,17 @@ impl Gateway {
             limiter,
             gateway_metrics,
         );
+        let spend = start_spend_caps(&settings, store.directory())?;
+        if let Some(ledger) = &spend {
+            proxy = proxy.with_spend_caps(Arc::clone(ledger));
+        }
         let admin = Admin {
             store,
             token: self.admin_token,
             key_env: settings.keys.environment.clone(),
             identity: settings.identity.clone(),
             plans: settings.plans.clone(),
+            spend,
         };
         let _ = live.set(Live {
             proxy: Arc::new(proxy),
@@ -215,6 +224,38 @@ impl Gateway {
         tracing::info!("gateway stopped");
         Ok(())
     }
+}
+
+/// With `[budgets]`: the catalogue loaded (every plan priced), the ledger, and its ClickHouse
+/// refresh running. ClickHouse is not waited for: budgeted tenants get `spend-unknown` until
+/// the first read lands, everyone else is served.
+fn start_spend_caps(
+    settings: &GatewaySettings,
+    directory: &Arc<std::sync::RwLock<crate::directory::Directory>>,
+) -> Result<Option<Arc<crate::spend::SpendLedger>>, GatewayError> {
+    let Some(budgets) = &settings.budgets else {
+        return Ok(None);
+    };
+    let started_ms = chrono::Utc::now().timestamp_millis();
+    let catalogue = tollgate_runtime::catalogue::Catalogue::load(&budgets.catalogue)?;
+    if let Some(plan) = settings.plans.keys().find(|p| !catalogue.plans.contains_key(*p)) {
+        return Err(GatewayError::UnpricedPlan {
+            path: budgets.catalogue.display().to_string(),
+            plan: plan.clone(),
+        });
+    }
+    let ledger = crate::spend::SpendLedger::new(catalogue);
+    tokio::spawn(crate::spend::refresh::run(
+        Arc::clone(&ledger),
+        Arc::clone(directory),
+        budgets.clickhouse.client(),
+        Duration::from_millis(budgets.refresh_interval_ms),
+        crate::spend::refresh::Own {
+            gateway_id: settings.service.id.clone(),
+            started_ms,
+        },
+    ));
+    Ok(Some(ledger))
 }
 
 /// Binds, replays and serves until `shutdown` fires.

@@ -3,7 +3,8 @@
 //!
 //! In: every partition of the compacted keys topic, from the beginning, on every start
 //! (`consumer/<id>` and `key/<id>` records, each the entity's full state; a tombstone
-//! deletes). Out: `consumers` rows and `key_audit` rows, in small batches.
+//! deletes; `budget/<tenant>` records are the gateways' and are passed over). Out:
+//! `consumers` rows and `key_audit` rows, in small batches.
 //!
 //! Every instance mirrors the whole topic, outside the consumer group: the writes are
 //! idempotent, so replaying is harmless and needs no watermark.
@@ -35,7 +36,7 @@ use serde::Serialize;
 use tollgate_runtime::backoff::Backoff;
 use tollgate_runtime::kafka::KafkaSettings;
 use tollgate_runtime::shutdown::Shutdown;
-use tollgate_schemas::{ApiKeyRecord, AvroRecord, ConsumerRecord, EntityKey};
+use tollgate_schemas::{ApiKeyRecord, AvroRecord, BudgetRecord, ConsumerRecord, EntityKey};
 
 use crate::dlq::OncePerSecond;
 use crate::metrics::Metrics;
@@ -272,6 +273,9 @@ impl Mirror {
                         }
                         Err(err) => self.skip(&key, &err.to_string()),
                     }
+                } else if record == BudgetRecord::NAME {
+                    // Budgets (`budget/<tenant>`) are the gateways' to enforce; finance has
+                    // nothing to join them with.
                 } else {
                     self.skip(&key, &format!("unexpected record type {record}"));
                 }

@@ -3,7 +3,7 @@
 //! In: the `.avsc` files under `schemas/avro/` (embedded at build time) and typed records from
 //! the gateway and the admin API. Out: Avro single-object encoded bytes for Kafka
 //! (`tollgate.usage.v1`, `tollgate.keys`), and typed records back from those bytes for the
-//! gateway's key index, the meter consumer and billing; and the keys topic's message keys
+//! gateway's key index (consumers, keys and budgets), the meter consumer and billing; and the keys topic's message keys
 //! ([`EntityKey`]).
 //!
 //! Wire format ([Avro single-object encoding]): `C3 01`, the 8-byte little-endian CRC-64-AVRO
@@ -35,7 +35,7 @@ pub use codec::{
     decode, encode, encode_value, writer_schema_of, BodyError, DecodeError, EncodeError, MAX_DECODE_ALLOCATION_BYTES,
 };
 pub use entity_key::{EntityKey, UnknownEntityKey};
-pub use records::{ApiKeyRecord, ConsumerRecord, Outcome, UsageEvent};
+pub use records::{ApiKeyRecord, BudgetRecord, ConsumerRecord, Outcome, UsageEvent};
 pub use registry::{fingerprint_of, shipped, ShippedSchema};
 
 /// A record type with shipped Avro schemas. Sealed: only this crate's records implement it, so
@@ -52,6 +52,7 @@ mod private {
 impl private::Sealed for UsageEvent {}
 impl private::Sealed for ConsumerRecord {}
 impl private::Sealed for ApiKeyRecord {}
+impl private::Sealed for BudgetRecord {}
 
 impl AvroRecord for UsageEvent {
     const NAME: &'static str = "dev.tollgate.UsageEvent";
@@ -61,4 +62,7 @@ impl AvroRecord for ConsumerRecord {
 }
 impl AvroRecord for ApiKeyRecord {
     const NAME: &'static str = "dev.tollgate.ApiKeyRecord";
+}
+impl AvroRecord for BudgetRecord {
+    const NAME: &'static str = "dev.tollgate.BudgetRecord";
 }

@@ -117,6 +117,21 @@ pub struct ApiKeyRecord {
     pub updated_by: String,
 }
 
+/// Full current state of a tenant's monthly spend cap on the compacted keys topic
+/// (`budget_record.v1.avsc`), keyed `budget/<tenant id>`: a cap covers every consumer of the
+/// tenant, as its invoice does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BudgetRecord {
+    pub tenant_id: String,
+    /// In the plan currency's minor units, the monthly fee included.
+    pub monthly_cap_minor: i64,
+    /// Percentages of the cap, ascending, each in 1..=100.
+    pub alert_at: Vec<i32>,
+    pub updated_at_ms: i64,
+    pub version: i64,
+    pub updated_by: String,
+}
+
 /// `Uuid` as hyphenated text whatever the serializer: apache-avro serializes as
 /// non-human-readable by default, where `Uuid` would become 16 raw bytes and no longer match
 /// the schema's `string`.

@@ -8,7 +8,7 @@ use std::sync::LazyLock;
 
 use apache_avro::{rabin::Rabin, Schema};
 
-use crate::{ApiKeyRecord, AvroRecord, ConsumerRecord, UsageEvent};
+use crate::{ApiKeyRecord, AvroRecord, BudgetRecord, ConsumerRecord, UsageEvent};
 
 struct Source {
     record: &'static str,
@@ -34,6 +34,7 @@ const SOURCES: &[Source] = &[
     source!(UsageEvent, 2, "usage_event.v2.avsc"),
     source!(ConsumerRecord, 1, "consumer_record.v1.avsc"),
     source!(ApiKeyRecord, 1, "api_key_record.v1.avsc"),
+    source!(BudgetRecord, 1, "budget_record.v1.avsc"),
 ];
 
 /// One released version of a record's schema.

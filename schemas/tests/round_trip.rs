@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use apache_avro::{reader::datum::GenericDatumReader, types::Value};
 use proptest::prelude::*;
 use tollgate_schemas::{
-    decode, encode, encode_value, fingerprint_of, shipped, ApiKeyRecord, AvroRecord, ConsumerRecord, Outcome,
-    UsageEvent,
+    decode, encode, encode_value, fingerprint_of, shipped, ApiKeyRecord, AvroRecord, BudgetRecord, ConsumerRecord,
+    Outcome, UsageEvent,
 };
 
 /// What a v1 writer (which predates `request_id`) would have sent for `event`.
@@ -75,6 +75,13 @@ proptest! {
         let bytes = encode(&record);
         prop_assert_eq!(&bytes[2..10], &fingerprint_of::<ApiKeyRecord>(1).unwrap().to_le_bytes());
         prop_assert_eq!(decode::<ApiKeyRecord>(&bytes).unwrap(), record);
+    }
+
+    #[test]
+    fn budget_record_round_trips(record in common::budget_record()) {
+        let bytes = encode(&record);
+        prop_assert_eq!(&bytes[2..10], &fingerprint_of::<BudgetRecord>(1).unwrap().to_le_bytes());
+        prop_assert_eq!(decode::<BudgetRecord>(&bytes).unwrap(), record);
     }
 
     /// A v1 writer's event decodes to the same values, `request_id` taking its default.

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 
 use apache_avro::schema_compatibility::SchemaCompatibility;
-use tollgate_schemas::{fingerprint_of, shipped, ApiKeyRecord, AvroRecord, ConsumerRecord, UsageEvent};
+use tollgate_schemas::{fingerprint_of, shipped, ApiKeyRecord, AvroRecord, BudgetRecord, ConsumerRecord, UsageEvent};
 
 /// Fingerprints of the released schemas, pinned when each was released (and checked against an
 /// independent implementation of the specification's canonical form and CRC-64-AVRO). A failure
@@ -15,6 +15,7 @@ const PINNED: &[(&str, u64)] = &[
     ("usage_event.v2.avsc", 0x19a3_7ff6_5b04_a153),
     ("consumer_record.v1.avsc", 0xe637_534a_5adb_af18),
     ("api_key_record.v1.avsc", 0xefbe_3373_8f08_a9ab),
+    ("budget_record.v1.avsc", 0xba60_f84d_460f_08f8),
 ];
 
 #[test]
@@ -55,7 +56,12 @@ fn shipped_schemas_are_consistent() {
             s.version
         );
     }
-    for name in [UsageEvent::NAME, ConsumerRecord::NAME, ApiKeyRecord::NAME] {
+    for name in [
+        UsageEvent::NAME,
+        ConsumerRecord::NAME,
+        ApiKeyRecord::NAME,
+        BudgetRecord::NAME,
+    ] {
         let versions: Vec<u32> = shipped()
             .iter()
             .filter(|s| s.record == name)
@@ -81,7 +87,7 @@ fn every_pair_of_versions_is_fully_compatible() {
         }
     }
     // 2×2 for UsageEvent, 1 each for the others: proves the loop saw every version.
-    assert_eq!(pairs, 6);
+    assert_eq!(pairs, 7);
 }
 
 #[test]

@@ -5,8 +5,9 @@
 //! the context (its headers go on every later response), or 429/503.
 //!
 //! Order: bulkhead first (cheap, in-process), then room in the spool (a request that cannot
-//! be billed is refused before it consumes quota), then one limit decision over every
-//! dimension.
+//! be billed is refused before it consumes quota), then the spend cap (`cap`: refused there,
+//! nothing is consumed), then one limit decision over every dimension (refused there, the
+//! cap's reservation is given back).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -73,6 +74,8 @@ impl Proxy {
             .with_header("retry-after", "5"));
         }
 
+        self.check_spend_cap(identity, route, ctx)?;
+
         let Some(specs) = self.limits_of(consumer) else {
             return Ok(());
         };
@@ -98,7 +101,11 @@ impl Proxy {
             added: Vec::new(),
         });
         match refused {
-            Some(body) => Err(Problem::from_json(body)),
+            Some(body) => {
+                // Not admitted, so nothing held against the spend cap either.
+                ctx.spend = None;
+                Err(Problem::from_json(body))
+            }
             None => Ok(()),
         }
     }

@@ -1,7 +1,8 @@
 //! The public request chain: one function ([`Proxy::chain`]), read top to bottom, from a
 //! tenant's request to the upstream's response. Each step lives in its own file:
 //!
-//! canonical path → route → authenticate → isolate → admit → body → forward → settle
+//! canonical path → route → authenticate → isolate → admit (bulkhead, spool, spend cap,
+//! limits) → body → forward → settle
 //!
 //! In: a request on the public listener (any body type: hyper's `Incoming` from the socket,
 //! or an in-memory body in tests) and the peer address. Out: the upstream's response, or a
@@ -16,6 +17,7 @@ mod admit;
 mod authenticate;
 mod body;
 pub mod canonical;
+mod cap;
 mod forward;
 pub mod headers;
 mod isolate;
@@ -77,6 +79,8 @@ pub struct RequestContext {
     pub limits: Option<LimitCharge>,
     /// The tenant's bulkhead slot, held until the response body has been sent.
     pub bulkhead: Option<OwnedSemaphorePermit>,
+    /// What the request holds against its tenant's spend cap, settled when its response ends.
+    pub spend: Option<crate::spend::Reservation>,
 }
 
 /// One set of checked limits, shared by the requests it applies to.
@@ -101,6 +105,8 @@ pub struct Proxy {
     /// Consumers with their own `metadata.limits`: their effective limits, by consumer id and
     /// record version.
     overrides: Mutex<HashMap<String, (i64, Specs)>>,
+    /// Month-to-date spend of budgeted tenants, when `[budgets]` is configured.
+    spend: Option<Arc<crate::spend::SpendLedger>>,
 }
 
 impl Proxy {
@@ -148,7 +154,14 @@ impl Proxy {
             metrics,
             plans,
             overrides: Mutex::default(),
+            spend: None,
         }
+    }
+
+    /// Enforces the tenants' spend caps with `ledger` (kept current by `spend::refresh`).
+    pub fn with_spend_caps(mut self, ledger: Arc<crate::spend::SpendLedger>) -> Self {
+        self.spend = Some(ledger);
+        self
     }
 
     /// Forwards through `upstream` instead of hyper's client (tests: an in-memory upstream).
@@ -201,8 +214,8 @@ impl Proxy {
         // 4. Tenant isolation: the path and query may only name the key's tenant.
         self.isolate(&req, &matched.params, &identity)?;
 
-        // 5. Admission: the tenant's bulkhead, room in the usage spool, then the limits (every
-        //    dimension checked, all committed or none).
+        // 5. Admission: the tenant's bulkhead, room in the usage spool, its spend cap, then the
+        //    limits (every dimension checked, all committed or none).
         self.admit(req.headers(), peer, &identity, &matched.route, ctx).await?;
 
         // 6. Body: bounded in size and in time.

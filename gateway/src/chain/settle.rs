@@ -3,8 +3,8 @@
 //! In: the chain's result and the [`RequestContext`]; later, the response body as it streams to
 //! the client. Out: the response with `x-request-id` and the rate-limit headers; the reported
 //! cost counted; and, when the body has been sent (or the client went away), the usage event
-//! recorded, the response bytes counted, the request's in-flight count given back and its
-//! bulkhead slot released.
+//! recorded, the response bytes counted, the request's in-flight count given back, its spend
+//! cap reservation replaced by what the event bills, and its bulkhead slot released.
 //!
 //! Never charge a refusal: when the gateway itself refuses a request after its limits admitted
 //! it (413, 400, 408, 403 on the body, 502, 504: no upstream answer), every dimension the
@@ -95,6 +95,7 @@ impl Proxy {
                 bytes: 0,
                 pending: Some(pending),
                 release,
+                spend: ctx.spend.take(),
                 _bulkhead: ctx.bulkhead.take(),
             }
             .boxed()
@@ -192,6 +193,7 @@ struct Metered {
     bytes: u64,
     pending: Option<PendingEvent>,
     release: Option<Release>,
+    spend: Option<crate::spend::Reservation>,
     _bulkhead: Option<OwnedSemaphorePermit>,
 }
 
@@ -245,6 +247,10 @@ impl Drop for Metered {
             event.units.insert("request_bytes".to_owned(), event.request_bytes);
             event.units.insert("response_bytes".to_owned(), event.response_bytes);
             event.latency_ms = started.elapsed().as_millis() as i64;
+            // The cap counts what the invoice will: this event's units, if it is billable.
+            if let Some(reservation) = self.spend.take() {
+                reservation.settle(event.billable.then_some(&event.units));
+            }
             metrics.request(event.outcome);
             sink.record(event);
         }

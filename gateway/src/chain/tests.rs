@@ -88,6 +88,15 @@ impl Harness {
     }
 
     pub fn with(edit: impl FnOnce(&str) -> String) -> Self {
+        Self::build(edit, None)
+    }
+
+    /// The example settings (with `edit` applied), with spend caps enforced from `ledger`.
+    pub fn with_spend_caps(edit: impl FnOnce(&str) -> String, ledger: Arc<crate::spend::SpendLedger>) -> Self {
+        Self::build(edit, Some(ledger))
+    }
+
+    fn build(edit: impl FnOnce(&str) -> String, ledger: Option<Arc<crate::spend::SpendLedger>>) -> Self {
         let settings: GatewaySettings =
             tollgate_runtime::settings::from_str_with_env(&edit(EXAMPLE), "gateway.toml", Vec::new())
                 .expect("test settings load");
@@ -107,6 +116,10 @@ impl Harness {
             Arc::new(GatewayMetrics::noop()),
         )
         .with_upstream(upstream.clone());
+        let proxy = match ledger {
+            Some(ledger) => proxy.with_spend_caps(ledger),
+            None => proxy,
+        };
         let mut harness = Self {
             proxy: Arc::new(proxy),
             upstream,
@@ -254,4 +267,103 @@ async fn refusals_are_problems_with_a_request_id_and_a_non_billable_event() {
     let events = h.events.all();
     assert_eq!(events.len(), 2);
     assert!(events.iter().all(|e| !e.billable));
+}
+
+/// Each `/v1/` request on `free` costs 10 + 1 compute unit at 1.
+fn priced_catalogue() -> tollgate_runtime::catalogue::Catalogue {
+    let mut text = String::new();
+    for plan in ["free", "starter", "professional", "enterprise"] {
+        text.push_str(&format!(
+            "[plans.{plan}]\ncurrency = \"usd\"\nmeters.requests = {{ unit_price_minor = \"10\" }}\nmeters.compute_units = {{ unit_price_minor = \"1\" }}\n"
+        ));
+    }
+    tollgate_runtime::catalogue::Catalogue::parse(&text, "test catalogue").unwrap()
+}
+
+fn cap(h: &Harness, tenant: &str, cap_minor: i64) {
+    let record = tollgate_schemas::BudgetRecord {
+        tenant_id: tenant.into(),
+        monthly_cap_minor: cap_minor,
+        alert_at: vec![50, 80, 100],
+        updated_at_ms: 1,
+        version: 1,
+        updated_by: "test".into(),
+    };
+    h.directory.write().unwrap().apply_budget(tenant, Some(&record));
+}
+
+#[tokio::test]
+async fn a_capped_tenant_is_refused_once_the_next_request_would_pass_the_cap_and_pays_nothing_for_it() {
+    let ledger = crate::spend::SpendLedger::new(priced_catalogue());
+    let h = Harness::with_spend_caps(|text| text.to_owned(), Arc::clone(&ledger));
+    cap(&h, "t_acme", 50);
+    let now = chrono::Utc::now().timestamp_millis();
+    let month = crate::spend::Month::of(now);
+
+    // Before ClickHouse has been read for the tenant: no blind admission.
+    let unknown = h.send("GET", "/v1/orders", &[], b"").await;
+    assert_eq!(unknown.status, 503);
+    assert!(unknown.json()["type"].as_str().unwrap().ends_with("/spend-unknown"));
+    assert!(h.seen().is_empty());
+
+    ledger.apply_counted(month, &["t_acme".to_owned()], &[]);
+    for _ in 0..3 {
+        assert_eq!(h.send("GET", "/v1/orders", &[], b"").await.status, 200);
+    }
+    // An upstream 5xx is not billable: its reservation is given back.
+    *h.upstream.reply_status.lock().unwrap() = Some(StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(h.send("GET", "/v1/orders", &[], b"").await.status, 500);
+    *h.upstream.reply_status.lock().unwrap() = None;
+    assert_eq!(ledger.status("t_acme", Some("free"), now).spent_minor, Some(33));
+    assert_eq!(h.send("GET", "/v1/orders", &[], b"").await.status, 200);
+    assert_eq!(ledger.status("t_acme", Some("free"), now).spent_minor, Some(44));
+
+    let refused = h.send("GET", "/v1/orders", &[], b"").await;
+    assert_eq!(refused.status, 429);
+    assert_eq!(refused.header("content-type"), Some("application/problem+json"));
+    let body = refused.json();
+    assert_eq!(body["type"], "https://tollgate.dev/problems/spend-cap-exceeded");
+    assert_eq!(body["monthlyCap"], 50);
+    assert_eq!(body["spent"], 44);
+    let period_end = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(month.end_ms()).unwrap();
+    assert_eq!(
+        body["periodEnd"],
+        period_end.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    );
+    assert!(refused.header("retry-after").is_some());
+    assert!(
+        refused.header("ratelimit-policy").is_none(),
+        "refused before the limits: none taken"
+    );
+    assert_eq!(h.seen().len(), 5, "the refusal never reached the upstream");
+    let event = h.last_event();
+    assert!(!event.billable);
+    assert_eq!(event.outcome, tollgate_schemas::Outcome::RateLimited);
+    assert_eq!(ledger.status("t_acme", Some("free"), now).spent_minor, Some(44));
+
+    // Another tenant, or the same one with its cap raised, goes on.
+    cap(&h, "t_acme", 55);
+    assert_eq!(h.send("GET", "/v1/orders", &[], b"").await.status, 200);
+    assert_eq!(h.send("GET", "/v1/orders", &[], b"").await.status, 429);
+    h.directory.write().unwrap().apply_budget("t_acme", None);
+    assert_eq!(h.send("GET", "/v1/orders", &[], b"").await.status, 200);
+}
+
+#[tokio::test]
+async fn a_request_the_limits_refuse_holds_nothing_against_the_spend_cap() {
+    let ledger = crate::spend::SpendLedger::new(priced_catalogue());
+    let h = Harness::with_spend_caps(
+        |text| text.replacen("window = \"1m\", limit = 100 }", "window = \"1m\", limit = 2 }", 1),
+        Arc::clone(&ledger),
+    );
+    cap(&h, "t_acme", 1000);
+    let now = chrono::Utc::now().timestamp_millis();
+    ledger.apply_counted(crate::spend::Month::of(now), &["t_acme".to_owned()], &[]);
+    for _ in 0..2 {
+        assert_eq!(h.send("GET", "/v1/orders", &[], b"").await.status, 200);
+    }
+    let limited = h.send("GET", "/v1/orders", &[], b"").await;
+    assert_eq!(limited.status, 429);
+    assert_eq!(limited.json()["type"], crate::limits::headers::QUOTA_EXCEEDED);
+    assert_eq!(ledger.status("t_acme", Some("free"), now).spent_minor, Some(22));
 }

@@ -40,6 +40,10 @@ pub struct GatewaySettings {
     /// Routes; the most specific pattern that matches a request's path serves it.
     #[serde(default)]
     pub routes: Vec<RouteSettings>,
+    /// Monthly spend caps (set per tenant on the admin API); without this section caps are
+    /// stored but not enforced.
+    #[serde(default)]
+    pub budgets: Option<crate::spend::settings::BudgetSettings>,
 }
 
 /// Where the upstream signing secret comes from: never the settings file.
@@ -446,6 +450,9 @@ impl Validate for GatewaySettings {
         }
         self.events.validate()?;
         self.limits.validate("limits")?;
+        if let Some(budgets) = &self.budgets {
+            budgets.validate("budgets")?;
+        }
         for (name, plan) in &self.plans {
             plan.validate(&format!("plans.{name}"))?;
         }

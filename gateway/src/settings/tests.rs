@@ -19,6 +19,25 @@ fn example_config_is_valid() {
 }
 
 #[test]
+fn budgets_refuse_unknown_fields_and_bad_values_by_their_path() {
+    let section = "\n[budgets]\ncatalogue = \"plans.toml\"\nclickhouse = { url = \"http://127.0.0.1:8123\" }\n";
+    let s = load(&format!("{EXAMPLE}{section}")).unwrap();
+    assert_eq!(s.budgets.unwrap().refresh_interval_ms, 5_000);
+    let err = load(&format!("{EXAMPLE}{section}refresh_interval_ms = 10\n")).unwrap_err();
+    assert!(err.contains("budgets.refresh_interval_ms"), "{err}");
+    let err = load(&format!("{EXAMPLE}{section}refresh_every = 10\n")).unwrap_err();
+    assert!(err.contains("refresh_every"), "{err}");
+    let err = load(&format!(
+        "{EXAMPLE}{}",
+        section.replace("http://127.0.0.1:8123", "ftp://x")
+    ))
+    .unwrap_err();
+    assert!(err.contains("budgets.clickhouse.url"), "{err}");
+    let err = load(&format!("{EXAMPLE}{}", section.replace("\"plans.toml\"", "\"\""))).unwrap_err();
+    assert!(err.contains("budgets.catalogue"), "{err}");
+}
+
+#[test]
 fn rejects_same_public_and_admin_address() {
     let text = EXAMPLE.replace("127.0.0.1:8081", "127.0.0.1:8080");
     assert!(load(&text).unwrap_err().contains("setting `admin.listen`"));

@@ -2,7 +2,7 @@
 #![allow(dead_code)] // each test file uses its own subset
 
 use proptest::{collection::btree_map, option, prelude::*};
-use tollgate_schemas::{ApiKeyRecord, ConsumerRecord, Outcome, UsageEvent};
+use tollgate_schemas::{ApiKeyRecord, BudgetRecord, ConsumerRecord, Outcome, UsageEvent};
 use uuid::Uuid;
 
 /// Empty, ASCII, or any Unicode (control characters and astral planes included).
@@ -127,6 +127,27 @@ pub fn api_key_record() -> impl Strategy<Value = ApiKeyRecord> {
                 expires_at_ms,
                 revoked_at_ms,
                 rolled_from,
+                version,
+                updated_by,
+            },
+        )
+}
+
+pub fn budget_record() -> impl Strategy<Value = BudgetRecord> {
+    (
+        text(),
+        any::<i64>(),
+        proptest::collection::vec(any::<i32>(), 0..5),
+        any::<i64>(),
+        any::<i64>(),
+        text(),
+    )
+        .prop_map(
+            |(tenant_id, monthly_cap_minor, alert_at, updated_at_ms, version, updated_by)| BudgetRecord {
+                tenant_id,
+                monthly_cap_minor,
+                alert_at,
+                updated_at_ms,
                 version,
                 updated_by,
             },

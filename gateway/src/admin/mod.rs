@@ -1,4 +1,5 @@
-//! The admin API: consumers and their API keys, over JSON, on the admin listener.
+//! The admin API: consumers, their API keys and their tenants' budgets (`budget`), over JSON,
+//! on the admin listener.
 //!
 //! In: operator requests with `Authorization: Bearer <admin token>`. Out: records written to
 //! the keys topic through [`KeyStore`] (answered once applied locally), JSON views of the
@@ -16,6 +17,8 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use subtle::ConstantTimeEq;
 use tollgate_schemas::{encode, ApiKeyRecord, ConsumerRecord, EntityKey};
+
+mod budget;
 
 use crate::apikey;
 use crate::directory::Consumer;
@@ -35,6 +38,8 @@ pub struct Admin {
     pub identity: IdentitySettings,
     /// Defined plans: a consumer may only name one of these, and only override their limits.
     pub plans: std::collections::BTreeMap<String, crate::limits::PlanSettings>,
+    /// Month-to-date spend for the budget views, when `[budgets]` is configured.
+    pub spend: Option<Arc<crate::spend::SpendLedger>>,
 }
 
 type Reply = Result<Response<Full<Bytes>>, Problem>;
@@ -70,6 +75,12 @@ impl Admin {
                 self.roll_key(&name, read_json(req).await?).await
             }
             (Method::DELETE, ["v1", "consumers", name, "keys", id]) => self.revoke_key(name, id).await,
+            (Method::PUT, ["v1", "consumers", name, "budget"]) => {
+                let name = name.to_string();
+                self.put_budget(&name, read_json(req).await?).await
+            }
+            (Method::GET, ["v1", "consumers", name, "budget"]) => self.get_budget(name),
+            (Method::DELETE, ["v1", "consumers", name, "budget"]) => self.delete_budget(name).await,
             (_, ["v1", "consumers", ..]) => Err(Problem::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method-not-allowed",

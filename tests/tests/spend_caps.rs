@@ -1,0 +1,325 @@
+//! Monthly spend caps over the real stack: the gateway binary with `[budgets]`, the
+//! meter-consumer binary counting its usage into ClickHouse, Kafka in between.
+//!
+//! Budgets are set, read and removed on the admin API with clear refusals; a capped tenant is
+//! admitted until the next request would pass its cap, then refused with `spend-cap-exceeded`
+//! (the upstream never sees it); the refusal continues after a gateway restart (the count comes
+//! back from ClickHouse) and on a second gateway (which sees the first one's spend through
+//! ClickHouse within one refresh).
+
+// Needs the running stack (Kafka, ClickHouse, Redis, stripe-mock): `scripts/stack test`.
+#![cfg(feature = "stack-tests")]
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tollgate_tests::http::{send, EchoUpstream, Reply};
+use tollgate_tests::process::{free_port, gateway, GatewayProcess, ServiceProcess};
+use tollgate_tests::{clickhouse, create_topic, eventually, kafka, unique};
+
+const ADMIN_TOKEN: &str = "spend-caps-admin-token-0123456789";
+/// Each `/v1/` request (1 request, 1 compute unit) costs 10 + 1 = 11 minor units on every plan.
+const REQUEST_COST: i64 = 11;
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Topics and a ClickHouse database of the test's own, a catalogue pricing every plan of the
+/// example gateway settings, and the meter-consumer counting into that database.
+struct Stack {
+    dir: std::path::PathBuf,
+    keys: String,
+    usage: String,
+    database: String,
+    upstream: EchoUpstream,
+    _meter: ServiceProcess,
+}
+
+impl Stack {
+    async fn start(prefix: &str) -> Self {
+        let run = unique(prefix);
+        let dir = std::env::temp_dir().join(&run);
+        std::fs::create_dir_all(&dir).expect("test directory");
+        let (keys, usage, dlq) = (format!("{run}.keys"), format!("{run}.usage"), format!("{run}.dlq"));
+        create_topic(&kafka(), &keys, 1, &[("cleanup.policy", "compact")]).await;
+        create_topic(&kafka(), &usage, 3, &[]).await;
+        create_topic(&kafka(), &dlq, 1, &[]).await;
+        let mut catalogue = String::new();
+        for plan in ["free", "starter", "professional", "enterprise"] {
+            catalogue.push_str(&format!(
+                "[plans.{plan}]\ncurrency = \"usd\"\nmeters.requests = {{ unit_price_minor = \"10\" }}\nmeters.compute_units = {{ unit_price_minor = \"1\" }}\n"
+            ));
+        }
+        std::fs::write(dir.join("plans.toml"), catalogue).expect("catalogue");
+        let meter_env = tollgate_tests::meter::Env {
+            brokers: kafka(),
+            clickhouse: clickhouse(),
+            database: run.clone(),
+            usage: usage.clone(),
+            dlq,
+            keys: keys.clone(),
+            group: format!("{run}.meter"),
+        };
+        let meter_port = free_port();
+        let meter_config = dir.join("meter-consumer.toml");
+        std::fs::write(
+            &meter_config,
+            meter_env.settings_toml_on(&clickhouse(), 5000, 200, &format!("127.0.0.1:{meter_port}")),
+        )
+        .expect("meter-consumer settings");
+        let mut meter = ServiceProcess::new(
+            "tollgate-meter-consumer",
+            &["--config", &meter_config.display().to_string()],
+            Vec::new(),
+            format!("http://127.0.0.1:{meter_port}/healthz"),
+            &dir,
+        );
+        meter.start().await;
+        Self {
+            dir,
+            keys,
+            usage,
+            database: run,
+            upstream: EchoUpstream::start().await,
+            _meter: meter,
+        }
+    }
+
+    /// A gateway enforcing caps from this stack's ClickHouse, re-read every 300 ms.
+    fn gateway(&self, name: &str) -> GatewayProcess {
+        let dir = self.dir.join(name);
+        std::fs::create_dir_all(&dir).expect("gateway directory");
+        let catalogue = self.dir.join("plans.toml").display().to_string();
+        gateway(
+            &dir,
+            ADMIN_TOKEN,
+            &kafka(),
+            (&self.keys, &self.usage),
+            &self.upstream.url(),
+            &[
+                ("TOLLGATE_BUDGETS__CATALOGUE", &catalogue),
+                ("TOLLGATE_BUDGETS__CLICKHOUSE__URL", &clickhouse()),
+                ("TOLLGATE_BUDGETS__CLICKHOUSE__DATABASE", &self.database),
+                ("TOLLGATE_BUDGETS__REFRESH_INTERVAL_MS", "300"),
+            ],
+        )
+    }
+
+    /// Billable requests ClickHouse has counted for `tenant`.
+    async fn counted(&self, tenant: &str) -> u64 {
+        let client = clickhouse::Client::default()
+            .with_url(clickhouse())
+            .with_database(&self.database)
+            .with_validation(false);
+        client
+            .query("SELECT count() FROM usage_events WHERE tenant_id = ? AND billable = 1")
+            .bind(tenant)
+            .fetch_one::<u64>()
+            .await
+            .unwrap_or(0)
+    }
+
+    async fn remove(self) {
+        let client = clickhouse::Client::default().with_url(clickhouse());
+        let _ = client
+            .query(&format!("DROP DATABASE IF EXISTS {}", self.database))
+            .execute()
+            .await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn admin(gw: &GatewayProcess, method: &str, path: &str, body: Option<Value>) -> Reply {
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    let headers = [("authorization", auth.as_str()), ("content-type", "application/json")];
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    send(method, &format!("{}{path}", gw.admin), &headers, body.as_bytes()).await
+}
+
+async fn call(gw: &GatewayProcess, key: &str) -> Reply {
+    let auth = format!("Bearer {key}");
+    send(
+        "GET",
+        &format!("{}/v1/orders", gw.public),
+        &[("authorization", &auth)],
+        b"",
+    )
+    .await
+}
+
+/// The first answer that is not `spend-unknown` (the gateway has not read ClickHouse for the
+/// tenant yet).
+async fn settled_call(gw: &GatewayProcess, key: &str) -> Reply {
+    eventually("an answer with the month-to-date spend known", DEADLINE, || async {
+        let reply = call(gw, key).await;
+        (reply.status != 503).then_some(reply)
+    })
+    .await
+}
+
+fn assert_cap_exceeded(reply: &Reply, cap: i64) {
+    assert_eq!(reply.status, 429, "{}", reply.text());
+    assert_eq!(reply.header("content-type"), Some("application/problem+json"));
+    let body = reply.json();
+    assert_eq!(body["type"], "https://tollgate.dev/problems/spend-cap-exceeded");
+    assert_eq!(body["monthlyCap"], cap);
+    let period_end = body["periodEnd"].as_str().expect("periodEnd");
+    assert!(period_end.ends_with("-01T00:00:00Z"), "{period_end}");
+    assert!(body["detail"].as_str().unwrap().contains(&cap.to_string()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn budgets_are_set_read_and_removed_on_the_admin_api_with_clear_refusals() {
+    let stack = Stack::start("budget_admin").await;
+    let mut gw = stack.gateway("gw");
+    gw.process.start().await;
+    gw.consumer_with_key(ADMIN_TOKEN, "acme", json!({"tenantId": "t_acme", "plan": "free"}))
+        .await;
+    gw.consumer_with_key(ADMIN_TOKEN, "acme-batch", json!({"tenantId": "t_acme", "plan": "free"}))
+        .await;
+    let path = "/v1/consumers/acme/budget";
+
+    assert_eq!(admin(&gw, "GET", path, None).await.status, 404);
+    for (body, status, detail) in [
+        (json!({"monthlyCap": -1}), 400, "monthlyCap must be a whole number"),
+        (json!({"monthlyCap": 100, "alertAt": [0]}), 400, "alertAt: 0"),
+        (json!({"monthlyCap": 100, "alertAt": [101]}), 400, "alertAt: 101"),
+        (json!({"monthlyCap": 100, "cap": 5}), 400, "unknown field `cap`"),
+        (json!({"monthlyCap": "100"}), 400, "invalid type"),
+    ] {
+        let reply = admin(&gw, "PUT", path, Some(body.clone())).await;
+        assert_eq!(reply.status, status, "{body}: {}", reply.text());
+        assert_eq!(reply.header("content-type"), Some("application/problem+json"));
+        assert!(
+            reply.json()["detail"].as_str().unwrap().contains(detail),
+            "{body}: {}",
+            reply.text()
+        );
+    }
+    let unknown = admin(
+        &gw,
+        "PUT",
+        "/v1/consumers/nobody/budget",
+        Some(json!({"monthlyCap": 1})),
+    )
+    .await;
+    assert_eq!(unknown.status, 404);
+    assert!(unknown.json()["type"].as_str().unwrap().ends_with("/not-found"));
+
+    let set = admin(
+        &gw,
+        "PUT",
+        path,
+        Some(json!({"monthlyCap": 5000, "alertAt": [100, 50, 80]})),
+    )
+    .await;
+    assert_eq!(set.status, 200, "{}", set.text());
+    let set = set.json();
+    assert_eq!(set["monthlyCap"], 5000);
+    assert_eq!(set["alertAt"], json!([50, 80, 100]));
+    assert_eq!(set["tenantId"], "t_acme");
+    assert_eq!(set["enforced"], true);
+    assert_eq!(set["currency"], "usd");
+    // The tenant's budget, whichever of its consumers it is read through.
+    let read = admin(&gw, "GET", "/v1/consumers/acme-batch/budget", None).await;
+    assert_eq!(read.status, 200);
+    assert_eq!(read.json()["monthlyCap"], 5000);
+    let known = eventually("the month-to-date spend read from clickhouse", DEADLINE, || async {
+        let read = admin(&gw, "GET", path, None).await.json();
+        read["monthToDate"]["spent"].as_i64()
+    })
+    .await;
+    assert_eq!(known, 0);
+
+    assert_eq!(admin(&gw, "DELETE", path, None).await.status, 204);
+    assert_eq!(admin(&gw, "GET", path, None).await.status, 404);
+    assert_eq!(
+        admin(&gw, "DELETE", path, None).await.status,
+        204,
+        "deleting twice is fine"
+    );
+    stack.remove().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_capped_tenant_is_refused_at_its_cap_after_a_restart_and_on_another_gateway() {
+    let stack = Stack::start("spend_caps").await;
+    let mut first = stack.gateway("first");
+    first.process.start().await;
+    let key = first
+        .consumer_with_key(ADMIN_TOKEN, "acme", json!({"tenantId": "t_acme", "plan": "free"}))
+        .await;
+    // Room for 4 requests (44), not a fifth (55).
+    let cap = 4 * REQUEST_COST + REQUEST_COST / 2;
+    let set = admin(
+        &first,
+        "PUT",
+        "/v1/consumers/acme/budget",
+        Some(json!({"monthlyCap": cap})),
+    )
+    .await;
+    assert_eq!(set.status, 200, "{}", set.text());
+
+    let mut admitted = 0;
+    let refused = loop {
+        let reply = settled_call(&first, &key).await;
+        if reply.status != 200 {
+            break reply;
+        }
+        admitted += 1;
+        assert!(admitted <= 4, "admitted past the cap");
+    };
+    assert_eq!(admitted, 4);
+    assert_cap_exceeded(&refused, cap);
+    assert_eq!(stack.upstream.received(), 4, "a refusal never reaches the upstream");
+    let status = admin(&first, "GET", "/v1/consumers/acme/budget", None).await.json();
+    assert_eq!(status["monthToDate"]["spent"], 4 * REQUEST_COST);
+
+    // ClickHouse counts what was admitted, and nothing for the refusal.
+    eventually("clickhouse counted the admitted requests", DEADLINE, || async {
+        (stack.counted("t_acme").await == 4).then_some(())
+    })
+    .await;
+
+    // A restart forgets what the process admitted; ClickHouse remembers.
+    first.process.terminate();
+    first.process.wait_exit(DEADLINE).await;
+    first.process.start().await;
+    assert_cap_exceeded(&settled_call(&first, &key).await, cap);
+
+    // A second gateway (another service.id) starts from ClickHouse too.
+    let mut second = stack.gateway("second");
+    second.process.start().await;
+    assert_cap_exceeded(&settled_call(&second, &key).await, cap);
+    assert_eq!(stack.upstream.received(), 4);
+
+    // A raised cap makes room for exactly one more request on either gateway; once the
+    // first gateway's admission reaches ClickHouse the second refuses too.
+    let cap = cap + REQUEST_COST;
+    let raised = admin(
+        &second,
+        "PUT",
+        "/v1/consumers/acme/budget",
+        Some(json!({"monthlyCap": cap})),
+    )
+    .await;
+    assert_eq!(raised.status, 200);
+    eventually("the raised cap reached the first gateway", DEADLINE, || async {
+        let reply = call(&first, &key).await;
+        (reply.status == 200).then_some(())
+    })
+    .await;
+    assert_cap_exceeded(&call(&first, &key).await, cap);
+    eventually("clickhouse counted the fifth request", DEADLINE, || async {
+        (stack.counted("t_acme").await == 5).then_some(())
+    })
+    .await;
+    eventually("the second gateway saw the first one's spend", DEADLINE, || async {
+        let status = admin(&second, "GET", "/v1/consumers/acme/budget", None).await.json();
+        (status["monthToDate"]["spent"] == 5 * REQUEST_COST).then_some(())
+    })
+    .await;
+    assert_cap_exceeded(&call(&second, &key).await, cap);
+    assert_eq!(stack.upstream.received(), 5);
+    assert_eq!(stack.counted("t_acme").await, 5);
+    drop((first, second));
+    stack.remove().await;
+}
