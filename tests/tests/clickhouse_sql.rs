@@ -3,8 +3,9 @@
 //! it written to that file for `scripts/chdb-check` to replay on the current ClickHouse.
 //!
 //! In: meter-consumer's migrations and sink, billing-sync's migrations, one billing pass
-//! (against stripe-mock) and reconcile, the README's finance queries, a fixture of usage
-//! events and consumers; everything through [`sql_capture::Recorder`] in front of the server.
+//! (against stripe-mock) and reconcile, the README's finance queries, the gateway's
+//! spend-cap refresh, a fixture of usage events and consumers; everything through
+//! [`sql_capture::Recorder`] in front of the server.
 //! Out: assertions that 18.16 accepted every statement, that every SQL literal in the
 //! services' sources was sent, and that `invoice_preview`, `usage_by_period`, `top_routes`
 //! and `usage_hourly` hold the sums computed here from the events; and the capture file:
@@ -67,6 +68,7 @@ async fn the_services_sql_runs_on_clickhouse_and_the_finance_views_add_up() {
     write_keys(&client).await;
     bill(&settings, now).await;
     run_readme_queries(&client).await;
+    check_spend_refresh(&client, &events, now).await;
 
     let checks = view_checks(&events);
     for check in &checks {
@@ -208,6 +210,40 @@ fn fixture(now: i64) -> Vec<UsageEvent> {
         add(recent + 120 * i, None, "", Outcome::Unauthenticated, 0);
     }
     events
+}
+
+/// The gateway's spend-cap refresh reads each budgeted tenant's billable units this month,
+/// leaving out the events of its own `service.id` since it started: the sums computed here.
+async fn check_spend_refresh(client: &Client, events: &[UsageEvent], now: i64) {
+    use tollgate_gateway::spend::{refresh, Month};
+    let month = Month::of(now * 1000);
+    // This gateway started an hour into the recent traffic: its later events are its own.
+    let recent = now - now.rem_euclid(HOUR) - 3 * HOUR;
+    let own = refresh::Own {
+        gateway_id: "gw-sqlcheck".to_owned(),
+        started_ms: (recent + HOUR) * 1000,
+    };
+    let tenants: Vec<String> = ["tenant_a", "tenant_b", "tenant_unknown"].map(str::to_owned).to_vec();
+    let mut expected: BTreeMap<(String, String), i64> = BTreeMap::new();
+    for event in events {
+        let Some(tenant) = event.tenant_id.as_ref().filter(|t| tenants.contains(t)) else {
+            continue;
+        };
+        let own_event = event.gateway_id == own.gateway_id && event.timestamp_ms >= own.started_ms;
+        if event.billable && Month::of(event.timestamp_ms) == month && !own_event {
+            for (meter, value) in &event.units {
+                *expected.entry((tenant.clone(), meter.clone())).or_default() += value;
+            }
+        }
+    }
+    let counted: BTreeMap<(String, String), i64> = refresh::counted(client, &tenants, month, &own)
+        .await
+        .expect("the spend refresh query runs")
+        .into_iter()
+        .map(|(tenant, meter, total)| ((tenant, meter), total))
+        .collect();
+    assert!(!expected.is_empty(), "the fixture has billable units this month");
+    assert_eq!(counted, expected, "month-to-date units the spend caps start from");
 }
 
 /// The events into ClickHouse as meter-consumer writes them: batches cut at month changes

@@ -65,7 +65,7 @@ pub async fn run(
 }
 
 /// Billable units per tenant and meter in `month`, without this process's events.
-async fn counted(
+pub async fn counted(
     client: &clickhouse::Client,
     tenants: &[String],
     month: Month,
