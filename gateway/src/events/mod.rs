@@ -163,6 +163,7 @@ pub fn start(
         .set("linger.ms", "5");
     transactions::configure(&mut config, service_id);
     let producer: FutureProducer = config.create().map_err(kafka_error)?;
+    let producer_config = config;
     let settings = Arc::new(settings);
     let (tx, rx) = mpsc::unbounded_channel();
     let watermark = Arc::clone(writer.watermark());
@@ -177,6 +178,7 @@ pub fn start(
         reader,
         Shipping {
             producer,
+            producer_config,
             kafka: kafka.client_config(),
             service_id: service_id.to_owned(),
             topic: topic.to_owned(),

@@ -33,6 +33,8 @@ pub(crate) struct ShipperControl {
 /// is committed through, the usage topic and this spool's epoch.
 pub(crate) struct Shipping {
     pub(crate) producer: FutureProducer,
+    /// Its settings, for a new producer when this one is stuck in a call.
+    pub(crate) producer_config: rdkafka::ClientConfig,
     /// Client settings for the consumer the spool position is read back through.
     pub(crate) kafka: rdkafka::ClientConfig,
     pub(crate) service_id: String,
@@ -52,7 +54,8 @@ pub(crate) async fn ship_loop(
     mut from_earlier_run: u64,
 ) {
     let Shipping {
-        producer,
+        mut producer,
+        producer_config,
         kafka,
         service_id,
         topic,
@@ -102,21 +105,34 @@ pub(crate) async fn ship_loop(
             }
         }
     }
-    let shipper = loop {
-        match transactions::TransactionalShipper::init(producer.clone(), &positions, &topic, &epoch).await {
-            Ok(shipper) => break shipper,
-            Err(transactions::ShipError::Fatal(reason)) => {
-                tracing::error!(%reason, "usage topic: shipping stopped; events stay in the spool");
-                return;
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, "usage topic: transactions not ready yet; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(retry) => {}
-                    _ = control.stop.notified() => return,
+    let init = |producer: FutureProducer| {
+        let (positions, topic, epoch, control) = (&positions, &topic, &epoch, &control);
+        async move {
+            loop {
+                let init = transactions::TransactionalShipper::init(producer.clone(), positions, topic, epoch);
+                let result = tokio::select! {
+                    result = init => result,
+                    _ = control.stop.notified() => return None,
+                };
+                match result {
+                    Ok(shipper) => return Some(shipper),
+                    Err(transactions::ShipError::Fatal(reason)) => {
+                        tracing::error!(%reason, "usage topic: shipping stopped; events stay in the spool");
+                        return None;
+                    }
+                    Err(err) => {
+                        tracing::warn!(error = %err, "usage topic: transactions not ready yet; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(retry) => {}
+                            _ = control.stop.notified() => return None,
+                        }
+                    }
                 }
             }
         }
+    };
+    let Some(mut shipper) = init(producer.clone()).await else {
+        return;
     };
     loop {
         let batch = match reader.read_batch(2000) {
@@ -167,6 +183,22 @@ pub(crate) async fn ship_loop(
             Err(transactions::ShipError::Fatal(reason)) => {
                 tracing::error!(%reason, "usage topic: shipping stopped; events stay in the spool");
                 return;
+            }
+            Err(transactions::ShipError::Stuck) => {
+                // The batch is shipped again (the reader did not move) by a new producer,
+                // whose registration fences the stuck one and aborts its transaction.
+                tracing::warn!("usage topic: the producer is stuck in a transactional call; replacing it");
+                producer = match producer_config.create() {
+                    Ok(new) => new,
+                    Err(err) => {
+                        tracing::error!(error = %err, "usage topic: cannot make a new producer; shipping stopped, events stay in the spool");
+                        return;
+                    }
+                };
+                let Some(new) = init(producer.clone()).await else {
+                    return;
+                };
+                shipper = new;
             }
             Err(err) => {
                 tracing::warn!(error = %err, "usage topic: batch not shipped; retrying it");

@@ -31,6 +31,11 @@ use super::spool::Position;
 
 /// How long one transactional call to the broker may take before it is retried.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Our own deadline around a transactional call: librdkafka can block in
+/// `send_offsets_to_transaction` past its timeout when the broker went away mid-transaction
+/// (its coordinator request timeout is never checked), so a call that has not returned by
+/// then is given up and the producer replaced.
+const STUCK_AFTER: Duration = Duration::from_secs(20);
 /// Longest a transaction may stay open on the broker; a message not acknowledged by then
 /// fails and the batch is tried again in a new transaction.
 pub const TRANSACTION_TIMEOUT_MS: u64 = 60_000;
@@ -46,6 +51,10 @@ pub enum ShipError {
     /// shipping stops, the events stay in the spool.
     #[error("usage topic: transactional producer unusable: {0}")]
     Fatal(String),
+    /// A call did not return by our own deadline: the producer is stuck in it. A new
+    /// producer with the same transactional id fences it and aborts its transaction.
+    #[error("usage topic: a transactional call did not return within {}s", STUCK_AFTER.as_secs())]
+    Stuck,
 }
 
 fn classify(err: KafkaError) -> ShipError {
@@ -104,10 +113,7 @@ impl TransactionalShipper {
             .group_metadata()
             .ok_or_else(|| ShipError::Fatal("the positions consumer has no group".to_owned()))?;
         let blocking = producer.clone();
-        tokio::task::spawn_blocking(move || blocking.init_transactions(CALL_TIMEOUT))
-            .await
-            .map_err(|e| ShipError::Fatal(e.to_string()))?
-            .map_err(classify)?;
+        run_blocking(move || blocking.init_transactions(CALL_TIMEOUT)).await?;
         Ok(Self {
             producer,
             group: Arc::new(group),
@@ -122,7 +128,7 @@ impl TransactionalShipper {
         run_blocking(move || producer.begin_transaction()).await?;
         match self.produce_and_commit(records, next).await {
             Ok(()) => Ok(()),
-            Err(ShipError::Fatal(reason)) => Err(ShipError::Fatal(reason)),
+            Err(err @ (ShipError::Fatal(_) | ShipError::Stuck)) => Err(err),
             Err(ShipError::Retry(reason)) => {
                 let producer = self.producer.clone();
                 // Abort so none of the batch becomes visible; if the broker cannot be reached
@@ -155,6 +161,7 @@ impl TransactionalShipper {
             }
         }
         for delivery in deliveries {
+            // Each message fails by `message.timeout.ms` at the latest.
             match delivery.await {
                 Ok(Ok(_)) => {}
                 Ok(Err((err, _))) => return Err(classify(err)),
@@ -177,8 +184,11 @@ impl TransactionalShipper {
 }
 
 async fn run_blocking(call: impl FnOnce() -> Result<(), KafkaError> + Send + 'static) -> Result<(), ShipError> {
-    tokio::task::spawn_blocking(call)
+    // A call past the deadline keeps its blocking thread until librdkafka returns (or the
+    // process exits); the shipper goes on with a new producer.
+    tokio::time::timeout(STUCK_AFTER, tokio::task::spawn_blocking(call))
         .await
+        .map_err(|_| ShipError::Stuck)?
         .map_err(|e| ShipError::Fatal(e.to_string()))?
         .map_err(classify)
 }
