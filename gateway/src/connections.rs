@@ -1,10 +1,11 @@
-//! Connection hygiene on a listener: caps on open connections (global and per client IP) and
-//! the deadline from accept to the first complete request head.
+//! Connection hygiene on a listener: caps on open connections (global and per client IP), the
+//! deadline from accept to the first complete request head, and the idle timeout after it.
 //!
-//! In: accepted sockets and their peers; the `http.*` connection settings. Out: a
-//! [`ConnectionPermit`] held for a connection's life, or a refusal (the socket is closed at
-//! once); counts of both in `gateway_connections_refused_total{reason}` and
-//! `gateway_connections_closed_total{reason}`.
+//! In: accepted sockets and their peers; the `http.*` connection settings; each request's
+//! start and end on a connection ([`Activity`]). Out: a [`ConnectionPermit`] held for a
+//! connection's life, or a refusal (the socket is closed at once); the watchdog's verdict
+//! on an open connection ([`Activity::idle_check`]); counts in
+//! `gateway_connections_refused_total{reason}` and `gateway_connections_closed_total{reason}`.
 //!
 //! Why: a socket that never sends a request (nor a full h2 preface) costs a file descriptor
 //! for ever unless someone closes it; a few thousand exhaust the process. hyper's
@@ -12,11 +13,15 @@
 //! version sniffing, so the first-request deadline is enforced here for both versions.
 //! Later requests on a kept-alive HTTP/1 connection have `http.header_read_timeout_ms` each;
 //! HTTP/2 connections are pinged every `http.h2_keep_alive_interval_ms` and closed when a ping
-//! goes unanswered.
+//! goes unanswered. Pings keep a dead peer from holding a socket, not an idle one: a client
+//! that answers pings but sends no request is closed by `http.idle_timeout_ms`, which counts
+//! time with no request in flight, whatever bytes the connection carries.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::metrics::GatewayMetrics;
 
@@ -89,9 +94,112 @@ impl Drop for ConnectionPermit {
     }
 }
 
+/// A connection's requests, as its watchdog sees them: whether one ever arrived, how many are
+/// in flight (until their response head is ready), and when the last one started or ended.
+///
+/// A response still streaming after its head counts as idle time; that is harmless because
+/// the watchdog only shuts down gracefully, which lets a response in progress finish.
+pub struct Activity {
+    epoch: Instant,
+    any: AtomicBool,
+    in_flight: AtomicUsize,
+    /// Milliseconds after `epoch` of the last start or end.
+    last_change_ms: AtomicU64,
+}
+
+/// What the watchdog does next with an open connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Not idle long enough: look again after this long.
+    Wait(Duration),
+    /// No request in flight for the whole idle timeout.
+    Close,
+}
+
+/// A request in flight on a connection; dropping it (the response head is ready, or the
+/// client went away) ends it.
+pub struct InFlight(Arc<Activity>);
+
+impl Activity {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            epoch: Instant::now(),
+            any: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            last_change_ms: AtomicU64::new(0),
+        })
+    }
+
+    pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.any.store(true, Ordering::Release);
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.touch();
+        InFlight(Arc::clone(self))
+    }
+
+    /// Whether any request has arrived on the connection.
+    pub fn any_request(&self) -> bool {
+        self.any.load(Ordering::Acquire)
+    }
+
+    /// Whether the connection has had no request in flight for `idle` as of `now`, or how long
+    /// to wait before asking again.
+    pub fn idle_check(&self, idle: Duration, now: Instant) -> Verdict {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return Verdict::Wait(idle);
+        }
+        let last = self.epoch + Duration::from_millis(self.last_change_ms.load(Ordering::Acquire));
+        let quiet = now.saturating_duration_since(last);
+        if quiet >= idle {
+            Verdict::Close
+        } else {
+            Verdict::Wait(idle - quiet)
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_change_ms.fetch_max(ms, Ordering::AcqRel);
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_is_idle_only_after_the_whole_timeout_with_nothing_in_flight() {
+        let idle = Duration::from_millis(500);
+        let activity = Activity::new();
+        assert!(!activity.any_request());
+        let request = activity.begin();
+        assert!(activity.any_request());
+        let later = Instant::now() + Duration::from_secs(10);
+        assert_eq!(
+            activity.idle_check(idle, later),
+            Verdict::Wait(idle),
+            "a request in flight is never idle"
+        );
+        drop(request);
+        let ended = Instant::now();
+        match activity.idle_check(idle, ended) {
+            Verdict::Wait(left) => assert!(left <= idle && left > Duration::from_millis(400), "{left:?}"),
+            Verdict::Close => panic!("closed right after a request ended"),
+        }
+        assert_eq!(
+            activity.idle_check(idle, ended + idle + Duration::from_millis(5)),
+            Verdict::Close
+        );
+        let _again = activity.begin();
+        assert_eq!(activity.idle_check(idle, later), Verdict::Wait(idle));
+    }
 
     #[test]
     fn caps_hold_per_ip_and_overall_and_places_come_back() {

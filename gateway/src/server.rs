@@ -283,6 +283,7 @@ async fn bind(which: &'static str, listen: &str) -> Result<TcpListener, GatewayE
 struct ConnectionPolicy {
     header_read_timeout: Duration,
     first_request_timeout: Duration,
+    idle_timeout: Duration,
     h2_keep_alive_interval: Duration,
     table: Arc<crate::connections::ConnectionTable>,
 }
@@ -292,6 +293,7 @@ impl ConnectionPolicy {
         Self {
             header_read_timeout: Duration::from_millis(http.header_read_timeout_ms),
             first_request_timeout: Duration::from_millis(http.first_request_timeout_ms),
+            idle_timeout: Duration::from_millis(http.idle_timeout_ms),
             h2_keep_alive_interval: Duration::from_millis(http.h2_keep_alive_interval_ms),
             table: crate::connections::ConnectionTable::new(
                 http.max_connections as usize,
@@ -303,13 +305,16 @@ impl ConnectionPolicy {
 }
 
 /// Serves HTTP/1.1 and h2c on `listener` until shutdown, then lets open connections finish
-/// (up to [`DRAIN_TIMEOUT`]). Each connection holds a place in the connection table and must
-/// deliver its first request head within `first_request_timeout` (see `connections`).
+/// (up to [`DRAIN_TIMEOUT`]). Each connection holds a place in the connection table, must
+/// deliver its first request head within `first_request_timeout`, and is shut down gracefully
+/// once it has had no request in flight for `idle_timeout` (see `connections`).
 async fn serve<F, Fut>(listener: TcpListener, shutdown: Shutdown, policy: ConnectionPolicy, handler: F)
 where
     F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
+    use crate::connections::{Activity, Verdict};
+
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -336,34 +341,60 @@ where
             drop(stream);
             continue;
         };
-        let first_request = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let activity = Activity::new();
         let handler = handler.clone();
         let service = hyper::service::service_fn({
-            let first_request = Arc::clone(&first_request);
+            let activity = Arc::clone(&activity);
             move |req| {
-                first_request.store(true, std::sync::atomic::Ordering::Release);
+                let in_flight = activity.begin();
                 let response = handler(req, peer);
-                async move { Ok::<_, Infallible>(response.await) }
+                async move {
+                    let response = response.await;
+                    drop(in_flight);
+                    Ok::<_, Infallible>(response)
+                }
             }
         });
         let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-        let connection = graceful.watch(connection);
-        let (deadline, table) = (policy.first_request_timeout, Arc::clone(&policy.table));
+        // Held until the connection ends, so the drain below waits for it.
+        let drain = graceful.watcher();
+        let (policy, shutdown) = (policy.clone(), shutdown.clone());
         tokio::spawn(async move {
-            let _permit = permit;
+            let (_permit, _drain) = (permit, drain);
             tokio::pin!(connection);
             tokio::select! {
                 _ = &mut connection => return,
-                _ = tokio::time::sleep(deadline) => {}
+                _ = tokio::time::sleep(policy.first_request_timeout) => {}
+                _ = shutdown.wait() => {}
             }
-            if first_request.load(std::sync::atomic::Ordering::Acquire) {
-                let _ = connection.await;
-            } else {
+            if !activity.any_request() && !shutdown.is_triggered() {
                 // Dropping the connection closes the socket.
-                table
+                policy
+                    .table
                     .metrics()
                     .count("gateway_connections_closed_total", "first_request_timeout");
+                return;
             }
+            while !shutdown.is_triggered() {
+                let wait = match activity.idle_check(policy.idle_timeout, std::time::Instant::now()) {
+                    Verdict::Wait(wait) => wait,
+                    Verdict::Close => {
+                        policy
+                            .table
+                            .metrics()
+                            .count("gateway_connections_closed_total", "idle_timeout");
+                        break;
+                    }
+                };
+                tokio::select! {
+                    _ = &mut connection => return,
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.wait() => {}
+                }
+            }
+            // Stops new requests; one in progress (or an h2 stream) finishes first.
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
         });
     }
     drop(listener);

@@ -1,7 +1,8 @@
 //! The tenant boundary through the real gateway on real sockets (issue 10's classes 1, 4, 5
 //! and 8): a case variant or `;`-decorated tenant path is tenant-checked or refused, client
-//! identity headers with `_` never reach the upstream, an idle connection is closed by the
-//! first-request deadline, and a tenant's quota is unchanged after a 413 and a truncated upload.
+//! identity headers with `_` never reach the upstream, a connection that sends nothing is
+//! closed by the first-request deadline and a kept-alive one (HTTP/1 and h2) by the idle
+//! timeout, and a tenant's quota is unchanged after a 413 and a truncated upload.
 
 // Needs the running stack (Kafka for the keys topic): `scripts/stack test`.
 #![cfg(feature = "stack-tests")]
@@ -147,6 +148,81 @@ async fn a_connection_that_sends_nothing_is_closed_by_the_first_request_deadline
         .await;
         assert!(closed.is_ok(), "connection opened with {opening:?} still open");
     }
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_kept_alive_connection_without_requests_is_closed_by_the_idle_timeout() {
+    let upstream = EchoUpstream::start().await;
+    // Header reads alone would wait ten minutes and the h2 pings are answered by the client:
+    // only the idle timeout can close these.
+    let gw = gateway(&upstream, |s| {
+        s.http.idle_timeout_ms = 1_000;
+        s.http.header_read_timeout_ms = 600_000;
+        s.http.h2_keep_alive_interval_ms = 1_000;
+    })
+    .await;
+    let addr = gw.public.trim_start_matches("http://").to_owned();
+
+    let mut http1 = TcpStream::connect(&addr).await.expect("connect");
+    http1
+        .write_all(b"GET /v1/idle HTTP/1.1\r\nhost: gw\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut answered_at = None;
+    let closed = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match http1.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    answer.extend_from_slice(&buf[..n]);
+                    answered_at.get_or_insert_with(std::time::Instant::now);
+                }
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "an idle HTTP/1.1 connection is still open after 20 s");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 401"), "{text}");
+    assert!(
+        !text.contains("connection: close"),
+        "the answer keeps the connection alive: {text}"
+    );
+    let kept = answered_at.expect("an answer").elapsed();
+    assert!(
+        kept >= Duration::from_millis(900),
+        "closed {kept:?} after the answer, before the idle timeout"
+    );
+
+    let (mut sender, connection) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(Duration::from_millis(300))
+        .keep_alive_while_idle(true)
+        .handshake::<_, http_body_util::Empty<hyper::body::Bytes>>(hyper_util::rt::TokioIo::new(
+            TcpStream::connect(&addr).await.expect("connect"),
+        ))
+        .await
+        .expect("h2c handshake");
+    let connection = tokio::spawn(connection);
+    let request = hyper::Request::get(format!("{}/v1/idle", gw.public))
+        .body(http_body_util::Empty::new())
+        .expect("request");
+    let response = sender.send_request(request).await.expect("h2 answer");
+    assert_eq!(response.status(), 401);
+    let answered = std::time::Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(20), connection).await;
+    assert!(
+        ended.is_ok(),
+        "an idle h2 connection that answers pings is still open after 20 s"
+    );
+    let kept = answered.elapsed();
+    assert!(
+        kept >= Duration::from_millis(900),
+        "closed {kept:?} after the answer, before the idle timeout"
+    );
     gw.stop().await;
 }
 

@@ -232,6 +232,11 @@ pub struct HttpSettings {
     /// HTTP/2 keep-alive: ping this often, and close when a ping is unanswered this long.
     #[serde(default = "default_h2_keep_alive_interval_ms")]
     pub h2_keep_alive_interval_ms: u64,
+    /// A kept-alive connection (HTTP/1 or h2) with no request in flight for this long is
+    /// closed gracefully. On HTTP/1 the wait for the next head also counts against
+    /// `header_read_timeout_ms`, so there the shorter of the two applies.
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
     /// Open connections on one listener; more are closed at accept.
     #[serde(default = "default_max_connections")]
     pub max_connections: u32,
@@ -245,6 +250,9 @@ fn default_first_request_timeout_ms() -> u64 {
 }
 fn default_h2_keep_alive_interval_ms() -> u64 {
     30_000
+}
+fn default_idle_timeout_ms() -> u64 {
+    60_000
 }
 fn default_max_connections() -> u32 {
     10_000
@@ -265,6 +273,7 @@ impl Default for HttpSettings {
             case_sensitive_routes: false,
             first_request_timeout_ms: default_first_request_timeout_ms(),
             h2_keep_alive_interval_ms: default_h2_keep_alive_interval_ms(),
+            idle_timeout_ms: default_idle_timeout_ms(),
             max_connections: default_max_connections(),
             max_connections_per_ip: default_max_connections_per_ip(),
         }
@@ -412,6 +421,7 @@ impl Validate for GatewaySettings {
             1_000,
             3_600_000,
         )?;
+        in_range("http.idle_timeout_ms", self.http.idle_timeout_ms, 100, 3_600_000)?;
         in_range(
             "http.max_connections",
             u64::from(self.http.max_connections),
