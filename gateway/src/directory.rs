@@ -7,6 +7,12 @@
 //! Names are unique: when two records claim one name (two replicas creating the same
 //! consumer at once), the one earlier in the topic wins on every replica, since all apply the
 //! same order; the later one is ignored and its writer is told 409.
+//!
+//! A plan and `metadata.limits` are the tenant's terms, not a consumer's: every key of a tenant
+//! is limited by one set of limits. The admin API keeps a tenant's consumers agreeing; where
+//! records disagree anyway (written before that rule, or mid-way through the admin API
+//! rewriting a tenant's consumers), the tenant's most recently updated consumer rules
+//! (`Directory::terms_of`), the same on every replica since all apply the same records.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -119,6 +125,8 @@ pub enum Refusal {
 pub struct Identity {
     pub consumer: Arc<Consumer>,
     pub key_id: String,
+    /// The consumer whose plan and `metadata.limits` are the tenant's terms (often `consumer`).
+    pub terms: Arc<Consumer>,
 }
 
 #[derive(Default)]
@@ -129,6 +137,10 @@ pub struct Directory {
     key_by_digest: HashMap<[u8; 32], String>,
     /// Spend caps by tenant id.
     budgets: HashMap<String, Arc<BudgetRecord>>,
+    /// Consumer ids by tenant id.
+    members: HashMap<String, Vec<String>>,
+    /// The consumer whose terms rule, by tenant id.
+    terms: HashMap<String, Arc<Consumer>>,
 }
 
 impl Directory {
@@ -150,24 +162,77 @@ impl Directory {
                         return Ok(());
                     }
                 }
-                if let Some(old) = self.consumers.get(&record.id) {
+                let consumer = Arc::new(Consumer::from_record(record));
+                if let Some(old) = self.consumers.get(&record.id).cloned() {
                     if old.name != record.name {
                         self.id_by_name.remove(&old.name);
                     }
+                    self.leave_tenant(&old);
                 }
                 self.id_by_name.insert(record.name.clone(), record.id.clone());
-                self.consumers
-                    .insert(record.id.clone(), Arc::new(Consumer::from_record(record)));
+                self.consumers.insert(record.id.clone(), Arc::clone(&consumer));
+                self.members
+                    .entry(consumer.tenant_id.clone())
+                    .or_default()
+                    .push(consumer.id.clone());
+                self.rule_tenant(&consumer.tenant_id);
             }
             None => {
                 if let Some(old) = self.consumers.remove(id) {
                     if self.id_by_name.get(&old.name).is_some_and(|owner| owner == id) {
                         self.id_by_name.remove(&old.name);
                     }
+                    self.leave_tenant(&old);
                 }
             }
         }
         Ok(())
+    }
+
+    fn leave_tenant(&mut self, old: &Consumer) {
+        if let Some(ids) = self.members.get_mut(&old.tenant_id) {
+            ids.retain(|member| member != &old.id);
+            if ids.is_empty() {
+                self.members.remove(&old.tenant_id);
+            }
+        }
+        self.rule_tenant(&old.tenant_id);
+    }
+
+    /// Picks the tenant's ruling consumer again: the most recently updated, ties broken by the
+    /// smaller id, so every replica picks the same one (billing-sync picks a tenant's plan by
+    /// the same rule, `tollgate_billing_sync::consumers`).
+    fn rule_tenant(&mut self, tenant: &str) {
+        let ruling = self
+            .members
+            .get(tenant)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.consumers.get(id))
+            .max_by(|a, b| a.updated_at_ms.cmp(&b.updated_at_ms).then_with(|| b.id.cmp(&a.id)))
+            .cloned();
+        match ruling {
+            Some(consumer) => self.terms.insert(tenant.to_owned(), consumer),
+            None => self.terms.remove(tenant),
+        };
+    }
+
+    /// The consumer whose plan and `metadata.limits` are `tenant`'s terms, if it has consumers.
+    pub fn terms_of(&self, tenant: &str) -> Option<Arc<Consumer>> {
+        self.terms.get(tenant).cloned()
+    }
+
+    /// A tenant's consumers, sorted by name.
+    pub fn consumers_of(&self, tenant: &str) -> Vec<Arc<Consumer>> {
+        let mut all: Vec<_> = self
+            .members
+            .get(tenant)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.consumers.get(id).cloned())
+            .collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
     }
 
     pub fn apply_key(&mut self, id: &str, record: Option<&ApiKeyRecord>) {
@@ -194,9 +259,11 @@ impl Directory {
             return Err(Refusal::Expired);
         }
         let consumer = self.consumers.get(&key.consumer_id).ok_or(Refusal::Unknown)?;
+        let terms = self.terms.get(&consumer.tenant_id).unwrap_or(consumer);
         Ok(Identity {
             consumer: Arc::clone(consumer),
             key_id: key.id.clone(),
+            terms: Arc::clone(terms),
         })
     }
 
@@ -374,6 +441,83 @@ mod tests {
         d.apply_key("k1", None);
         assert_eq!(d.authenticate(&[7; 32], 10).unwrap_err(), Refusal::Unknown);
         assert_eq!(d.key_count(), 0);
+    }
+
+    /// One step of a replayed keys topic, over three consumers and two tenants.
+    #[derive(Debug, Clone)]
+    enum Step {
+        Write {
+            consumer: usize,
+            tenant: usize,
+            plan: usize,
+            updated_at_ms: i64,
+        },
+        Delete {
+            consumer: usize,
+        },
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => (0..3usize, 0..2usize, 0..3usize, 0..4i64).prop_map(|(consumer, tenant, plan, updated_at_ms)| Step::Write {
+                consumer,
+                tenant,
+                plan,
+                updated_at_ms
+            }),
+            1 => (0..3usize).prop_map(|consumer| Step::Delete { consumer }),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever the records say and in whatever order they come, every key of a tenant is
+        /// limited by the same terms: those of the tenant's most recently updated consumer.
+        #[test]
+        fn every_key_of_a_tenant_gets_one_set_of_terms(steps in proptest::collection::vec(step(), 1..40)) {
+            let mut d = Directory::default();
+            let mut live: BTreeMap<usize, (usize, usize, i64)> = BTreeMap::new();
+            for i in 0..3u8 {
+                d.apply_key(&format!("k{i}"), Some(&key(&format!("k{i}"), &format!("c{i}"), i)));
+            }
+            for step in steps {
+                match step {
+                    Step::Write { consumer: c, tenant, plan, updated_at_ms } => {
+                        let mut r = consumer(&format!("c{c}"), &format!("n{c}"));
+                        r.tenant_id = Some(format!("t{tenant}"));
+                        r.plan = Some(format!("p{plan}"));
+                        r.updated_at_ms = updated_at_ms;
+                        d.try_apply_consumer(&r.id.clone(), Some(&r)).unwrap();
+                        live.insert(c, (tenant, plan, updated_at_ms));
+                    }
+                    Step::Delete { consumer: c } => {
+                        d.try_apply_consumer(&format!("c{c}"), None).unwrap();
+                        live.remove(&c);
+                    }
+                }
+                for (&c, &(tenant, _, _)) in &live {
+                    // The model: latest update wins, the smaller id breaks a tie.
+                    let (ruler, _) = live
+                        .iter()
+                        .filter(|(_, (t, _, _))| *t == tenant)
+                        .max_by(|(ia, (_, _, ua)), (ib, (_, _, ub))| ua.cmp(ub).then(ib.cmp(ia)))
+                        .unwrap();
+                    let identity = d.authenticate(&[c as u8; 32], 0).unwrap();
+                    proptest::prop_assert_eq!(&identity.terms.id, &format!("c{ruler}"));
+                    proptest::prop_assert_eq!(&identity.terms.plan, &Some(format!("p{}", live[ruler].1)));
+                    proptest::prop_assert_eq!(&identity.terms.tenant_id, &format!("t{tenant}"));
+                }
+                for tenant in 0..2 {
+                    let expected: Vec<String> = live
+                        .iter()
+                        .filter(|(_, (t, _, _))| *t == tenant)
+                        .map(|(c, _)| format!("n{c}"))
+                        .collect();
+                    let names: Vec<String> = d.consumers_of(&format!("t{tenant}")).iter().map(|c| c.name.clone()).collect();
+                    proptest::prop_assert_eq!(names, expected);
+                }
+            }
+        }
     }
 
     #[test]

@@ -197,7 +197,7 @@ async fn a_broker_crash_loses_no_event_and_duplicates_none() {
     s.topics.usage = usage_topic.clone();
     let gw = TestGateway::start(s, None).await;
     let (key, _) = gw
-        .consumer_with_key("acme-corp", json!({"tenantId": "tenant_abc123"}))
+        .consumer_with_key("acme-corp", json!({"tenantId": "tenant_abc123", "plan": "enterprise"}))
         .await;
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -256,7 +256,7 @@ async fn graceful_stop_under_load_ships_every_answered_event() {
     let spool = s.events.spool_dir.clone();
     let gw = TestGateway::start(s, None).await;
     let (key, _) = gw
-        .consumer_with_key("acme-corp", json!({"tenantId": "tenant_abc123"}))
+        .consumer_with_key("acme-corp", json!({"tenantId": "tenant_abc123", "plan": "enterprise"}))
         .await;
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicUsize::new(0));

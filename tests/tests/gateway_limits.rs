@@ -1,6 +1,7 @@
 //! Plans and limits through the gateway: the seed's four plans by their headers, one
 //! decision over every dimension (a refusal consumes nothing), the upstream's reported cost,
-//! and two gateways sharing exact limits through the real Redis.
+//! a plan that is the tenant's across its consumers (kept agreeing by the admin API), and two
+//! gateways sharing exact limits through the real Redis.
 
 // Needs the running stack (Kafka, ClickHouse, Redis, stripe-mock): `scripts/stack test`.
 #![cfg(feature = "stack-tests")]
@@ -78,6 +79,73 @@ async fn the_seed_plans_show_in_the_headers() {
         "a plan must be defined: {}",
         unknown_plan.text()
     );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_plan_is_the_tenants_whichever_consumer_names_it() {
+    let upstream = EchoUpstream::start().await;
+    let gw = TestGateway::start(settings(&create_keys_topic().await, &upstream.url()), None).await;
+    let plan_of = |name: &'static str| {
+        let gw = &gw;
+        async move { gw.admin("GET", &format!("/v1/consumers/{name}"), None).await.json()["metadata"].clone() }
+    };
+    let limit_for = |key: String| {
+        let gw = &gw;
+        async move {
+            let reply = gw.get("/v1/x", &[("authorization", &format!("Bearer {key}"))]).await;
+            assert_eq!(reply.status, 200, "{}", reply.text());
+            header(&reply, "ratelimit-limit").to_owned()
+        }
+    };
+    let (web, _) = gw
+        .consumer_with_key("terms-web", json!({"tenantId": "t_terms", "plan": "starter"}))
+        .await;
+    // A second consumer naming no plan takes the tenant's.
+    let (ci, _) = gw.consumer_with_key("terms-ci", json!({"tenantId": "t_terms"})).await;
+    assert_eq!(plan_of("terms-ci").await["plan"], "starter");
+    assert_eq!(limit_for(ci.clone()).await, "500");
+
+    // Naming a plan on one consumer moves the whole tenant.
+    let patched = gw
+        .admin(
+            "PATCH",
+            "/v1/consumers/terms-ci",
+            Some(json!({"metadata": {"plan": "professional"}})),
+        )
+        .await;
+    assert_eq!(patched.status, 200, "{}", patched.text());
+    assert_eq!(plan_of("terms-web").await["plan"], "professional");
+    assert_eq!(limit_for(web.clone()).await, "2000");
+    assert_eq!(limit_for(ci.clone()).await, "2000");
+
+    // So do overrides; a patch naming neither leaves the terms alone.
+    let deal = json!({"metadata": {"plan": "free", "limits": {"requests_per_minute": 7}}});
+    assert_eq!(
+        gw.admin("PATCH", "/v1/consumers/terms-web", Some(deal)).await.status,
+        200
+    );
+    let team = json!({"metadata": {"team": "platform"}});
+    assert_eq!(
+        gw.admin("PATCH", "/v1/consumers/terms-ci", Some(team)).await.status,
+        200
+    );
+    let ci_terms = plan_of("terms-ci").await;
+    assert_eq!(
+        (&ci_terms["plan"], &ci_terms["limits"]["requests_per_minute"]),
+        (&json!("free"), &json!(7))
+    );
+    assert_eq!(limit_for(web).await, "7");
+    assert_eq!(limit_for(ci).await, "7");
+
+    // A consumer of its own tenant naming no plan is on the default plan (free), and its
+    // overrides are checked against that plan.
+    let (solo, _) = gw.consumer_with_key("terms-solo", json!({"tenantId": "t_solo"})).await;
+    assert_eq!(limit_for(solo).await, "100");
+    let bad = json!({"name": "terms-bad", "metadata": {"tenantId": "t_bad", "limits": {"no_such_limit": 1}}});
+    let refused = gw.admin("POST", "/v1/consumers", Some(bad)).await;
+    assert_eq!(refused.status, 400, "{}", refused.text());
+    assert!(refused.text().contains("no_such_limit"), "{}", refused.text());
     gw.stop().await;
 }
 

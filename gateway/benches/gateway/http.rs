@@ -147,6 +147,9 @@ impl BenchGateway {
             ("TOLLGATE_ROUTES__0__UPSTREAM", upstream.as_str()),
             ("TOLLGATE_ROUTES__1__UPSTREAM", upstream.as_str()),
             ("TOLLGATE_EVENTS__SPOOL_DIR", spool_dir.as_str()),
+            // The default plan (the bench's consumers name none) without limits: the
+            // variants that measure limits name a plan of their own.
+            ("TOLLGATE_PLANS__FREE__LIMITS", "[]"),
         ]
         .iter()
         .chain(overlays)

@@ -19,6 +19,7 @@ use subtle::ConstantTimeEq;
 use tollgate_schemas::{encode, ApiKeyRecord, ConsumerRecord, EntityKey};
 
 mod budget;
+mod terms;
 
 use crate::apikey;
 use crate::directory::Consumer;
@@ -135,12 +136,24 @@ impl Admin {
             return Err(conflict(&body.name));
         }
         let now = now_ms();
-        let record = self.consumer_record(uuid::Uuid::now_v7().to_string(), &body.name, body.metadata, now, now, 1)?;
+        let id = uuid::Uuid::now_v7().to_string();
+        let mut metadata = body.metadata;
+        let named = self.names_terms(&metadata);
+        if !named {
+            self.inherit_terms(&mut metadata);
+        }
+        let record = self.consumer_record(id, &body.name, metadata, now, now, 1)?;
         self.write(&EntityKey::Consumer(&record.id).to_string(), Some(encode(&record)))
             .await?;
         // Two creates of one name race on the topic: the earlier record wins everywhere.
         match self.consumer(&body.name) {
-            Ok(winner) if winner.id == record.id => Ok(json_response(StatusCode::CREATED, consumer_json(&winner))),
+            Ok(winner) if winner.id == record.id => {
+                if named {
+                    self.spread_terms(&winner.metadata, &winner.tenant_id, &winner.id)
+                        .await?;
+                }
+                Ok(json_response(StatusCode::CREATED, consumer_json(&winner)))
+            }
             _ => {
                 self.write(&EntityKey::Consumer(&record.id).to_string(), None).await?;
                 Err(conflict(&body.name))
@@ -171,10 +184,11 @@ impl Admin {
         crate::directory::check_stripe_customer(stripe_customer_id.as_deref())
             .map_err(|e| bad_request(format!("metadata.{}: {e}", self.identity.stripe_customer_field)))?;
         let plan = field(&self.identity.plan_field)?;
-        if let Some(plan) = &plan {
-            let Some(settings) = self.plans.get(plan) else {
+        // Overrides are checked against the plan that will apply: the named one, or the default.
+        if let Some(limited_by) = plan.as_ref().or(self.identity.default_plan.as_ref()) {
+            let Some(settings) = self.plans.get(limited_by) else {
                 return Err(bad_request(format!(
-                    "plan {plan:?} is not defined (defined: {})",
+                    "plan {limited_by:?} is not defined (defined: {})",
                     self.plans.keys().cloned().collect::<Vec<_>>().join(", ")
                 )));
             };
@@ -217,6 +231,7 @@ impl Admin {
         let current = self.consumer(name)?;
         let patch: ConsumerPatch = from_json(body)?;
         let mut metadata = current.metadata.clone();
+        let named = self.names_terms(&patch.metadata);
         // JSON merge patch (RFC 7396) on the metadata: null removes a field.
         for (key, value) in patch.metadata {
             if value.is_null() {
@@ -224,6 +239,9 @@ impl Admin {
             } else {
                 metadata.insert(key, value);
             }
+        }
+        if !named {
+            self.inherit_terms(&mut metadata);
         }
         let record = self.consumer_record(
             current.id.clone(),
@@ -235,7 +253,12 @@ impl Admin {
         )?;
         self.write(&EntityKey::Consumer(&record.id).to_string(), Some(encode(&record)))
             .await?;
-        Ok(json_response(StatusCode::OK, consumer_json(&*self.consumer(name)?)))
+        let updated = self.consumer(name)?;
+        if named {
+            self.spread_terms(&updated.metadata, &updated.tenant_id, &updated.id)
+                .await?;
+        }
+        Ok(json_response(StatusCode::OK, consumer_json(&updated)))
     }
 
     async fn delete_consumer(&self, name: &str) -> Reply {

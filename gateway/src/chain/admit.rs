@@ -76,7 +76,7 @@ impl Proxy {
 
         self.check_spend_cap(identity, route, ctx)?;
 
-        let Some(specs) = self.limits_of(consumer) else {
+        let Some(specs) = self.limits_of(identity).filter(|specs| !specs.is_empty()) else {
             return Ok(());
         };
         let content_length = declared_length(headers);
@@ -110,30 +110,41 @@ impl Proxy {
         }
     }
 
-    /// The limits that apply to a consumer: its plan's (or the default plan's), with its own
-    /// `metadata.limits` overrides.
-    fn limits_of(&self, consumer: &Consumer) -> Option<Arc<Vec<Arc<LimitSpec>>>> {
-        let plan_name = consumer
+    /// The plan a request is limited and priced by: the tenant's (its ruling consumer's,
+    /// `Directory::terms_of`), or `identity.default_plan` when that names none or one these
+    /// settings do not define (a plan removed from the settings does not make its tenants
+    /// unlimited).
+    pub(super) fn plan_of<'a>(&'a self, identity: &'a Identity) -> Option<&'a str> {
+        identity
+            .terms
             .plan
-            .as_ref()
-            .or(self.settings.identity.default_plan.as_ref())?;
+            .as_deref()
+            .filter(|plan| self.plans.contains_key(*plan))
+            .or(self.settings.identity.default_plan.as_deref())
+    }
+
+    /// The limits that apply to a tenant: its plan's, with its `metadata.limits` overrides
+    /// (both from its ruling consumer).
+    fn limits_of(&self, identity: &Identity) -> Option<Arc<Vec<Arc<LimitSpec>>>> {
+        let plan_name = self.plan_of(identity)?;
         let plan = self.plans.get(plan_name)?;
-        if !consumer.metadata.contains_key("limits") {
+        let terms: &Consumer = &identity.terms;
+        if !terms.metadata.contains_key("limits") {
             return Some(Arc::clone(plan));
         }
         let mut cache = self.overrides.lock().expect("override cache lock");
-        if let Some((version, specs)) = cache.get(&consumer.id) {
-            if *version == consumer.version {
+        if let Some((version, specs)) = cache.get(&terms.id) {
+            if *version == terms.version {
                 return Some(Arc::clone(specs));
             }
         }
-        let metadata = serde_json::Value::Object(consumer.metadata.clone());
+        let metadata = serde_json::Value::Object(terms.metadata.clone());
         let specs = match crate::limits::effective_limits(&self.settings.plans[plan_name], &metadata) {
             Ok(specs) => Arc::new(specs.into_iter().map(Arc::new).collect::<Vec<_>>()),
             // The admin API refuses bad overrides; a record written otherwise keeps the plan.
             Err(_) => Arc::clone(plan),
         };
-        cache.insert(consumer.id.clone(), (consumer.version, Arc::clone(&specs)));
+        cache.insert(terms.id.clone(), (terms.version, Arc::clone(&specs)));
         Some(specs)
     }
 

@@ -39,20 +39,14 @@ impl Proxy {
         else {
             return Ok(());
         };
-        let plan = consumer.plan.as_ref().or(self.settings.identity.default_plan.as_ref());
+        let plan = self.plan_of(identity);
         // What the usage event will bill if the upstream reports nothing else.
         let mut units = Units::from([("requests".to_owned(), 1)]);
         for (meter, cost) in &route.settings.cost {
             units.insert(meter.clone(), i64::try_from(*cost).unwrap_or(i64::MAX));
         }
         let now_ms = Utc::now().timestamp_millis();
-        match ledger.reserve(
-            &consumer.tenant_id,
-            plan.map(String::as_str),
-            budget.monthly_cap_minor,
-            units,
-            now_ms,
-        ) {
+        match ledger.reserve(&consumer.tenant_id, plan, budget.monthly_cap_minor, units, now_ms) {
             Ok(reservation) => {
                 ctx.spend = Some(reservation);
                 Ok(())

@@ -123,7 +123,7 @@ impl Proxy {
         set_header(
             &mut headers,
             "x-tollgate-plan",
-            consumer.plan.as_deref().unwrap_or_default(),
+            self.plan_of(identity).unwrap_or_default(),
         );
         set_header(&mut headers, "x-request-id", &ctx.request_id);
 

@@ -128,7 +128,7 @@ impl Proxy {
             tenant_id: consumer.map(|c| c.tenant_id.clone()),
             consumer: consumer.map(|c| c.name.clone()),
             key_id: ctx.identity.as_ref().map(|i| i.key_id.clone()),
-            plan: consumer.and_then(|c| c.plan.clone()),
+            plan: ctx.identity.as_ref().and_then(|i| self.plan_of(i)).map(str::to_owned),
             route: ctx.route.as_ref().map(|r| r.settings.id.clone()).unwrap_or_default(),
             method: ctx.method.clone(),
             status,

@@ -367,3 +367,45 @@ async fn a_request_the_limits_refuse_holds_nothing_against_the_spend_cap() {
     assert_eq!(limited.json()["type"], crate::limits::headers::QUOTA_EXCEEDED);
     assert_eq!(ledger.status("t_acme", Some("free"), now).spent_minor, Some(22));
 }
+
+#[tokio::test]
+async fn every_key_of_a_tenant_is_limited_by_one_plan_and_a_consumer_without_one_by_the_default() {
+    let h = Harness::new();
+    // acme (free, 100 a minute) and acme-ci (enterprise) are one tenant; with equal update
+    // times the smaller id rules, so the tenant is on free whichever key is used.
+    let ci = h.consumer("acme-ci", "t_acme", Some("enterprise"), "{}");
+    let send = |key: &str| {
+        let auth = format!("Bearer {key}");
+        let h = &h;
+        async move {
+            h.send_raw(
+                "GET",
+                "/v1/orders",
+                &[("authorization", &auth)],
+                Full::new(Bytes::new()),
+            )
+            .await
+        }
+    };
+    for i in 0..100 {
+        let key = if i % 2 == 0 { h.key.clone() } else { ci.clone() };
+        let reply = send(&key).await;
+        assert_eq!(reply.status, 200, "request {i}");
+        assert_eq!(reply.header("ratelimit-limit"), Some("100"), "request {i}");
+    }
+    for key in [&h.key, &ci] {
+        let reply = send(key).await;
+        assert_eq!(reply.status, 429, "the tenant's one allowance is used up");
+    }
+    assert!(h.seen().iter().all(|s| s.headers["x-tollgate-plan"] == "free"));
+    assert!(h.events.all().iter().all(|e| e.plan.as_deref() == Some("free")));
+
+    // A consumer naming no plan, or one these settings no longer define, is on the default.
+    for (name, plan) in [("solo", None), ("legacy", Some("platinum"))] {
+        let key = h.consumer(name, &format!("t_{name}"), plan, "{}");
+        let reply = send(&key).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.header("ratelimit-limit"), Some("100"), "{name}");
+        assert_eq!(h.seen().last().unwrap().headers["x-tollgate-plan"], "free");
+    }
+}

@@ -99,7 +99,8 @@ pub struct IdentitySettings {
     /// Query parameter that, when present, must equal the authenticated tenant (403 if not).
     #[serde(default)]
     pub tenant_query_param: Option<String>,
-    /// Plan of consumers whose metadata names none; none: such consumers are not limited.
+    /// Plan of tenants whose consumers name none (or name one not defined here). Required by
+    /// validation; a plan with `limits = []` is how an operator says "unlimited".
     #[serde(default)]
     pub default_plan: Option<String>,
 }
@@ -466,17 +467,23 @@ impl Validate for GatewaySettings {
         for (name, plan) in &self.plans {
             plan.validate(&format!("plans.{name}"))?;
         }
-        if let Some(plan) = &self.identity.default_plan {
-            if !self.plans.contains_key(plan) {
-                return Err(Invalid::new(
-                    "identity.default_plan",
-                    plan,
-                    format!(
-                        "a plan defined under [plans] ({})",
-                        self.plans.keys().cloned().collect::<Vec<_>>().join(", ")
-                    ),
-                ));
-            }
+        // Required: a consumer whose metadata names no plan must still be limited by one, or
+        // an admin typo would make a tenant unlimited.
+        if !self
+            .identity
+            .default_plan
+            .as_ref()
+            .is_some_and(|plan| self.plans.contains_key(plan))
+        {
+            return Err(Invalid::new(
+                "identity.default_plan",
+                self.identity.default_plan.as_deref().unwrap_or(""),
+                format!(
+                    "a plan defined under [plans] ({}): the plan of consumers whose metadata names \
+                     none (a plan with `limits = []` makes them unlimited, if that is meant)",
+                    self.plans.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            ));
         }
         let mut ids = HashSet::new();
         let mut paths = HashSet::new();

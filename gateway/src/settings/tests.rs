@@ -79,10 +79,17 @@ fn rejects_bad_route_pattern_method_and_key_environment() {
 }
 
 #[test]
-fn rejects_an_undefined_default_plan_and_a_bad_limit() {
-    let err = load(&EXAMPLE.replace("[identity]", "[identity]\ndefault_plan = \"platinum\"")).unwrap_err();
+fn rejects_a_missing_or_undefined_default_plan_and_a_bad_limit() {
+    let err = load(&EXAMPLE.replace("default_plan = \"free\"", "default_plan = \"platinum\"")).unwrap_err();
     assert!(
         err.contains("setting `identity.default_plan`: found \"platinum\", expected a plan defined"),
+        "{err}"
+    );
+    let err = load(&EXAMPLE.replace("default_plan = \"free\"", "")).unwrap_err();
+    assert!(
+        err.contains(
+            "setting `identity.default_plan`: found \"\", expected a plan defined under [plans] (enterprise, free"
+        ),
         "{err}"
     );
     let err =
