@@ -1,5 +1,5 @@
-//! The tenant boundary through the real gateway on real sockets (issue 10's classes 1, 4, 5
-//! and 8): a case variant or `;`-decorated tenant path is tenant-checked or refused, client
+//! The tenant boundary through the real gateway binary on real sockets (issue 10's classes 1,
+//! 4, 5 and 8): a case variant or `;`-decorated tenant path is tenant-checked or refused, client
 //! identity headers with `_` never reach the upstream, a connection that sends nothing is
 //! closed by the first-request deadline and a kept-alive one (HTTP/1 and h2) by the idle
 //! timeout, and a tenant's quota is unchanged after a 413 and a truncated upload.
@@ -12,13 +12,48 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tollgate_tests::gateway::{create_keys_topic, settings, TestGateway};
+use tollgate_tests::gateway::{create_keys_topic, ADMIN_TOKEN};
 use tollgate_tests::http::{send, EchoUpstream};
+use tollgate_tests::process::GatewayProcess;
 
-async fn gateway(upstream: &EchoUpstream, tweak: impl FnOnce(&mut tollgate_gateway::GatewaySettings)) -> TestGateway {
-    let mut s = settings(&create_keys_topic().await, &upstream.url());
-    tweak(&mut s);
-    TestGateway::start(s, None).await
+/// The gateway binary on the example settings plus `extra` overlays, both routes to
+/// `upstream`, on the stack's Kafka.
+struct Edge {
+    gateway: GatewayProcess,
+    public: String,
+    dir: std::path::PathBuf,
+}
+
+async fn gateway(upstream: &EchoUpstream, extra: &[(&str, &str)]) -> Edge {
+    let run = tollgate_tests::unique("edge");
+    let dir = std::env::temp_dir().join(&run);
+    std::fs::create_dir_all(&dir).expect("test directory");
+    let usage = format!("{run}.usage");
+    tollgate_tests::create_topic(&tollgate_tests::kafka(), &usage, 1, &[]).await;
+    let mut gateway = tollgate_tests::process::gateway(
+        &dir,
+        ADMIN_TOKEN,
+        &tollgate_tests::kafka(),
+        (&create_keys_topic().await, &usage),
+        &upstream.url(),
+        extra,
+    );
+    gateway.process.start().await;
+    let public = gateway.public.clone();
+    Edge { gateway, public, dir }
+}
+
+impl Edge {
+    async fn consumer_with_key(&self, name: &str, metadata: serde_json::Value) -> String {
+        self.gateway.consumer_with_key(ADMIN_TOKEN, name, metadata).await
+    }
+
+    async fn stop(mut self) {
+        self.gateway.process.terminate();
+        let status = self.gateway.process.wait_exit(Duration::from_secs(30)).await;
+        assert!(status.success(), "the gateway exits cleanly on SIGTERM: {status}");
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// Sends `head` (and `body`) as raw bytes, optionally half-closing after; returns the status
@@ -55,8 +90,8 @@ async fn raw(public: &str, head: &str, body: &[u8], half_close: bool) -> u16 {
 #[tokio::test]
 async fn tenant_paths_in_other_spellings_are_checked_or_refused_never_served() {
     let upstream = EchoUpstream::start().await;
-    let gw = gateway(&upstream, |_| {}).await;
-    let (key, _) = gw
+    let gw = gateway(&upstream, &[]).await;
+    let key = gw
         .consumer_with_key("edge-acme", json!({"tenantId": "t_acme", "plan": "enterprise"}))
         .await;
     let auth = format!("Bearer {key}");
@@ -87,8 +122,8 @@ async fn tenant_paths_in_other_spellings_are_checked_or_refused_never_served() {
 #[tokio::test]
 async fn client_identity_headers_never_reach_the_upstream() {
     let upstream = EchoUpstream::start().await;
-    let gw = gateway(&upstream, |_| {}).await;
-    let (key, _) = gw
+    let gw = gateway(&upstream, &[]).await;
+    let key = gw
         .consumer_with_key("edge-headers", json!({"tenantId": "t_headers", "plan": "enterprise"}))
         .await;
     let auth = format!("Bearer {key}");
@@ -126,10 +161,13 @@ async fn client_identity_headers_never_reach_the_upstream() {
 async fn a_connection_that_sends_nothing_is_closed_by_the_first_request_deadline() {
     let upstream = EchoUpstream::start().await;
     // Header reads alone would wait ten minutes: only the first-request deadline can close these.
-    let gw = gateway(&upstream, |s| {
-        s.http.first_request_timeout_ms = 300;
-        s.http.header_read_timeout_ms = 600_000;
-    })
+    let gw = gateway(
+        &upstream,
+        &[
+            ("TOLLGATE_HTTP__FIRST_REQUEST_TIMEOUT_MS", "300"),
+            ("TOLLGATE_HTTP__HEADER_READ_TIMEOUT_MS", "600000"),
+        ],
+    )
     .await;
     let addr = gw.public.trim_start_matches("http://").to_owned();
     for opening in [&b""[..], b"PRI * HTTP/2.0\r\n", b"GET /v1/x HTTP/1.1\r\nhost: gw\r\n"] {
@@ -156,11 +194,14 @@ async fn a_kept_alive_connection_without_requests_is_closed_by_the_idle_timeout(
     let upstream = EchoUpstream::start().await;
     // Header reads alone would wait ten minutes and the h2 pings are answered by the client:
     // only the idle timeout can close these.
-    let gw = gateway(&upstream, |s| {
-        s.http.idle_timeout_ms = 1_000;
-        s.http.header_read_timeout_ms = 600_000;
-        s.http.h2_keep_alive_interval_ms = 1_000;
-    })
+    let gw = gateway(
+        &upstream,
+        &[
+            ("TOLLGATE_HTTP__IDLE_TIMEOUT_MS", "1000"),
+            ("TOLLGATE_HTTP__HEADER_READ_TIMEOUT_MS", "600000"),
+            ("TOLLGATE_HTTP__H2_KEEP_ALIVE_INTERVAL_MS", "1000"),
+        ],
+    )
     .await;
     let addr = gw.public.trim_start_matches("http://").to_owned();
 
@@ -229,8 +270,8 @@ async fn a_kept_alive_connection_without_requests_is_closed_by_the_idle_timeout(
 #[tokio::test]
 async fn a_tenants_quota_is_unchanged_after_a_413_and_a_truncated_upload() {
     let upstream = EchoUpstream::start().await;
-    let gw = gateway(&upstream, |s| s.http.max_body_bytes = 64).await;
-    let (key, _) = gw
+    let gw = gateway(&upstream, &[("TOLLGATE_HTTP__MAX_BODY_BYTES", "64")]).await;
+    let key = gw
         .consumer_with_key(
             "edge-quota",
             json!({"tenantId": "t_quota", "plan": "free", "limits": {"requests_per_minute": 3}}),
