@@ -9,6 +9,7 @@
 // Alphabetical (rustfmt); in the order a request flows: `server` (listeners) → `chain` (its
 // steps; `routes`, `apikey`, `directory`, `spend` (caps), `limits`) → `events` (usage) and
 // `metrics`; the admin side: `admin` → `keystore` (keys topic); `settings`, `problem` and `strict_json` serve all.
+pub mod access_log;
 pub mod admin;
 pub mod apikey;
 pub mod chain;

@@ -1,5 +1,6 @@
 //! A whole gateway run, as the real binary, never writes a key or the admin token to its
-//! output: issue keys, use them, use broken ones, revoke, roll, then grep everything it logged.
+//! output: issue keys, use them, use broken ones, revoke, roll, then grep everything it logged
+//! (JSON logs with the access log on, whose lines name each request by key id).
 
 // Needs the running stack (Kafka, ClickHouse, Redis, stripe-mock): `scripts/stack test`.
 #![cfg(feature = "stack-tests")]
@@ -88,6 +89,8 @@ fn no_key_or_token_appears_in_a_whole_runs_output() {
         .env("TOLLGATE_KAFKA__BROKERS", &brokers)
         .env("TOLLGATE_EVENTS__SPOOL_DIR", dir.join("spool"))
         .env("RUST_LOG", "debug")
+        .env("TOLLGATE_LOG__FORMAT", "json")
+        .env("TOLLGATE_ACCESS_LOG__ENABLED", "true")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -170,6 +173,31 @@ fn no_key_or_token_appears_in_a_whole_runs_output() {
     child.stderr.take().unwrap().read_to_string(&mut output).unwrap();
     assert!(status.success(), "SIGTERM exits 0: {status:?}\n{output}");
     assert!(output.contains("gateway ready"), "the run was logged:\n{output}");
+
+    // Every line is one JSON object; the access log has a line per public request.
+    let lines: Vec<serde_json::Value> = output
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
+        .collect();
+    let access: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["target"] == "tollgate::access")
+        .map(|l| &l["fields"])
+        .collect();
+    let mut statuses: Vec<u64> = access.iter().map(|f| f["status"].as_u64().unwrap()).collect();
+    statuses.sort_unstable();
+    assert_eq!(statuses, [401, 401, 502, 502, 502, 502], "{access:?}");
+    for line in access.iter().filter(|f| f["status"] == 502) {
+        assert_eq!(line["consumer"], "acme-corp");
+        assert_eq!(line["tenant"], "t1");
+        assert!(line["key_id"].as_str().is_some_and(|k| !k.is_empty()), "{line}");
+        assert_eq!(line["outcome"], "UPSTREAM_ERROR");
+        assert!(line["request_id"].as_str().is_some_and(|r| !r.is_empty()), "{line}");
+    }
+    assert!(
+        access.iter().any(|f| f["key_id"] == id.as_str()),
+        "the first key's id is named"
+    );
     for secret in [key.as_str(), rolled.as_str(), typo.as_str(), TOKEN] {
         assert!(!output.contains(secret), "a secret appears in the output");
         assert!(!metrics.contains(secret), "a secret appears in the metrics");

@@ -107,6 +107,8 @@ pub struct Proxy {
     overrides: Mutex<HashMap<String, (i64, Specs)>>,
     /// Month-to-date spend of budgeted tenants, when `[budgets]` is configured.
     spend: Option<Arc<crate::spend::SpendLedger>>,
+    /// One line per request, when `[access_log]` is enabled.
+    access_log: Option<crate::access_log::AccessLog>,
 }
 
 impl Proxy {
@@ -132,6 +134,7 @@ impl Proxy {
                 )
             })
             .collect();
+        let access_log = settings.access_log.logger();
         Self {
             routes: RouteTable::new(&settings.routes, settings.http.case_sensitive_routes),
             upstream: Arc::new(HyperUpstream::new(Duration::from_millis(
@@ -155,6 +158,7 @@ impl Proxy {
             plans,
             overrides: Mutex::default(),
             spend: None,
+            access_log,
         }
     }
 

@@ -4,7 +4,8 @@
 //! the client. Out: the response with `x-request-id` and the rate-limit headers; the reported
 //! cost counted; and, when the body has been sent (or the client went away), the usage event
 //! recorded, the response bytes counted, the request's in-flight count given back, its spend
-//! cap reservation replaced by what the event bills, and its bulkhead slot released.
+//! cap reservation replaced by what the event bills, its access log line written (when
+//! `[access_log]` asks for it), and its bulkhead slot released.
 //!
 //! Never charge a refusal: when the gateway itself refuses a request after its limits admitted
 //! it (413, 400, 408, 403 on the body, 502, 504: no upstream answer), every dimension the
@@ -59,6 +60,7 @@ impl Proxy {
             started,
             sink: self.usage.clone(),
             metrics: Arc::clone(&self.metrics),
+            access_log: self.access_log,
         };
         let mut response = match result {
             Ok(response) => response,
@@ -209,6 +211,7 @@ struct PendingEvent {
     started: Instant,
     sink: UsageSink,
     metrics: Arc<GatewayMetrics>,
+    access_log: Option<crate::access_log::AccessLog>,
 }
 
 impl hyper::body::Body for Metered {
@@ -241,6 +244,7 @@ impl Drop for Metered {
             started,
             sink,
             metrics,
+            access_log,
         }) = self.pending.take()
         {
             event.response_bytes = self.bytes as i64;
@@ -252,6 +256,9 @@ impl Drop for Metered {
                 reservation.settle(event.billable.then_some(&event.units));
             }
             metrics.request(event.outcome);
+            if let Some(access_log) = access_log {
+                access_log.record(&event);
+            }
             sink.record(event);
         }
         if let Some(Release {

@@ -44,6 +44,9 @@ pub struct GatewaySettings {
     /// stored but not enforced.
     #[serde(default)]
     pub budgets: Option<crate::spend::settings::BudgetSettings>,
+    /// One log line per request (off by default).
+    #[serde(default)]
+    pub access_log: crate::access_log::AccessLogSettings,
 }
 
 /// Where the upstream signing secret comes from: never the settings file.
@@ -460,6 +463,7 @@ impl Validate for GatewaySettings {
             return Err(Invalid::new(format!("identity.strip_headers[{i}]"), h, "a header name"));
         }
         self.events.validate()?;
+        self.access_log.validate("access_log")?;
         self.limits.validate("limits")?;
         if let Some(budgets) = &self.budgets {
             budgets.validate("budgets")?;
