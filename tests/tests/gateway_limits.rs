@@ -138,6 +138,20 @@ async fn a_plan_is_the_tenants_whichever_consumer_names_it() {
     assert_eq!(limit_for(web).await, "7");
     assert_eq!(limit_for(ci).await, "7");
 
+    // Naming only the plan keeps the tenant's overrides, for the new consumer and the others.
+    let (bot, _) = gw
+        .consumer_with_key("terms-bot", json!({"tenantId": "t_terms", "plan": "starter"}))
+        .await;
+    for name in ["terms-web", "terms-ci", "terms-bot"] {
+        let terms = plan_of(name).await;
+        assert_eq!(
+            (&terms["plan"], &terms["limits"]["requests_per_minute"]),
+            (&json!("starter"), &json!(7)),
+            "{name}"
+        );
+    }
+    assert_eq!(limit_for(bot).await, "7");
+
     // A consumer of its own tenant naming no plan is on the default plan (free), and its
     // overrides are checked against that plan.
     let (solo, _) = gw.consumer_with_key("terms-solo", json!({"tenantId": "t_solo"})).await;

@@ -118,11 +118,31 @@ async fn identity_comes_only_from_the_key() {
         "{t}\nGET\n/v1/tenants/tenant_abc123/orders?x=1\nacme-corp\ntenant_abc123\n{}\nenterprise",
         headers["x-tollgate-key-id"].as_str().unwrap()
     );
-    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
-    mac.update(signed.as_bytes());
-    let expected: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
-    assert_eq!(v1, expected);
+    assert_eq!(v1, hmac_hex(&signed));
     assert!((chrono::Utc::now().timestamp() - t.parse::<i64>().unwrap()).abs() < 60);
+
+    // A consumer naming no plan is on the default plan: the header says so, and the signature
+    // covers what the header says.
+    let (solo_key, _) = gw.consumer_with_key("solo", json!({"tenantId": "tenant_solo"})).await;
+    let solo = gw
+        .get("/v1/x", &[("authorization", &format!("Bearer {solo_key}"))])
+        .await;
+    assert_eq!(solo.status, 200, "{}", solo.text());
+    let solo = solo.json();
+    let solo_headers = &solo["headers"];
+    assert_eq!(solo_headers["x-tollgate-plan"], "free");
+    let (t, v1) = solo_headers["x-tollgate-signature"]
+        .as_str()
+        .expect("signed")
+        .split_once(",v1=")
+        .expect("t=…,v1=…");
+    let signed = format!(
+        "{}\nGET\n/v1/x\nsolo\ntenant_solo\n{}\n{}",
+        t.strip_prefix("t=").unwrap(),
+        solo_headers["x-tollgate-key-id"].as_str().unwrap(),
+        solo_headers["x-tollgate-plan"].as_str().unwrap()
+    );
+    assert_eq!(v1, hmac_hex(&signed));
 
     // Another tenant's path or query: 403 before the upstream is touched.
     let before = upstream.received();
@@ -269,4 +289,11 @@ async fn one_tenants_flood_cannot_take_another_tenants_slots() {
     );
     assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 4, "{statuses:?}");
     gw.stop().await;
+}
+
+/// HMAC-SHA256 of `signed` with the upstream signing secret, in lowercase hex.
+fn hmac_hex(signed: &str) -> String {
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+    mac.update(signed.as_bytes());
+    mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect()
 }

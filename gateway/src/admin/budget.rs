@@ -46,7 +46,7 @@ impl Admin {
             .await?;
         Ok(json_response(
             StatusCode::OK,
-            self.budget_json(&record, consumer.plan.as_deref()),
+            self.budget_json(&record, self.tenant_plan(&consumer.tenant_id).as_deref()),
         ))
     }
 
@@ -60,7 +60,7 @@ impl Admin {
         })?;
         Ok(json_response(
             StatusCode::OK,
-            self.budget_json(&budget, consumer.plan.as_deref()),
+            self.budget_json(&budget, self.tenant_plan(&consumer.tenant_id).as_deref()),
         ))
     }
 
@@ -80,7 +80,6 @@ impl Admin {
     fn budget_json(&self, budget: &BudgetRecord, plan: Option<&str>) -> Value {
         let now = now_ms();
         let month = Month::of(now);
-        let plan = plan.or(self.identity.default_plan.as_deref());
         let status = self
             .spend
             .as_ref()

@@ -138,20 +138,16 @@ impl Admin {
         let now = now_ms();
         let id = uuid::Uuid::now_v7().to_string();
         let mut metadata = body.metadata;
-        let named = self.names_terms(&metadata);
-        if !named {
-            self.inherit_terms(&mut metadata);
-        }
+        let named = self.named_terms(&metadata);
+        self.inherit_terms(&mut metadata, &named);
         let record = self.consumer_record(id, &body.name, metadata, now, now, 1)?;
         self.write(&EntityKey::Consumer(&record.id).to_string(), Some(encode(&record)))
             .await?;
         // Two creates of one name race on the topic: the earlier record wins everywhere.
         match self.consumer(&body.name) {
             Ok(winner) if winner.id == record.id => {
-                if named {
-                    self.spread_terms(&winner.metadata, &winner.tenant_id, &winner.id)
-                        .await?;
-                }
+                self.spread_terms(&winner.metadata, &winner.tenant_id, &winner.id)
+                    .await?;
                 Ok(json_response(StatusCode::CREATED, consumer_json(&winner)))
             }
             _ => {
@@ -231,7 +227,7 @@ impl Admin {
         let current = self.consumer(name)?;
         let patch: ConsumerPatch = from_json(body)?;
         let mut metadata = current.metadata.clone();
-        let named = self.names_terms(&patch.metadata);
+        let named = self.named_terms(&patch.metadata);
         // JSON merge patch (RFC 7396) on the metadata: null removes a field.
         for (key, value) in patch.metadata {
             if value.is_null() {
@@ -240,9 +236,7 @@ impl Admin {
                 metadata.insert(key, value);
             }
         }
-        if !named {
-            self.inherit_terms(&mut metadata);
-        }
+        self.inherit_terms(&mut metadata, &named);
         let record = self.consumer_record(
             current.id.clone(),
             name,
@@ -254,10 +248,8 @@ impl Admin {
         self.write(&EntityKey::Consumer(&record.id).to_string(), Some(encode(&record)))
             .await?;
         let updated = self.consumer(name)?;
-        if named {
-            self.spread_terms(&updated.metadata, &updated.tenant_id, &updated.id)
-                .await?;
-        }
+        self.spread_terms(&updated.metadata, &updated.tenant_id, &updated.id)
+            .await?;
         Ok(json_response(StatusCode::OK, consumer_json(&updated)))
     }
 

@@ -1,15 +1,17 @@
 //! A tenant's terms (its plan and `metadata.limits`) kept agreeing across its consumers.
 //!
-//! In: a consumer's metadata as a create or patch left it, and whether the request named the
-//! plan or the limits. Out: the metadata to write (a consumer written without terms takes
-//! its tenant's current ones), and after the write, the tenant's other consumers rewritten
-//! with the terms the request named.
+//! In: a consumer's metadata as a create or patch left it, and which term fields the request
+//! named. Out: the metadata to write (each term field the request did not name is the
+//! tenant's current one), and after the write, the tenant's other consumers rewritten with
+//! the written consumer's terms.
 //!
 //! Why: limits are counted per tenant, so two consumers of one tenant on different plans
 //! would share a counter but each be checked against its own allowance. Naming a plan on any
 //! consumer sets it for the tenant. The gateway does not depend on the rewrite having
 //! finished: it limits every key of a tenant by the tenant's most recently updated consumer
-//! (`crate::directory::Directory::terms_of`), which the first write already is.
+//! (`crate::directory::Directory::terms_of`), which the first write already is; and since
+//! every consumer write rewrites the tenant's disagreeing consumers, a rewrite a failed write
+//! cut short is finished by the next write to any consumer of the tenant.
 
 use serde_json::{Map, Value};
 use tollgate_schemas::{encode, EntityKey};
@@ -23,23 +25,56 @@ fn term_fields(admin: &Admin) -> [&str; 2] {
 }
 
 impl Admin {
-    /// Whether a request's metadata (a create body, or a patch, where `null` removes) names
-    /// any of the tenant's terms.
-    pub(super) fn names_terms(&self, metadata: &Map<String, Value>) -> bool {
-        term_fields(self).iter().any(|field| metadata.contains_key(*field))
+    /// The term fields a request's metadata (a create body, or a patch, where `null` removes)
+    /// names.
+    pub(super) fn named_terms(&self, metadata: &Map<String, Value>) -> Vec<String> {
+        term_fields(self)
+            .into_iter()
+            .filter(|field| metadata.contains_key(*field))
+            .map(str::to_owned)
+            .collect()
     }
 
-    /// Copies the current terms of the tenant that `metadata` names into it (those of its
-    /// ruling consumer, which may be the one being written). A metadata without a valid
-    /// tenant, or naming a tenant with no consumers yet, is left alone.
-    pub(super) fn inherit_terms(&self, metadata: &mut Map<String, Value>) {
+    /// Sets each term field the request did not name to the current value of the tenant that
+    /// `metadata` names (its ruling consumer's, which may be the one being written). A plan
+    /// these settings no longer define is not carried over, nor are the overrides checked
+    /// against it: the consumer then takes the default plan, as the gateway already applies.
+    /// A metadata without a valid tenant, or naming a tenant with no consumers yet, is left
+    /// alone.
+    pub(super) fn inherit_terms(&self, metadata: &mut Map<String, Value>, named: &[String]) {
         let Some(Value::String(tenant)) = metadata.get(&self.identity.tenant_field) else {
             return;
         };
-        let ruling = self.store.directory().read().expect("directory lock").terms_of(tenant);
-        if let Some(ruling) = ruling {
-            copy_terms(term_fields(self), &ruling.metadata, metadata);
+        let Some(ruling) = self.store.directory().read().expect("directory lock").terms_of(tenant) else {
+            return;
+        };
+        let mut current = ruling.metadata.clone();
+        if ruling.plan.as_ref().is_some_and(|plan| !self.plans.contains_key(plan)) {
+            current.remove(&self.identity.plan_field);
+            current.remove("limits");
         }
+        for field in term_fields(self) {
+            if named.iter().any(|n| n == field) {
+                continue;
+            }
+            match current.get(field) {
+                Some(value) => metadata.insert(field.to_owned(), value.clone()),
+                None => metadata.remove(field),
+            };
+        }
+    }
+
+    /// The plan `tenant` is limited and priced by: its ruling consumer's when defined here,
+    /// else the default plan.
+    pub(super) fn tenant_plan(&self, tenant: &str) -> Option<String> {
+        self.store
+            .directory()
+            .read()
+            .expect("directory lock")
+            .terms_of(tenant)
+            .and_then(|ruling| ruling.plan.clone())
+            .filter(|plan| self.plans.contains_key(plan))
+            .or_else(|| self.identity.default_plan.clone())
     }
 
     /// Rewrites every other consumer of `tenant` whose terms differ from `source`'s. Returns

@@ -17,7 +17,7 @@ use hyper::StatusCode;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::{Proxy, RequestContext};
-use crate::directory::{Consumer, Identity};
+use crate::directory::Identity;
 use crate::limits::{Charge, Decision, LimitSpec, Subject};
 use crate::problem::Problem;
 use crate::routes::Route;
@@ -115,26 +115,34 @@ impl Proxy {
     /// settings do not define (a plan removed from the settings does not make its tenants
     /// unlimited).
     pub(super) fn plan_of<'a>(&'a self, identity: &'a Identity) -> Option<&'a str> {
+        self.named_plan(identity)
+            .or(self.settings.identity.default_plan.as_deref())
+    }
+
+    /// The tenant's plan when it names one these settings define.
+    fn named_plan<'a>(&self, identity: &'a Identity) -> Option<&'a str> {
         identity
             .terms
             .plan
             .as_deref()
             .filter(|plan| self.plans.contains_key(*plan))
-            .or(self.settings.identity.default_plan.as_deref())
     }
 
     /// The limits that apply to a tenant: its plan's, with its `metadata.limits` overrides
-    /// (both from its ruling consumer).
+    /// (both from its ruling consumer). Overrides were checked against the plan named, so on
+    /// the default plan's fallback they do not apply.
     fn limits_of(&self, identity: &Identity) -> Option<Arc<Vec<Arc<LimitSpec>>>> {
         let plan_name = self.plan_of(identity)?;
         let plan = self.plans.get(plan_name)?;
-        let terms: &Consumer = &identity.terms;
-        if !terms.metadata.contains_key("limits") {
+        let terms = &identity.terms;
+        if !terms.metadata.contains_key("limits") || self.named_plan(identity).is_none() {
             return Some(Arc::clone(plan));
         }
         let mut cache = self.overrides.lock().expect("override cache lock");
-        if let Some((version, specs)) = cache.get(&terms.id) {
-            if *version == terms.version {
+        // Keyed by the very record applied: two writers can produce different records with
+        // one id and version.
+        if let Some((computed_for, specs)) = cache.get(&terms.id) {
+            if Arc::ptr_eq(computed_for, terms) {
                 return Some(Arc::clone(specs));
             }
         }
@@ -144,7 +152,7 @@ impl Proxy {
             // The admin API refuses bad overrides; a record written otherwise keeps the plan.
             Err(_) => Arc::clone(plan),
         };
-        cache.insert(terms.id.clone(), (terms.version, Arc::clone(&specs)));
+        cache.insert(terms.id.clone(), (Arc::clone(terms), Arc::clone(&specs)));
         Some(specs)
     }
 

@@ -111,7 +111,8 @@ impl Proxy {
                 &consumer.name,
                 &consumer.tenant_id,
                 &identity.key_id,
-                consumer.plan.as_deref().unwrap_or_default(),
+                // The plan `x-tollgate-plan` carries: the tenant's, not this consumer's.
+                self.plan_of(identity).unwrap_or_default(),
             );
             headers.insert(
                 "x-tollgate-signature",

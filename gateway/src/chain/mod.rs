@@ -102,9 +102,9 @@ pub struct Proxy {
     metrics: Arc<GatewayMetrics>,
     /// Each plan's limits, parsed once.
     plans: HashMap<String, Specs>,
-    /// Consumers with their own `metadata.limits`: their effective limits, by consumer id and
-    /// record version.
-    overrides: Mutex<HashMap<String, (i64, Specs)>>,
+    /// Tenants' `metadata.limits`: their effective limits by ruling consumer id, with the
+    /// record they were computed for.
+    overrides: Mutex<HashMap<String, (Arc<crate::directory::Consumer>, Specs)>>,
     /// Month-to-date spend of budgeted tenants, when `[budgets]` is configured.
     spend: Option<Arc<crate::spend::SpendLedger>>,
     /// One line per request, when `[access_log]` is enabled.

@@ -400,9 +400,11 @@ async fn every_key_of_a_tenant_is_limited_by_one_plan_and_a_consumer_without_one
     assert!(h.seen().iter().all(|s| s.headers["x-tollgate-plan"] == "free"));
     assert!(h.events.all().iter().all(|e| e.plan.as_deref() == Some("free")));
 
-    // A consumer naming no plan, or one these settings no longer define, is on the default.
-    for (name, plan) in [("solo", None), ("legacy", Some("platinum"))] {
-        let key = h.consumer(name, &format!("t_{name}"), plan, "{}");
+    // A consumer naming no plan, or one these settings no longer define, is on the default
+    // (without overrides checked against another plan).
+    let legacy_limits = r#"{"limits": {"requests_per_minute": 5}}"#;
+    for (name, plan, metadata) in [("solo", None, "{}"), ("legacy", Some("platinum"), legacy_limits)] {
+        let key = h.consumer(name, &format!("t_{name}"), plan, metadata);
         let reply = send(&key).await;
         assert_eq!(reply.status, 200);
         assert_eq!(reply.header("ratelimit-limit"), Some("100"), "{name}");
