@@ -28,6 +28,10 @@ pub struct BillingSettings {
     /// needs `[catalogue]`.
     #[serde(default)]
     pub provisioning: Option<ProvisioningSettings>,
+    /// Spend and quota alerts delivered to a webhook; needs `[catalogue]` (prices) and
+    /// `[provisioning]` (its keys-topic follower brings the budgets and plans).
+    #[serde(default)]
+    pub alerts: Option<crate::alerts::settings::AlertsSettings>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -300,6 +304,16 @@ impl Validate for BillingSettings {
             }
             in_range("provisioning.days_until_due", u64::from(p.days_until_due), 1, 365)?;
             in_range("provisioning.retry_failed_secs", p.retry_failed_secs, 60, 30 * 86_400)?;
+        }
+        if let Some(a) = &self.alerts {
+            if self.catalogue.is_none() || self.provisioning.is_none() {
+                return Err(Invalid::new(
+                    "alerts",
+                    "an [alerts] section",
+                    "a [catalogue] (spend is priced with it) and a [provisioning] (its keys topic brings the budgets and plans) too",
+                ));
+            }
+            a.validate("alerts")?;
         }
         Ok(())
     }
