@@ -52,6 +52,7 @@ pub struct AlertMetrics {
     pub delivered: metrics::Counter,
     pub failed_attempts: metrics::Counter,
     pub pending: metrics::Gauge,
+    pub checks: metrics::Counter,
 }
 
 impl AlertMetrics {
@@ -69,6 +70,10 @@ impl AlertMetrics {
                 "billing_sync_alert_delivery_failures_total",
                 "Webhook attempts that got no 2xx (each is retried)."
             );
+            metrics::describe_counter!(
+                "billing_sync_alert_checks_total",
+                "Checks that compared spend and quotas with their thresholds (only once the keys topic has been read to its end)."
+            );
             metrics::describe_gauge!(
                 "billing_sync_alerts_pending",
                 "Alerts recorded but not yet acknowledged by the receiver, as of the last check."
@@ -79,6 +84,7 @@ impl AlertMetrics {
                 delivered: metrics::counter!("billing_sync_alert_deliveries_total"),
                 failed_attempts: metrics::counter!("billing_sync_alert_delivery_failures_total"),
                 pending: metrics::gauge!("billing_sync_alerts_pending"),
+                checks: metrics::counter!("billing_sync_alert_checks_total"),
             }
         })
     }
@@ -109,6 +115,7 @@ impl Alerter {
         let mut report = CheckReport::default();
         if self.consumers.is_caught_up() {
             let raised = self.raise(now).await?;
+            self.metrics.checks.increment(1);
             report.raised = raised.len();
             for row in &raised {
                 match row.kind.as_str() {
