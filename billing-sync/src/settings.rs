@@ -341,6 +341,16 @@ mod tests {
     }
 
     #[test]
+    fn alerts_need_the_catalogue_and_the_keys_follower() {
+        let alerts = "\n[alerts]\nwebhook_url = \"http://127.0.0.1:9200/alerts\"\n";
+        let text = EXAMPLE.replace("\n[log]\n", &format!("{alerts}\n[log]\n"));
+        load(&text).expect("the example with alerts");
+        let without_provisioning = text.split("[provisioning]").next().unwrap().to_owned() + alerts;
+        let err = load(&without_provisioning).unwrap_err();
+        assert!(err.contains("alerts") && err.contains("[provisioning]"), "{err}");
+    }
+
+    #[test]
     fn example_config_is_valid() {
         let s = load(EXAMPLE).unwrap();
         assert_eq!(s.stripe.api_base, "http://127.0.0.1:12111/");

@@ -117,10 +117,13 @@ fn query_err(what: &'static str) -> impl FnOnce(clickhouse::error::Error) -> Led
 }
 
 /// Alerts raised for any of `periods` (pending or delivered).
+// Columns named, not `?fields`: tests/tests/clickhouse_sql.rs matches the literal text sent.
 pub async fn recorded(client: &Client, periods: &[String]) -> Result<Vec<AlertRow>, LedgerError> {
     client
         .query(
-            "SELECT ?fields FROM billing_alerts FINAL WHERE has(?, period) \
+            "SELECT tenant_id, kind, subject, period, threshold, webhook_id, observed, limit_value, \
+               payload, status, attempts, error, created_at, updated_at, row_version \
+             FROM billing_alerts FINAL WHERE has(?, period) \
              ORDER BY tenant_id, kind, subject, period, threshold",
         )
         .bind(periods)
@@ -132,7 +135,11 @@ pub async fn recorded(client: &Client, periods: &[String]) -> Result<Vec<AlertRo
 /// Alerts not delivered yet, oldest first, whatever their period.
 pub async fn pending(client: &Client) -> Result<Vec<AlertRow>, LedgerError> {
     client
-        .query("SELECT ?fields FROM billing_alerts FINAL WHERE status = 'pending' ORDER BY created_at, webhook_id")
+        .query(
+            "SELECT tenant_id, kind, subject, period, threshold, webhook_id, observed, limit_value, \
+               payload, status, attempts, error, created_at, updated_at, row_version \
+             FROM billing_alerts FINAL WHERE status = 'pending' ORDER BY created_at, webhook_id",
+        )
         .fetch_all()
         .await
         .map_err(query_err("pending alerts read"))
