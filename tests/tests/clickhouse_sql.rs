@@ -305,7 +305,10 @@ async fn check_alerts(client: &Client, events: &[UsageEvent], now: i64) {
     store::write(client, std::slice::from_ref(&pending))
         .await
         .expect("alert recorded");
-    assert_eq!(store::pending(client).await.expect("pending alerts"), [pending.clone()]);
+    assert_eq!(
+        store::pending(client).await.expect("pending alerts"),
+        std::slice::from_ref(&pending)
+    );
     let delivered = pending.after(Status::Delivered, 4, "", now as u32);
     store::write(client, std::slice::from_ref(&delivered))
         .await

@@ -171,7 +171,8 @@ mod tests {
 
     #[test]
     fn bad_settings_name_the_field_and_value() {
-        let cases: Vec<(Box<dyn FnOnce(&mut AlertsSettings)>, &str, &str)> = vec![
+        type Edit = Box<dyn FnOnce(&mut AlertsSettings)>;
+        let cases: Vec<(Edit, &str, &str)> = vec![
             (
                 Box::new(|s| s.webhook_url = "ftp://x".into()),
                 "alerts.webhook_url",
