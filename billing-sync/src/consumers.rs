@@ -2,8 +2,9 @@
 //! tenant's Stripe customer id into its consumers' records.
 //!
 //! In: every partition of the compacted keys topic from the beginning (`consumer/<id>`
-//! records, full state each; a tombstone deletes; key records are ignored). Out:
-//! [`Consumers`], a map kept current by a follower task, which says when it has caught up
+//! and `budget/<tenant id>` records, full state each; a tombstone deletes; key records are
+//! ignored). Out: [`Consumers`], maps kept current by a follower task (budgets are what
+//! alerts compare spend with), which says when it has caught up
 //! with the topic's end as of start (before that, a missing consumer may just not be read
 //! yet, so nothing is cancelled); and [`Consumers::write_back`], which writes a consumer's
 //! next version with the customer id, as the admin API writes a metadata change.
@@ -17,7 +18,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::sync::watch;
 use tollgate_runtime::shutdown::Shutdown;
-use tollgate_schemas::{decode, encode, ConsumerRecord, EntityKey};
+use tollgate_schemas::{decode, encode, BudgetRecord, ConsumerRecord, EntityKey};
 
 use crate::settings::ProvisioningSettings;
 
@@ -35,6 +36,7 @@ pub enum ConsumersError {
 #[derive(Clone)]
 pub struct Consumers {
     map: Arc<RwLock<HashMap<String, ConsumerRecord>>>,
+    budgets: Budgets,
     caught_up: watch::Receiver<bool>,
     producer: FutureProducer,
     topic: String,
@@ -107,10 +109,18 @@ impl Consumers {
             });
         }
         let map = Arc::new(RwLock::new(HashMap::new()));
+        let budgets = Budgets::default();
         let (caught_up_tx, caught_up) = watch::channel(false);
-        tokio::spawn(follow(consumer, map.clone(), ends, caught_up_tx, shutdown));
+        tokio::spawn(follow(
+            consumer,
+            (map.clone(), budgets.clone()),
+            ends,
+            caught_up_tx,
+            shutdown,
+        ));
         Ok(Self {
             map,
+            budgets,
             caught_up,
             producer,
             topic,
@@ -120,6 +130,12 @@ impl Consumers {
 
     pub fn is_caught_up(&self) -> bool {
         *self.caught_up.borrow()
+    }
+
+    /// Budgets by tenant id, as last read from the topic.
+    pub fn budgets(&self) -> BTreeMap<String, BudgetRecord> {
+        let budgets = self.budgets.read().expect("budgets lock");
+        budgets.iter().map(|(t, b)| (t.clone(), b.clone())).collect()
     }
 
     /// Live consumers that have a tenant, grouped by tenant.
@@ -198,9 +214,11 @@ fn apply(map: &RwLock<HashMap<String, ConsumerRecord>>, record: ConsumerRecord) 
     }
 }
 
+type Budgets = Arc<RwLock<HashMap<String, BudgetRecord>>>;
+
 async fn follow(
     consumer: StreamConsumer,
-    map: Arc<RwLock<HashMap<String, ConsumerRecord>>>,
+    (map, budgets): (Arc<RwLock<HashMap<String, ConsumerRecord>>>, Budgets),
     ends: BTreeMap<i32, i64>,
     caught_up: watch::Sender<bool>,
     shutdown: Shutdown,
@@ -230,16 +248,24 @@ async fn follow(
             .key()
             .and_then(|k| std::str::from_utf8(k).ok())
             .unwrap_or_default();
-        if let Ok(EntityKey::Consumer(id)) = EntityKey::parse(key) {
-            match message.payload() {
-                None => {
-                    map.write().expect("consumers lock").remove(id);
-                }
-                Some(bytes) => match decode::<ConsumerRecord>(bytes) {
-                    Ok(record) => apply(&map, record),
-                    Err(err) => tracing::warn!(key, error = %err, "consumer record skipped"),
-                },
+        match (EntityKey::parse(key), message.payload()) {
+            (Ok(EntityKey::Consumer(id)), None) => {
+                map.write().expect("consumers lock").remove(id);
             }
+            (Ok(EntityKey::Consumer(_)), Some(bytes)) => match decode::<ConsumerRecord>(bytes) {
+                Ok(record) => apply(&map, record),
+                Err(err) => tracing::warn!(key, error = %err, "consumer record skipped"),
+            },
+            (Ok(EntityKey::Budget(tenant)), None) => {
+                budgets.write().expect("budgets lock").remove(tenant);
+            }
+            (Ok(EntityKey::Budget(tenant)), Some(bytes)) => match decode::<BudgetRecord>(bytes) {
+                Ok(record) => {
+                    budgets.write().expect("budgets lock").insert(tenant.to_owned(), record);
+                }
+                Err(err) => tracing::warn!(key, error = %err, "budget record skipped"),
+            },
+            _ => {}
         }
         if !*caught_up.borrow() && done(&positions) {
             let _ = caught_up.send(true);

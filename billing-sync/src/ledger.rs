@@ -44,6 +44,7 @@ const MIGRATIONS: &[(u32, &str, &str)] = &[
     ),
     (2, "billing_customers", crate::customers::CREATE_TABLE),
     (3, "billing_window_lengths", crate::schedule::CREATE_TABLE),
+    (4, "billing_alerts", crate::alerts::store::CREATE_TABLE),
 ];
 
 /// A revision's state.

@@ -4,8 +4,8 @@
 //! In: `usage_events` and `consumers` in ClickHouse (written by the meter consumer), the
 //! consumers on the keys topic, the plan catalogue, the Stripe secret key. Out: Stripe
 //! customers, subscriptions and billing meter events, the customer id written back to the
-//! consumers, `billing_ledger` and `billing_customers` rows in ClickHouse, health and metrics
-//! on the ops listener. [`run`] is the service loop; [`setup`] and [`reconcile`] are the
+//! consumers, `billing_ledger` and `billing_customers` rows in ClickHouse, spend and quota
+//! alerts (`billing_alerts` and a signed webhook), health and metrics on the ops listener. [`run`] is the service loop; [`setup`] and [`reconcile`] are the
 //! `setup` and `reconcile` subcommands.
 #![forbid(unsafe_code)]
 
@@ -29,6 +29,8 @@ pub mod schedule;
 pub mod sync;
 pub mod usage;
 pub mod window;
+// Spend and quota alerts: the same prices and usage, compared with budgets and quotas.
+pub mod alerts;
 
 use std::time::Duration;
 
@@ -80,6 +82,10 @@ pub enum BillingError {
     Provision(#[from] provision::ProvisionError),
     #[error(transparent)]
     Invoice(#[from] invoice::InvoiceError),
+    #[error(transparent)]
+    AlertSecret(#[from] alerts::settings::SecretError),
+    #[error(transparent)]
+    QuotaPlans(#[from] alerts::observe::PlansError),
 }
 
 /// Reads `[catalogue].path` and checks that every priced meter is one billing-sync pushes.
@@ -111,6 +117,8 @@ pub fn load_catalogue(settings: &BillingSettings) -> Result<Option<Catalogue>, B
 /// fires. A failed pass (ClickHouse down, say) is logged and retried at the next interval.
 pub async fn run(settings: BillingSettings, api_key: String, shutdown: Shutdown) -> Result<(), BillingError> {
     let catalogue = load_catalogue(&settings)?;
+    // Before connecting to anything: a missing or malformed secret is a settings mistake.
+    let alert_secret = settings.alerts.as_ref().map(|a| a.secret()).transpose()?;
     let listener = TcpListener::bind(&settings.admin.listen)
         .await
         .map_err(|error| BillingError::Bind {
@@ -144,6 +152,26 @@ pub async fn run(settings: BillingSettings, api_key: String, shutdown: Shutdown)
             meters: settings.meters.clone(),
             metrics: ProvisionMetrics::register(&recorder),
         }),
+        _ => None,
+    };
+    // Settings validation guarantees a provisioner (catalogue and keys follower) with alerts.
+    let alerts_task = match (&settings.alerts, &provisioner, alert_secret) {
+        (Some(alerts), Some(provisioner), Some(secret)) => {
+            let quota_plans = match &alerts.gateway_settings {
+                Some(path) => alerts::observe::QuotaPlans::load(path)?,
+                None => alerts::observe::QuotaPlans::default(),
+            };
+            let alerter = alerts::Alerter {
+                client: client.clone(),
+                consumers: provisioner.consumers.clone(),
+                catalogue: provisioner.catalogue.clone(),
+                quota_plans,
+                settings: alerts.clone(),
+                sender: alerts::webhook::WebhookSender::new(alerts, secret, shutdown.clone()),
+                metrics: alerts::AlertMetrics::register(&recorder),
+            };
+            Some(tokio::spawn(alerter.run(shutdown.clone())))
+        }
         _ => None,
     };
     let biller = Biller::new(client.clone(), settings.clone(), pusher).with_schedule(schedule);
@@ -194,6 +222,9 @@ pub async fn run(settings: BillingSettings, api_key: String, shutdown: Shutdown)
             _ = tokio::time::sleep(interval) => {}
             _ = shutdown.wait() => {}
         }
+    }
+    if let Some(task) = alerts_task {
+        let _ = task.await;
     }
     let _ = ops_task.await;
     Ok(())

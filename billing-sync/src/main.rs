@@ -55,12 +55,19 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     // stdout). A refusal to load them is one plain line.
     tollgate_runtime::logging::init(&loaded.log);
     let mut settings = loaded.settings;
-    // The catalogue path is relative to the settings file, wherever the process runs.
-    if let Some(catalogue) = settings.catalogue.as_mut() {
-        if catalogue.path.is_relative() {
-            let dir = config.parent().unwrap_or_else(|| std::path::Path::new("."));
-            catalogue.path = dir.join(&catalogue.path);
+    // Paths in the settings are relative to the settings file, wherever the process runs.
+    let dir = config.parent().unwrap_or_else(|| std::path::Path::new("."));
+    let relative = |path: &mut PathBuf| {
+        if path.is_relative() {
+            *path = dir.join(&*path);
         }
+    };
+    if let Some(catalogue) = settings.catalogue.as_mut() {
+        relative(&mut catalogue.path);
+    }
+    if let Some(alerts) = settings.alerts.as_mut() {
+        alerts.gateway_settings.as_mut().map(relative);
+        alerts.webhook_secret_file.as_mut().map(relative);
     }
     let api_key = std::env::var(STRIPE_KEY_ENV).unwrap_or_default();
     match args.command {

@@ -28,6 +28,10 @@ pub struct BillingSettings {
     /// needs `[catalogue]`.
     #[serde(default)]
     pub provisioning: Option<ProvisioningSettings>,
+    /// Spend and quota alerts delivered to a webhook; needs `[catalogue]` (prices) and
+    /// `[provisioning]` (its keys-topic follower brings the budgets and plans).
+    #[serde(default)]
+    pub alerts: Option<crate::alerts::settings::AlertsSettings>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -301,6 +305,16 @@ impl Validate for BillingSettings {
             in_range("provisioning.days_until_due", u64::from(p.days_until_due), 1, 365)?;
             in_range("provisioning.retry_failed_secs", p.retry_failed_secs, 60, 30 * 86_400)?;
         }
+        if let Some(a) = &self.alerts {
+            if self.catalogue.is_none() || self.provisioning.is_none() {
+                return Err(Invalid::new(
+                    "alerts",
+                    "an [alerts] section",
+                    "a [catalogue] (spend is priced with it) and a [provisioning] (its keys topic brings the budgets and plans) too",
+                ));
+            }
+            a.validate("alerts")?;
+        }
         Ok(())
     }
 }
@@ -324,6 +338,16 @@ mod tests {
             assert!(text.contains(from), "config/billing-sync.toml has no `{from}`");
             text.replace(from, to)
         })
+    }
+
+    #[test]
+    fn alerts_need_the_catalogue_and_the_keys_follower() {
+        let alerts = "\n[alerts]\nwebhook_url = \"http://127.0.0.1:9200/alerts\"\n";
+        let text = EXAMPLE.replace("\n[log]\n", &format!("{alerts}\n[log]\n"));
+        load(&text).expect("the example with alerts");
+        let without_provisioning = text.split("[provisioning]").next().unwrap().to_owned() + alerts;
+        let err = load(&without_provisioning).unwrap_err();
+        assert!(err.contains("alerts") && err.contains("[provisioning]"), "{err}");
     }
 
     #[test]

@@ -67,3 +67,48 @@ fn stripe_key_overlay_from_a_bad_variable_is_refused() {
         exit.last_line
     );
 }
+
+/// The example with an `[alerts]` section (before `[log]`, so it is not read as part of it).
+fn with_alerts(alerts: &str) -> String {
+    example_on_free_port().replace("\n[log]\n", &format!("\n[alerts]\n{alerts}\n\n[log]\n"))
+}
+
+#[test]
+fn alerts_without_a_secret_name_where_it_comes_from() {
+    let settings = with_alerts("webhook_url = \"http://127.0.0.1:9200/alerts\"");
+    let exit = run_with_settings(BIN, &settings, &[], Duration::from_secs(20));
+    assert_eq!(exit.code, Some(1), "{}", exit.stderr);
+    assert!(
+        exit.last_line
+            .contains("no webhook secret: set TOLLGATE_ALERTS_WEBHOOK_SECRET or alerts.webhook_secret_file"),
+        "{}",
+        exit.last_line
+    );
+}
+
+#[test]
+fn a_malformed_alerts_secret_is_refused_without_echoing_it() {
+    let settings = with_alerts("webhook_url = \"http://127.0.0.1:9200/alerts\"");
+    let secret = "whsec_bm90LWxvbmctZW5vdWdo";
+    let exit = run_with_settings(
+        BIN,
+        &settings,
+        &[("TOLLGATE_ALERTS_WEBHOOK_SECRET", secret)],
+        Duration::from_secs(20),
+    );
+    assert_eq!(exit.code, Some(1), "{}", exit.stderr);
+    assert!(
+        exit.last_line.contains("the webhook secret is not whsec_"),
+        "{}",
+        exit.last_line
+    );
+    assert!(!exit.stderr.contains(&secret[6..]), "{}", exit.stderr);
+}
+
+#[test]
+fn bad_alert_thresholds_name_the_field() {
+    let settings = with_alerts("webhook_url = \"http://127.0.0.1:9200/alerts\"\nquota_thresholds = [100, 80]");
+    let exit = run_with_settings(BIN, &settings, &[], Duration::from_secs(20));
+    assert_eq!(exit.code, Some(1), "{}", exit.stderr);
+    assert!(exit.last_line.contains("alerts.quota_thresholds"), "{}", exit.last_line);
+}

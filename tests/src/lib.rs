@@ -9,5 +9,6 @@ pub mod http;
 pub mod process;
 pub mod stripe_proxy;
 pub mod stripe_state;
+pub mod webhook_receiver;
 
 pub use tollgate_test_support::*;

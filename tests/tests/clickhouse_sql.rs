@@ -4,7 +4,8 @@
 //!
 //! In: meter-consumer's migrations and sink, billing-sync's migrations, one billing pass
 //! (against stripe-mock) and reconcile, the README's finance queries, the gateway's
-//! spend-cap refresh, a fixture of usage events and consumers; everything through
+//! spend-cap refresh, billing-sync's alert reads and writes, a fixture of usage events and
+//! consumers; everything through
 //! [`sql_capture::Recorder`] in front of the server.
 //! Out: assertions that 18.16 accepted every statement, that every SQL literal in the
 //! services' sources was sent, and that `invoice_preview`, `usage_by_period`, `top_routes`
@@ -69,6 +70,7 @@ async fn the_services_sql_runs_on_clickhouse_and_the_finance_views_add_up() {
     bill(&settings, now).await;
     run_readme_queries(&client).await;
     check_spend_refresh(&client, &events, now).await;
+    check_alerts(&client, &events, now).await;
 
     let checks = view_checks(&events);
     for check in &checks {
@@ -244,6 +246,80 @@ async fn check_spend_refresh(client: &Client, events: &[UsageEvent], now: i64) {
         .collect();
     assert!(!expected.is_empty(), "the fixture has billable units this month");
     assert_eq!(counted, expected, "month-to-date units the spend caps start from");
+}
+
+/// The alerts' reads (this month's billable units, today's admitted units: the sums computed
+/// here from the events) and their table: a pending alert is pending until its delivered
+/// version replaces it, and stays recorded for its period.
+async fn check_alerts(client: &Client, events: &[UsageEvent], now: i64) {
+    use tollgate_billing_sync::alerts::evaluate::Period;
+    use tollgate_billing_sync::alerts::observe::{self, TenantUnits};
+    use tollgate_billing_sync::alerts::store::{self, AlertRow, Status};
+    let tenants: Vec<String> = ["tenant_a", "tenant_b", "tenant_c"].map(str::to_owned).to_vec();
+    let (month, day) = (Period::month_of(now), Period::day_of(now));
+    let sums = |period: &Period, counts: fn(&UsageEvent) -> bool| {
+        let mut out = TenantUnits::new();
+        for event in events.iter().filter(|e| counts(e)) {
+            let secs = event.timestamp_ms / 1000;
+            if let (Some(tenant), true) = (
+                &event.tenant_id,
+                (i64::from(period.start)..i64::from(period.end)).contains(&secs),
+            ) {
+                for (meter, value) in &event.units {
+                    *out.entry(tenant.clone()).or_default().entry(meter.clone()).or_default() += value;
+                }
+            }
+        }
+        out
+    };
+    let billable = observe::billable_units(client, &tenants, (month.start, month.end))
+        .await
+        .expect("the alerts' spend query runs");
+    assert!(!billable.is_empty(), "the fixture has billable units this month");
+    assert_eq!(billable, sums(&month, |e| e.billable));
+    let admitted = observe::admitted_units(client, &tenants, (day.start, day.end))
+        .await
+        .expect("the alerts' quota query runs");
+    assert_eq!(
+        admitted,
+        sums(&day, |e| matches!(e.outcome, Outcome::Allowed | Outcome::UpstreamError))
+    );
+
+    let pending = AlertRow {
+        tenant_id: "tenant_a".to_owned(),
+        kind: "spend".to_owned(),
+        subject: "monthly_cap".to_owned(),
+        period: month.name.clone(),
+        threshold: 80,
+        webhook_id: "alert_sqlcheck".to_owned(),
+        observed: 800,
+        limit_value: 1000,
+        payload: "{}".to_owned(),
+        status: "pending".to_owned(),
+        attempts: 0,
+        error: String::new(),
+        created_at: now as u32,
+        updated_at: now as u32,
+        row_version: 1,
+    };
+    store::write(client, std::slice::from_ref(&pending))
+        .await
+        .expect("alert recorded");
+    assert_eq!(
+        store::pending(client).await.expect("pending alerts"),
+        std::slice::from_ref(&pending)
+    );
+    let delivered = pending.after(Status::Delivered, 4, "", now as u32);
+    store::write(client, std::slice::from_ref(&delivered))
+        .await
+        .expect("alert delivered");
+    assert!(store::pending(client).await.expect("pending alerts").is_empty());
+    assert_eq!(
+        store::recorded(client, &[month.name.clone(), day.name.clone()])
+            .await
+            .expect("recorded alerts"),
+        [delivered]
+    );
 }
 
 /// The events into ClickHouse as meter-consumer writes them: batches cut at month changes
