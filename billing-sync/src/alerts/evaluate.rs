@@ -108,7 +108,7 @@ pub fn new_alerts(o: &Observed<'_>) -> Vec<AlertRow> {
         let Some(prices) = o
             .tenants
             .get(tenant_id)
-            .and_then(|t| t.plan.as_ref())
+            .and_then(|t| o.quota_plans.plan_of(t.plan.as_deref()))
             .and_then(|plan| o.catalogue.plans.get(plan))
         else {
             // No live consumer with a priced plan: nothing to price the spend with.
@@ -141,10 +141,10 @@ pub fn new_alerts(o: &Observed<'_>) -> Vec<AlertRow> {
         }
     }
     for (tenant_id, tenant) in o.tenants {
-        let (Some(plan), Some(consumer)) = (&tenant.plan, tenant.consumers.first()) else {
+        let Some(consumer) = tenant.consumers.first() else {
             continue;
         };
-        for quota in o.quota_plans.quotas(plan, &consumer.metadata_json) {
+        for quota in o.quota_plans.quotas(tenant.plan.as_deref(), &consumer.metadata_json) {
             let (period, units) = match quota.window {
                 CalendarWindow::Day => (o.day, o.admitted_day),
                 CalendarWindow::Month => (o.month, o.admitted_month),

@@ -59,6 +59,9 @@ impl CalendarWindow {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct QuotaPlans {
     pub plans: BTreeMap<String, Vec<Quota>>,
+    /// The gateway's `identity.default_plan`: the plan of a tenant naming none, or one the
+    /// gateway does not define.
+    pub default_plan: Option<String>,
 }
 
 /// The part of the gateway's settings read here; every other table is the gateway's.
@@ -66,6 +69,14 @@ pub struct QuotaPlans {
 struct GatewayFile {
     #[serde(default)]
     plans: BTreeMap<String, PlanLimits>,
+    #[serde(default)]
+    identity: IdentityPart,
+}
+
+#[derive(Deserialize, Default)]
+struct IdentityPart {
+    #[serde(default)]
+    default_plan: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -125,14 +136,32 @@ impl QuotaPlans {
                 (plan, quotas)
             })
             .collect();
-        Ok(Self { plans })
+        Ok(Self {
+            plans,
+            default_plan: file.identity.default_plan,
+        })
     }
 
-    /// `plan`'s quotas with a consumer's `metadata.limits` overrides applied, as the gateway
-    /// applies them (`{"limits": {"compute_units_per_day": 500}}`); an override the gateway
-    /// would refuse is left out here too.
-    pub fn quotas(&self, plan: &str, metadata_json: &str) -> Vec<Quota> {
+    /// The plan the gateway limits and prices a tenant by: the one named when the gateway
+    /// defines it, else the default plan (as `tollgate_gateway`'s chain does).
+    pub fn plan_of<'a>(&'a self, named: Option<&'a str>) -> Option<&'a str> {
+        named
+            .filter(|plan| self.plans.contains_key(*plan))
+            .or(self.default_plan.as_deref())
+    }
+
+    /// The quotas of the plan that applies to a tenant naming `named`, with its ruling
+    /// consumer's `metadata.limits` overrides applied as the gateway applies them
+    /// (`{"limits": {"compute_units_per_day": 500}}`): an override the gateway would refuse
+    /// is left out here too, and on the default plan's fallback none apply.
+    pub fn quotas(&self, named: Option<&str>, metadata_json: &str) -> Vec<Quota> {
+        let Some(plan) = self.plan_of(named) else {
+            return Vec::new();
+        };
         let mut quotas = self.plans.get(plan).cloned().unwrap_or_default();
+        if named != Some(plan) {
+            return quotas;
+        }
         let metadata: serde_json::Value = serde_json::from_str(metadata_json).unwrap_or_default();
         if let Some(overrides) = metadata.get("limits").and_then(|l| l.as_object()) {
             for quota in &mut quotas {
@@ -250,11 +279,15 @@ limits = [
     #[test]
     fn consumer_overrides_change_the_allowance() {
         let plans = QuotaPlans::parse(EXAMPLE).unwrap();
-        let quotas = plans.quotas("free", r#"{"limits": {"compute_units_per_day": 10}}"#);
+        let quotas = plans.quotas(Some("free"), r#"{"limits": {"compute_units_per_day": 10}}"#);
         assert_eq!(quotas[0].limit, 10);
-        let quotas = plans.quotas("free", r#"{"limits": {"compute_units_per_day": "ten"}}"#);
+        let quotas = plans.quotas(Some("free"), r#"{"limits": {"compute_units_per_day": "ten"}}"#);
         assert_eq!(quotas[0].limit, 10_000);
-        assert!(plans.quotas("nope", "{}").is_empty());
+        // No plan, or one the gateway does not define: the default plan's, without overrides.
+        for named in [None, Some("nope")] {
+            let quotas = plans.quotas(named, r#"{"limits": {"compute_units_per_day": 10}}"#);
+            assert_eq!(quotas[0].limit, 10_000, "{named:?}");
+        }
     }
 
     #[test]
