@@ -60,7 +60,7 @@ fn posts(proxy: &Proxy) -> Vec<Other> {
 
 /// Sets every subscription answer's current period end to `period_end` (Unix seconds).
 fn period_end_rewrite(period_end: Arc<AtomicU64>) -> Rewrite {
-    Arc::new(move |path: &str, body| {
+    Arc::new(move |path: &str, body: hyper::body::Bytes| {
         if !path.starts_with("/v1/subscriptions") {
             return body;
         }
@@ -72,7 +72,7 @@ fn period_end_rewrite(period_end: Arc<AtomicU64>) -> Rewrite {
         for item in sub["items"]["data"].as_array_mut().into_iter().flatten() {
             item["current_period_end"] = end.into();
         }
-        serde_json::to_vec(&sub).expect("json").into()
+        hyper::body::Bytes::from(serde_json::to_vec(&sub).expect("json"))
     })
 }
 

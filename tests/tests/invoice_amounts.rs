@@ -41,12 +41,12 @@ fn price() -> impl Strategy<Value = String> {
 }
 
 fn plan() -> impl Strategy<Value = Plan> {
-    let meter = (price(), prop_oneof![Just(0u64), 0u64..5_000]);
+    let meter = || (price(), prop_oneof![Just(0u64), 0u64..5_000]);
     (
         prop::sample::select(vec!["usd", "eur", "jpy"]),
         prop_oneof![Just(0u64), 1u64..100_000],
-        prop::option::of(meter.clone()),
-        prop::option::of(meter),
+        prop::option::of(meter()),
+        prop::option::of(meter()),
     )
         .prop_map(|(currency, fee, requests, compute)| {
             let mut meters = BTreeMap::new();
