@@ -4,8 +4,10 @@
 //! In: `usage_events` and `consumers` in ClickHouse (written by the meter consumer), the
 //! consumers on the keys topic, the plan catalogue, the Stripe secret key. Out: Stripe
 //! customers, subscriptions and billing meter events, the customer id written back to the
-//! consumers, `billing_ledger` and `billing_customers` rows in ClickHouse, spend and quota
-//! alerts (`billing_alerts` and a signed webhook), health and metrics on the ops listener. [`run`] is the service loop; [`setup`] and [`reconcile`] are the
+//! consumers, `billing_ledger` and `billing_customers` rows and the catalogue's prices
+//! (`plan_prices`, for finance's invoice views) in ClickHouse, spend and quota alerts
+//! (`billing_alerts` and a signed webhook), health and metrics on the ops listener. [`run`] is
+//! the service loop; [`setup`] and [`reconcile`] are the
 //! `setup` and `reconcile` subcommands.
 #![forbid(unsafe_code)]
 
@@ -17,6 +19,7 @@ pub mod stripe;
 // The catalogue in Stripe, and customers and subscriptions kept in step with the consumers.
 pub mod consumers;
 pub mod customers;
+pub mod prices;
 pub mod products;
 pub mod provision;
 // Usage into meter events: windows, usage, pushes, the ledger, and checking it all
@@ -142,6 +145,8 @@ pub async fn run(settings: BillingSettings, api_key: String, shutdown: Shutdown)
     let attempts = push_metrics.attempts.clone();
     let pusher = Pusher::new(api.clone(), &settings.stripe, push_metrics, shutdown.clone());
     let interval = Duration::from_secs(settings.billing.poll_interval_secs);
+    // Written once per start; until meter-consumer has made the table, tried again each pass.
+    let mut unpublished = catalogue.clone();
     let provisioner = match (&settings.provisioning, catalogue) {
         (Some(provisioning), Some(catalogue)) => Some(Provisioner {
             client: client.clone(),
@@ -180,6 +185,18 @@ pub async fn run(settings: BillingSettings, api_key: String, shutdown: Shutdown)
     tracing::info!(admin = %settings.admin.listen, "billing-sync ready");
     let ops_task = tokio::spawn(tollgate_runtime::ops::serve(listener, ops.clone(), shutdown.clone()));
     while !shutdown.is_triggered() {
+        if let Some(catalogue) = &unpublished {
+            match prices::publish(&client, catalogue).await {
+                Ok(()) => {
+                    tracing::info!(
+                        plans = catalogue.plans.len(),
+                        "plan prices written for the invoice views"
+                    );
+                    unpublished = None;
+                }
+                Err(err) => tracing::warn!(error = %err, "cannot write the plan prices; retrying next interval"),
+            }
+        }
         if let Some(provisioner) = &provisioner {
             match provisioner.pass(sync::unix_now() as u32).await {
                 Ok(report) if report.steps > 0 => tracing::info!(

@@ -48,8 +48,12 @@
 //!
 //! # Views for finance
 //! `usage_daily`, `usage_hourly`, `usage_by_period` (calendar month, UTC), `route_usage_daily`,
-//! `top_routes` (ten per tenant and period) and `invoice_preview` (billable units per tenant,
-//! meter and period with the tenant's Stripe customer id).
+//! `top_routes` (ten per tenant and period), `invoice_preview` (billable units per tenant,
+//! meter and period with the tenant's Stripe customer id, plan and, priced from
+//! `plan_prices`, the line's amount) and `invoice_totals` (per tenant and period: lines, fee,
+//! total).
+//!
+//! `plan_prices` is created here, since the views read it, and written by billing-sync.
 
 use clickhouse::Client;
 
@@ -211,7 +215,7 @@ pub const MIGRATIONS: &[Migration] = &[
              FROM usage_route_day GROUP BY tenant_id, period_start, route
              ORDER BY tenant_id, period_start, events DESC
              LIMIT 10 BY tenant_id, period_start",
-            INVOICE_PREVIEW,
+            INVOICE_PREVIEW_UNITS,
         ],
     },
     Migration {
@@ -221,18 +225,31 @@ pub const MIGRATIONS: &[Migration] = &[
         // unaliased join) hold the old view text; replace it. `DROP TABLE` because 18.16 has
         // no `DROP VIEW`. Two instances racing here may leave the view absent between one's
         // drop and its create, never absent after both finish.
-        statements: &["DROP TABLE IF EXISTS invoice_preview", INVOICE_PREVIEW],
+        statements: &["DROP TABLE IF EXISTS invoice_preview", INVOICE_PREVIEW_UNITS],
+    },
+    Migration {
+        version: 4,
+        name: "plan prices, invoice amounts",
+        // The view is replaced as in version 3; `plan_prices` first, since the new view
+        // reads it.
+        statements: &[
+            PLAN_PRICES,
+            "DROP TABLE IF EXISTS invoice_preview",
+            INVOICE_PREVIEW,
+            INVOICE_TOTALS,
+        ],
     },
 ];
 
-/// Billable units per tenant, meter and calendar month, with the tenant's Stripe customer id.
+/// Billable units per tenant, meter and calendar month, with the tenant's Stripe customer id:
+/// `invoice_preview` as migrations 2 and 3 made it (released text, kept as it was).
 ///
 /// Both joined subqueries carry an alias: current ClickHouse refuses an unaliased subquery
 /// in a `JOIN ... USING` (code 206, "no alias for subquery or table function"), 18.16
 /// accepts either. Migration 2 first shipped without the aliases; no server that refuses
 /// them could have recorded it, so it was corrected in place and migration 3 brings the
 /// servers that recorded the old text up to date.
-const INVOICE_PREVIEW: &str = "CREATE VIEW IF NOT EXISTS invoice_preview AS
+const INVOICE_PREVIEW_UNITS: &str = "CREATE VIEW IF NOT EXISTS invoice_preview AS
      SELECT tenant_id, period_start, meter, billable_units, billable_events, stripe_customer_id
      FROM (
          SELECT tenant_id, toStartOfMonth(day) AS period_start, meter,
@@ -244,6 +261,73 @@ const INVOICE_PREVIEW: &str = "CREATE VIEW IF NOT EXISTS invoice_preview AS
          SELECT tenant_id, anyIf(stripe_customer_id, stripe_customer_id != '') AS stripe_customer_id
          FROM consumers FINAL WHERE deleted = 0 GROUP BY tenant_id
      ) AS customers USING tenant_id";
+
+/// The catalogue's prices, as the running billing-sync prices invoices (it writes a snapshot
+/// of its catalogue at start, every row of one snapshot under one `version`). Per plan a row
+/// with `meter = ''` holds the currency and the monthly fee; a row per priced meter holds
+/// the unit price, exact to the catalogue's 12 decimal places (`Decimal(38, 12)`, which
+/// 18.16 has), and the included units. A plan dropped from the catalogue keeps its old rows,
+/// so readers take the newest snapshot only.
+const PLAN_PRICES: &str = "CREATE TABLE IF NOT EXISTS plan_prices (
+        plan String,
+        meter String,
+        currency String,
+        unit_price_minor Decimal(38, 12),
+        included_units Int64,
+        monthly_fee_minor Int64,
+        version UInt64
+    ) ENGINE = ReplacingMergeTree(version) ORDER BY (plan, meter)";
+
+/// `invoice_preview` with amounts: billable units per tenant, meter and calendar month, the
+/// tenant's Stripe customer id and plan (of its most recently updated live consumer, the
+/// plan billing-sync subscribes it to), and the meter's line at the newest catalogue
+/// snapshot: `(billable_units - included_units)` (never below 0) × `unit_price_minor`,
+/// rounded half up to a whole minor unit, as Stripe rounds an invoice line and as
+/// billing-sync's `PlanPrices::amount` does. `priced = 0` (currency `''`, amount 0): the
+/// tenant's plan does not price the meter, or the tenant has no plan in the catalogue.
+///
+/// 18.16 allows one join per `SELECT`, hence the nesting. An unmatched `ANY LEFT JOIN` row
+/// gets the column defaults, so an unpriced line's price is 0 and so is its amount.
+const INVOICE_PREVIEW: &str = "CREATE VIEW IF NOT EXISTS invoice_preview AS
+     SELECT tenant_id, period_start, meter, billable_units, billable_events, stripe_customer_id, plan,
+            priced, currency, unit_price_minor, included_units,
+            toInt64(greatest(billable_units - included_units, 0) * unit_price_minor + toDecimal128('0.5', 12))
+                AS amount_minor
+     FROM (
+         SELECT tenant_id, period_start, meter, billable_units, billable_events, stripe_customer_id, plan
+         FROM (
+             SELECT tenant_id, toStartOfMonth(day) AS period_start, meter,
+                    sum(billable_units) AS billable_units,
+                    sum(billable_events) AS billable_events
+             FROM usage_meter_day WHERE tenant_id != ''
+             GROUP BY tenant_id, period_start, meter
+         ) AS billed ANY LEFT JOIN (
+             SELECT tenant_id, anyIf(stripe_customer_id, stripe_customer_id != '') AS stripe_customer_id,
+                    argMax(plan, updated_at) AS plan
+             FROM consumers FINAL WHERE deleted = 0 GROUP BY tenant_id
+         ) AS customers USING tenant_id
+     ) AS lines ANY LEFT JOIN (
+         SELECT plan, meter, 1 AS priced, currency, unit_price_minor, included_units
+         FROM plan_prices FINAL
+         WHERE meter != '' AND version = (SELECT max(version) FROM plan_prices)
+     ) AS prices USING plan, meter";
+
+/// Per tenant and calendar month with usage: the sum of its `invoice_preview` lines, the
+/// plan's monthly fee and their total, in the plan's currency's minor units; what
+/// billing-sync's invoice check computes for the same units. `priced = 0` (fee and total 0
+/// unless a line is priced): the tenant's plan is not in the catalogue.
+const INVOICE_TOTALS: &str = "CREATE VIEW IF NOT EXISTS invoice_totals AS
+     SELECT tenant_id, period_start, stripe_customer_id, plan, priced, currency,
+            usage_minor, monthly_fee_minor, usage_minor + monthly_fee_minor AS total_minor
+     FROM (
+         SELECT tenant_id, period_start, any(stripe_customer_id) AS stripe_customer_id, any(plan) AS plan,
+                sum(amount_minor) AS usage_minor
+         FROM invoice_preview GROUP BY tenant_id, period_start
+     ) AS tenant_usage ANY LEFT JOIN (
+         SELECT plan, 1 AS priced, currency, monthly_fee_minor
+         FROM plan_prices FINAL
+         WHERE meter = '' AND version = (SELECT max(version) FROM plan_prices)
+     ) AS fees USING plan";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SchemaError {

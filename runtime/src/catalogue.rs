@@ -93,6 +93,11 @@ impl UnitPrice {
     pub fn is_zero(&self) -> bool {
         self.scaled == 0
     }
+
+    /// The value · 10^12: ClickHouse's `Decimal(38, 12)` holds exactly this integer.
+    pub fn scaled(&self) -> i128 {
+        self.scaled
+    }
 }
 
 /// Shortest decimal text: what Stripe is sent as `unit_amount_decimal`.

@@ -98,7 +98,12 @@ impl Proxy {
 
     /// A proxy that also answers lookups from what was created through it, as Stripe would.
     pub async fn start_stateful() -> Self {
-        Self::start_full(Arc::new(|_, _| Fault::None), Arc::new(|_, body| body), true).await
+        Self::start_stateful_with(Arc::new(|_, body| body)).await
+    }
+
+    /// A stateful proxy that also rewrites stripe-mock's answers (before the lookups).
+    pub async fn start_stateful_with(rewrite: Rewrite) -> Self {
+        Self::start_full(Arc::new(|_, _| Fault::None), rewrite, true).await
     }
 
     /// From now on, `method path` is forwarded to stripe-mock and its answer withheld.

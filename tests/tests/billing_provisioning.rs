@@ -433,6 +433,23 @@ async fn reconcile_finds_no_invoice_difference_until_a_price_in_stripe_changes()
     })
     .await;
     let settings = stack.settings();
+    // The ledger side of reconcile: every closed window's units pushed, none differing.
+    for period in periods(&windows) {
+        let report = eventually("the ledger reconciled", Duration::from_secs(60), || async {
+            let report =
+                tollgate_billing_sync::reconcile::reconcile(&stack.db.client, &settings, period, unix_now_secs())
+                    .await
+                    .expect("reconcile");
+            (!report.differs()).then_some(report)
+        })
+        .await;
+        let lines: Vec<_> = report.lines.iter().filter(|((t, _), _)| *t == tenant).collect();
+        assert_eq!(lines.len(), 2, "both meters: {report}");
+        assert!(
+            lines.iter().all(|(_, l)| l.clickhouse > 0 && l.pushed == l.clickhouse),
+            "{report}"
+        );
+    }
     let period = chrono_month(unix_now_secs());
     let report = tollgate_billing_sync::reconcile_invoices(&settings, KEY, &period)
         .await

@@ -9,7 +9,9 @@
 //! [`sql_capture::Recorder`] in front of the server.
 //! Out: assertions that 18.16 accepted every statement, that every SQL literal in the
 //! services' sources was sent, and that `invoice_preview`, `usage_by_period`, `top_routes`
-//! and `usage_hourly` hold the sums computed here from the events; and the capture file:
+//! and `usage_hourly` hold the sums computed here from the events, and `invoice_preview`'s
+//! amounts and `invoice_totals` what billing-sync's catalogue arithmetic makes of them (with
+//! the prices billing-sync wrote to `plan_prices`); and the capture file:
 //! the statements in order, the tables' contents, and the view checks with their expected
 //! answers, so the current ClickHouse is held to the same numbers.
 
@@ -33,6 +35,7 @@ use tollgate_meter_consumer::keys::{ConsumerRow, KeyAuditRow};
 use tollgate_meter_consumer::metrics::Metrics;
 use tollgate_meter_consumer::rows::{Origin, UsageRow};
 use tollgate_meter_consumer::sink::{ClickhouseSink, SinkSettings, Table, TableRows};
+use tollgate_runtime::catalogue::Catalogue;
 use tollgate_runtime::clickhouse::ClickhouseSettings;
 use tollgate_runtime::ops::Ops;
 use tollgate_runtime::shutdown::Shutdown;
@@ -40,6 +43,19 @@ use tollgate_schemas::{Outcome, UsageEvent};
 use tollgate_tests::{clickhouse, stripe, unique};
 
 const TOPIC: &str = "tollgate.usage.v1";
+/// Prices for the invoice views: tenants a and b are on `starter`, tenant c on a plan the
+/// catalogue lacks; the fixture's units cross the included ones and leave fractions to round.
+const CATALOGUE: &str = r#"
+[plans.starter]
+currency = "eur"
+monthly_fee_minor = 2900
+meters.requests = { unit_price_minor = "0.5", included_units = 3 }
+meters.compute_units = { unit_price_minor = "0.125" }
+
+[plans.enterprise]
+currency = "usd"
+monthly_fee_minor = 49900
+"#;
 const HOUR: i64 = 3_600;
 const DAY: i64 = 86_400;
 
@@ -67,12 +83,16 @@ async fn the_services_sql_runs_on_clickhouse_and_the_finance_views_add_up() {
     let events = fixture(now);
     write_usage(&client, &events).await;
     write_keys(&client).await;
+    let catalogue = Catalogue::parse(CATALOGUE, "sqlcheck-plans.toml").expect("catalogue");
+    tollgate_billing_sync::prices::publish(&client, &catalogue)
+        .await
+        .expect("plan prices written");
     bill(&settings, now).await;
     run_readme_queries(&client).await;
     check_spend_refresh(&client, &events, now).await;
     check_alerts(&client, &events, now).await;
 
-    let checks = view_checks(&events);
+    let checks = view_checks(&events, &catalogue);
     for check in &checks {
         assert_eq!(
             tsv(&client, &check.sql).await,
@@ -375,7 +395,8 @@ async fn write_usage(client: &Client, events: &[UsageEvent]) {
 }
 
 /// Consumers as the keys mirror writes them: tenant b also had a consumer, since deleted,
-/// with another Stripe customer (the view must not pick it); tenant c has no customer.
+/// with another Stripe customer (the view must not pick it); tenant c has no customer, and a
+/// plan the catalogue does not price.
 async fn write_keys(client: &Client) {
     let consumer = |id: &str, tenant: &str, customer: &str, version: i64, deleted: u8| ConsumerRow {
         consumer_id: id.to_owned(),
@@ -393,7 +414,10 @@ async fn write_keys(client: &Client) {
         consumer("c_b", "tenant_b", "cus_sqlcheck_b", 1, 0),
         consumer("c_b_old", "tenant_b", "cus_sqlcheck_b_old", 1, 0),
         consumer("c_b_old", "tenant_b", "cus_sqlcheck_b_old", 2, 1),
-        consumer("c_c", "tenant_c", "", 1, 0),
+        ConsumerRow {
+            plan: "gold".to_owned(),
+            ..consumer("c_c", "tenant_c", "", 1, 0)
+        },
     ];
     let mut insert = client.insert::<ConsumerRow>("consumers").await.expect("insert");
     for row in &rows {
@@ -514,8 +538,9 @@ struct ViewCheck {
     expected: String,
 }
 
-fn view_checks(events: &[UsageEvent]) -> Vec<ViewCheck> {
+fn view_checks(events: &[UsageEvent], catalogue: &Catalogue) -> Vec<ViewCheck> {
     let customers = BTreeMap::from([("tenant_a", "cus_sqlcheck_a"), ("tenant_b", "cus_sqlcheck_b")]);
+    let plan_of = |tenant: &str| if tenant == "tenant_c" { "gold" } else { "starter" };
     // (tenant, period or hour, meter) -> [events, billable events, units, billable units]
     let mut by_period: BTreeMap<(String, String, String), [i64; 4]> = BTreeMap::new();
     let mut by_hour: BTreeMap<(String, String, String), [i64; 4]> = BTreeMap::new();
@@ -547,6 +572,9 @@ fn view_checks(events: &[UsageEvent]) -> Vec<ViewCheck> {
     }
 
     let mut invoice = String::new();
+    let mut amounts = String::new();
+    // (tenant, period) -> units per meter, for billing-sync's own total.
+    let mut months: BTreeMap<(String, String), BTreeMap<String, i64>> = BTreeMap::new();
     let mut period_rows = String::new();
     for ((tenant, period, meter), [events, billable_events, units, billable_units]) in &by_period {
         period_rows +=
@@ -554,8 +582,33 @@ fn view_checks(events: &[UsageEvent]) -> Vec<ViewCheck> {
         if !tenant.is_empty() {
             let customer = customers.get(tenant.as_str()).copied().unwrap_or_default();
             invoice += &format!("{tenant}\t{period}\t{meter}\t{billable_units}\t{billable_events}\t{customer}\n");
+            let plan = plan_of(tenant);
+            let prices = catalogue.plans.get(plan);
+            let line = prices.and_then(|p| Some((p.currency.as_str(), p.usage_amount(meter, *billable_units)?)));
+            let (priced, currency, amount) = match line {
+                Some((currency, amount)) => (1, currency, amount.round_minor()),
+                None => (0, "", 0),
+            };
+            amounts += &format!("{tenant}\t{period}\t{meter}\t{plan}\t{priced}\t{currency}\t{amount}\n");
+            months
+                .entry((tenant.clone(), period.clone()))
+                .or_default()
+                .insert(meter.clone(), *billable_units);
         }
     }
+    let mut totals = String::new();
+    for ((tenant, period), units) in &months {
+        let plan = plan_of(tenant);
+        let (priced, currency, fee, total) = match catalogue.plans.get(plan) {
+            Some(p) => (1, p.currency.as_str(), p.monthly_fee_minor, p.amount(units)),
+            None => (0, "", 0, 0),
+        };
+        totals += &format!("{tenant}\t{period}\t{plan}\t{priced}\t{currency}\t{fee}\t{total}\n");
+    }
+    assert!(
+        amounts.contains("\tstarter\t1\teur\t") && amounts.contains("\tgold\t0\t\t0\n"),
+        "fixture has priced and unpriced lines: {amounts}"
+    );
     let mut hourly = String::new();
     for ((tenant, hour, meter), [events, billable_events, units, billable_units]) in &by_hour {
         hourly += &format!("{tenant}\t{hour}\t{meter}\t{events}\t{billable_events}\t{units}\t{billable_units}\n");
@@ -589,6 +642,20 @@ fn view_checks(events: &[UsageEvent]) -> Vec<ViewCheck> {
                   FROM invoice_preview ORDER BY tenant_id, period_start, meter"
                 .to_owned(),
             expected: invoice,
+        },
+        ViewCheck {
+            name: "invoice_preview amounts",
+            sql: "SELECT tenant_id, period_start, meter, plan, priced, currency, amount_minor \
+                  FROM invoice_preview ORDER BY tenant_id, period_start, meter"
+                .to_owned(),
+            expected: amounts,
+        },
+        ViewCheck {
+            name: "invoice_totals",
+            sql: "SELECT tenant_id, period_start, plan, priced, currency, monthly_fee_minor, total_minor \
+                  FROM invoice_totals ORDER BY tenant_id, period_start"
+                .to_owned(),
+            expected: totals,
         },
         ViewCheck {
             name: "usage_by_period",

@@ -1,5 +1,6 @@
 //! meter-consumer's ClickHouse schema on the real server: migrations apply, are recorded once
-//! per version, and are safe to run again and from two instances at once.
+//! per version, are safe to run again and from two instances at once, and bring databases
+//! made by older versions up to date.
 
 // Needs the running stack (Kafka, ClickHouse, Redis, stripe-mock): `scripts/stack test`.
 #![cfg(feature = "stack-tests")]
@@ -40,6 +41,8 @@ async fn migrations_are_idempotent_and_safe_concurrently() {
         "usage_by_period",
         "top_routes",
         "invoice_preview",
+        "plan_prices",
+        "invoice_totals",
     ] {
         let n: u64 = client
             .query("SELECT count() FROM system.tables WHERE database = ? AND name = ?")
@@ -116,6 +119,88 @@ async fn a_server_holding_the_unaliased_invoice_preview_gets_the_aliased_one() {
         .fetch_one()
         .await
         .expect("invoice_preview runs");
+    client
+        .query(&format!("DROP DATABASE {}", settings.database))
+        .execute()
+        .await
+        .expect("drop database");
+}
+
+/// A database at version 3 (units-only `invoice_preview`, usage already in it) migrates to
+/// the priced views: its lines read `priced = 0` until billing-sync writes the prices, then
+/// carry the amounts, and `invoice_totals` adds the fee.
+#[tokio::test]
+async fn a_version_3_database_gains_the_priced_invoice_views_keeping_its_usage() {
+    let settings = ClickhouseSettings {
+        url: clickhouse(),
+        database: unique("meter_schema_v4"),
+        user: "default".to_owned(),
+    };
+    let client = settings.connect().await.expect("clickhouse answers");
+    let exec = |sql: &'static str| {
+        let client = client.clone();
+        async move {
+            client
+                .query(sql)
+                .execute()
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        }
+    };
+    for migration in &tollgate_meter_consumer::schema::MIGRATIONS[..3] {
+        for statement in migration.statements {
+            exec(statement).await;
+        }
+    }
+    // schema_migrations as `migrate` makes it, recording versions 1 to 3.
+    exec(
+        "CREATE TABLE schema_migrations (version UInt32, name String, applied_at DateTime('UTC'), applied_by String) \
+         ENGINE = ReplacingMergeTree ORDER BY version",
+    )
+    .await;
+    exec("INSERT INTO schema_migrations VALUES (1, 'v1', now(), 'test'), (2, 'v2', now(), 'test'), (3, 'v3', now(), 'test')")
+        .await;
+    exec(
+        "INSERT INTO usage_meter_day (tenant_id, meter, day, events, billable_events, units, billable_units) \
+         VALUES ('t_old', 'requests', '2026-10-05', 9, 9, 1150, 1150)",
+    )
+    .await;
+    exec(
+        "INSERT INTO consumers (consumer_id, name, tenant_id, plan, stripe_customer_id, metadata_json, version, updated_at, deleted) \
+         VALUES ('c_old', 'old', 't_old', 'starter', 'cus_old', '{}', 1, now(), 0)",
+    )
+    .await;
+
+    migrate(&client).await.expect("migrates to the latest version");
+    let line = || async {
+        let bytes = client
+            .query("SELECT billable_units, stripe_customer_id, priced, currency, amount_minor FROM invoice_preview")
+            .fetch_bytes("TabSeparated")
+            .expect("query")
+            .collect()
+            .await
+            .expect("invoice_preview runs");
+        String::from_utf8(bytes.to_vec()).expect("utf-8")
+    };
+    assert_eq!(line().await, "1150\tcus_old\t0\t\t0\n", "no prices written yet");
+
+    let catalogue = tollgate_runtime::catalogue::Catalogue::parse(
+        "[plans.starter]\ncurrency = \"usd\"\nmonthly_fee_minor = 2900\n\
+         meters.requests = { unit_price_minor = \"0.01\", included_units = 1000 }\n",
+        "plans.toml",
+    )
+    .expect("catalogue");
+    tollgate_billing_sync::prices::publish(&client, &catalogue)
+        .await
+        .expect("prices written");
+    // (1150 - 1000) × 0.01 = 1.5, rounded half up to 2.
+    assert_eq!(line().await, "1150\tcus_old\t1\tusd\t2\n");
+    let total: String = client
+        .query("SELECT toString(total_minor) FROM invoice_totals WHERE tenant_id = 't_old'")
+        .fetch_one()
+        .await
+        .expect("invoice_totals runs");
+    assert_eq!(total, "2902");
     client
         .query(&format!("DROP DATABASE {}", settings.database))
         .execute()
