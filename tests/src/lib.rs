@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod billing;
+pub mod capped;
 pub mod gateway;
 pub mod http;
 pub mod process;

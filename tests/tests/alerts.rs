@@ -19,16 +19,15 @@ use std::time::Duration;
 use base64::Engine as _;
 use hmac::{KeyInit as _, Mac as _};
 use serde_json::{json, Value};
-use tollgate_tests::http::{send, EchoUpstream, Reply};
-use tollgate_tests::process::{free_port, gateway, repo, GatewayProcess, ServiceProcess};
+use tollgate_tests::capped::{CappedStack, REQUEST_COST};
+use tollgate_tests::http::{send, Reply};
+use tollgate_tests::process::{free_port, repo, GatewayProcess, ServiceProcess};
 use tollgate_tests::webhook_receiver::{Attempt, WebhookReceiver};
-use tollgate_tests::{clickhouse, create_topic, eventually, kafka, stripe, unique};
+use tollgate_tests::{clickhouse, eventually, kafka, stripe, unique};
 
 const ADMIN_TOKEN: &str = "alerts-admin-token-0123456789abcdef";
 /// 32 bytes behind `whsec_`, as Standard Webhooks gives secrets.
 const SECRET_BYTES: &[u8; 32] = b"alerts-test-secret-32-bytes-long";
-/// Each `/v1/` request (1 request, 1 compute unit) costs 10 + 1 = 11 minor units.
-const REQUEST_COST: i64 = 11;
 const CAP: i64 = 10 * REQUEST_COST;
 const DEADLINE: Duration = Duration::from_secs(90);
 
@@ -39,94 +38,15 @@ fn secret() -> String {
     )
 }
 
-struct Stack {
-    dir: std::path::PathBuf,
-    keys: String,
-    usage: String,
-    database: String,
-    upstream: EchoUpstream,
-    _meter: ServiceProcess,
-}
-
-impl Stack {
-    async fn start(prefix: &str) -> Self {
-        let run = unique(prefix);
-        let dir = std::env::temp_dir().join(&run);
-        std::fs::create_dir_all(&dir).expect("test directory");
-        let (keys, usage, dlq) = (format!("{run}.keys"), format!("{run}.usage"), format!("{run}.dlq"));
-        create_topic(&kafka(), &keys, 1, &[("cleanup.policy", "compact")]).await;
-        create_topic(&kafka(), &usage, 3, &[]).await;
-        create_topic(&kafka(), &dlq, 1, &[]).await;
-        let mut catalogue = String::new();
-        for plan in ["free", "starter", "professional", "enterprise"] {
-            catalogue.push_str(&format!(
-                "[plans.{plan}]\ncurrency = \"usd\"\nmeters.requests = {{ unit_price_minor = \"10\" }}\nmeters.compute_units = {{ unit_price_minor = \"1\" }}\n"
-            ));
-        }
-        std::fs::write(dir.join("plans.toml"), catalogue).expect("catalogue");
-        let meter_env = tollgate_tests::meter::Env {
-            brokers: kafka(),
-            clickhouse: clickhouse(),
-            database: run.clone(),
-            usage: usage.clone(),
-            dlq,
-            keys: keys.clone(),
-            group: format!("{run}.meter"),
-        };
-        let meter_port = free_port();
-        let meter_config = dir.join("meter-consumer.toml");
-        std::fs::write(
-            &meter_config,
-            meter_env.settings_toml_on(&clickhouse(), 5000, 200, &format!("127.0.0.1:{meter_port}")),
-        )
-        .expect("meter-consumer settings");
-        let mut meter = ServiceProcess::new(
-            "tollgate-meter-consumer",
-            &["--config", &meter_config.display().to_string()],
-            Vec::new(),
-            format!("http://127.0.0.1:{meter_port}/healthz"),
-            &dir,
-        );
-        meter.start().await;
-        Self {
-            dir,
-            keys,
-            usage,
-            database: run,
-            upstream: EchoUpstream::start().await,
-            _meter: meter,
-        }
-    }
-
-    /// A gateway on the example settings enforcing caps from this stack's ClickHouse.
-    fn gateway(&self) -> GatewayProcess {
-        let dir = self.dir.join("gw");
-        std::fs::create_dir_all(&dir).expect("gateway directory");
-        let catalogue = self.dir.join("plans.toml").display().to_string();
-        gateway(
-            &dir,
-            ADMIN_TOKEN,
-            &kafka(),
-            (&self.keys, &self.usage),
-            &self.upstream.url(),
-            &[
-                ("TOLLGATE_BUDGETS__CATALOGUE", &catalogue),
-                ("TOLLGATE_BUDGETS__CLICKHOUSE__URL", &clickhouse()),
-                ("TOLLGATE_BUDGETS__CLICKHOUSE__DATABASE", &self.database),
-                ("TOLLGATE_BUDGETS__REFRESH_INTERVAL_MS", "300"),
-            ],
-        )
-    }
-
-    /// billing-sync with alerts to `webhook_url`, checked every second, the quotas read from
-    /// the gateway's example settings (the ones the gateway above runs on).
-    fn billing(&self, webhook_url: &str) -> (ServiceProcess, String) {
-        let port = free_port();
-        let config = self.dir.join("billing-sync.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"
+/// billing-sync with alerts to `webhook_url`, checked every second, the quotas read from
+/// the gateway's example settings (the ones the stack's gateway runs on).
+fn billing(stack: &CappedStack, webhook_url: &str) -> (ServiceProcess, String) {
+    let port = free_port();
+    let config = stack.dir.join("billing-sync.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
 [clickhouse]
 url = "{clickhouse}"
 database = "{database}"
@@ -165,44 +85,27 @@ check_interval_secs = 1
 initial_backoff_ms = 50
 max_backoff_ms = 200
 "#,
-                clickhouse = clickhouse(),
-                database = self.database,
-                stripe = stripe(),
-                keys = self.keys,
-                kafka = kafka(),
-                gateway_settings = repo().join("config/gateway.toml").display(),
-            ),
-        )
-        .expect("billing-sync settings");
-        let env = vec![
-            ("TOLLGATE_STRIPE_API_KEY".to_owned(), "sk_test_alerts".to_owned()),
-            ("TOLLGATE_ALERTS_WEBHOOK_SECRET".to_owned(), secret()),
-        ];
-        let process = ServiceProcess::new(
-            "tollgate-billing-sync",
-            &["--config", &config.display().to_string()],
-            env,
-            format!("http://127.0.0.1:{port}/healthz"),
-            &self.dir,
-        );
-        (process, format!("http://127.0.0.1:{port}"))
-    }
-
-    fn client(&self) -> clickhouse::Client {
-        clickhouse::Client::default()
-            .with_url(clickhouse())
-            .with_database(&self.database)
-            .with_validation(false)
-    }
-
-    async fn remove(self) {
-        let client = clickhouse::Client::default().with_url(clickhouse());
-        let _ = client
-            .query(&format!("DROP DATABASE IF EXISTS {}", self.database))
-            .execute()
-            .await;
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+            clickhouse = clickhouse(),
+            database = stack.database,
+            stripe = stripe(),
+            keys = stack.keys,
+            kafka = kafka(),
+            gateway_settings = repo().join("config/gateway.toml").display(),
+        ),
+    )
+    .expect("billing-sync settings");
+    let env = vec![
+        ("TOLLGATE_STRIPE_API_KEY".to_owned(), "sk_test_alerts".to_owned()),
+        ("TOLLGATE_ALERTS_WEBHOOK_SECRET".to_owned(), secret()),
+    ];
+    let process = ServiceProcess::new(
+        "tollgate-billing-sync",
+        &["--config", &config.display().to_string()],
+        env,
+        format!("http://127.0.0.1:{port}/healthz"),
+        &stack.dir,
+    );
+    (process, format!("http://127.0.0.1:{port}"))
 }
 
 async fn admin(gw: &GatewayProcess, method: &str, path: &str, body: Value) -> Reply {
@@ -333,9 +236,9 @@ async fn metric(base: &str, line: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn spend_and_quota_alerts_arrive_once_each_signed_through_failures_and_restarts() {
-    let stack = Stack::start("alerts").await;
+    let stack = CappedStack::start("alerts").await;
     let receiver = WebhookReceiver::start(3).await;
-    let mut gw = stack.gateway();
+    let mut gw = stack.gateway("gw", ADMIN_TOKEN);
     gw.process.start().await;
     let (spender, limited) = (unique("t_spend"), unique("t_quota"));
     let spend_key = gw
@@ -356,7 +259,7 @@ async fn spend_and_quota_alerts_arrive_once_each_signed_through_failures_and_res
     )
     .await;
     assert!(put.status == 200 || put.status == 201, "{}", put.text());
-    let (mut billing, billing_admin) = stack.billing(&receiver.url());
+    let (mut billing, billing_admin) = billing(&stack, &receiver.url());
     billing.start().await;
     let now = chrono::Utc::now();
     let (month, day) = (now.format("%Y-%m").to_string(), now.format("%Y-%m-%d").to_string());

@@ -13,118 +13,23 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tollgate_tests::http::{send, EchoUpstream, Reply};
-use tollgate_tests::process::{free_port, gateway, GatewayProcess, ServiceProcess};
-use tollgate_tests::{clickhouse, create_topic, eventually, kafka, unique};
+use tollgate_tests::capped::{CappedStack, REQUEST_COST};
+use tollgate_tests::eventually;
+use tollgate_tests::http::{send, Reply};
+use tollgate_tests::process::GatewayProcess;
 
 const ADMIN_TOKEN: &str = "spend-caps-admin-token-0123456789";
-/// Each `/v1/` request (1 request, 1 compute unit) costs 10 + 1 = 11 minor units on every plan.
-const REQUEST_COST: i64 = 11;
 const DEADLINE: Duration = Duration::from_secs(60);
 
-/// Topics and a ClickHouse database of the test's own, a catalogue pricing every plan of the
-/// example gateway settings, and the meter-consumer counting into that database.
-struct Stack {
-    dir: std::path::PathBuf,
-    keys: String,
-    usage: String,
-    database: String,
-    upstream: EchoUpstream,
-    _meter: ServiceProcess,
-}
-
-impl Stack {
-    async fn start(prefix: &str) -> Self {
-        let run = unique(prefix);
-        let dir = std::env::temp_dir().join(&run);
-        std::fs::create_dir_all(&dir).expect("test directory");
-        let (keys, usage, dlq) = (format!("{run}.keys"), format!("{run}.usage"), format!("{run}.dlq"));
-        create_topic(&kafka(), &keys, 1, &[("cleanup.policy", "compact")]).await;
-        create_topic(&kafka(), &usage, 3, &[]).await;
-        create_topic(&kafka(), &dlq, 1, &[]).await;
-        let mut catalogue = String::new();
-        for plan in ["free", "starter", "professional", "enterprise"] {
-            catalogue.push_str(&format!(
-                "[plans.{plan}]\ncurrency = \"usd\"\nmeters.requests = {{ unit_price_minor = \"10\" }}\nmeters.compute_units = {{ unit_price_minor = \"1\" }}\n"
-            ));
-        }
-        std::fs::write(dir.join("plans.toml"), catalogue).expect("catalogue");
-        let meter_env = tollgate_tests::meter::Env {
-            brokers: kafka(),
-            clickhouse: clickhouse(),
-            database: run.clone(),
-            usage: usage.clone(),
-            dlq,
-            keys: keys.clone(),
-            group: format!("{run}.meter"),
-        };
-        let meter_port = free_port();
-        let meter_config = dir.join("meter-consumer.toml");
-        std::fs::write(
-            &meter_config,
-            meter_env.settings_toml_on(&clickhouse(), 5000, 200, &format!("127.0.0.1:{meter_port}")),
-        )
-        .expect("meter-consumer settings");
-        let mut meter = ServiceProcess::new(
-            "tollgate-meter-consumer",
-            &["--config", &meter_config.display().to_string()],
-            Vec::new(),
-            format!("http://127.0.0.1:{meter_port}/healthz"),
-            &dir,
-        );
-        meter.start().await;
-        Self {
-            dir,
-            keys,
-            usage,
-            database: run,
-            upstream: EchoUpstream::start().await,
-            _meter: meter,
-        }
-    }
-
-    /// A gateway enforcing caps from this stack's ClickHouse, re-read every 300 ms.
-    fn gateway(&self, name: &str) -> GatewayProcess {
-        let dir = self.dir.join(name);
-        std::fs::create_dir_all(&dir).expect("gateway directory");
-        let catalogue = self.dir.join("plans.toml").display().to_string();
-        gateway(
-            &dir,
-            ADMIN_TOKEN,
-            &kafka(),
-            (&self.keys, &self.usage),
-            &self.upstream.url(),
-            &[
-                ("TOLLGATE_BUDGETS__CATALOGUE", &catalogue),
-                ("TOLLGATE_BUDGETS__CLICKHOUSE__URL", &clickhouse()),
-                ("TOLLGATE_BUDGETS__CLICKHOUSE__DATABASE", &self.database),
-                ("TOLLGATE_BUDGETS__REFRESH_INTERVAL_MS", "300"),
-            ],
-        )
-    }
-
-    /// Billable requests ClickHouse has counted for `tenant`.
-    async fn counted(&self, tenant: &str) -> u64 {
-        let client = clickhouse::Client::default()
-            .with_url(clickhouse())
-            .with_database(&self.database)
-            .with_validation(false);
-        client
-            .query("SELECT count() FROM usage_events WHERE tenant_id = ? AND billable = 1")
-            .bind(tenant)
-            .fetch_one::<u64>()
-            .await
-            .unwrap_or(0)
-    }
-
-    async fn remove(self) {
-        let client = clickhouse::Client::default().with_url(clickhouse());
-        let _ = client
-            .query(&format!("DROP DATABASE IF EXISTS {}", self.database))
-            .execute()
-            .await;
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// Billable requests ClickHouse has counted for `tenant`.
+async fn counted(stack: &CappedStack, tenant: &str) -> u64 {
+    stack
+        .client()
+        .query("SELECT count() FROM usage_events WHERE tenant_id = ? AND billable = 1")
+        .bind(tenant)
+        .fetch_one::<u64>()
+        .await
+        .unwrap_or(0)
 }
 
 async fn admin(gw: &GatewayProcess, method: &str, path: &str, body: Option<Value>) -> Reply {
@@ -168,8 +73,8 @@ fn assert_cap_exceeded(reply: &Reply, cap: i64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn budgets_are_set_read_and_removed_on_the_admin_api_with_clear_refusals() {
-    let stack = Stack::start("budget_admin").await;
-    let mut gw = stack.gateway("gw");
+    let stack = CappedStack::start("budget_admin").await;
+    let mut gw = stack.gateway("gw", ADMIN_TOKEN);
     gw.process.start().await;
     gw.consumer_with_key(ADMIN_TOKEN, "acme", json!({"tenantId": "t_acme", "plan": "free"}))
         .await;
@@ -241,8 +146,8 @@ async fn budgets_are_set_read_and_removed_on_the_admin_api_with_clear_refusals()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_capped_tenant_is_refused_at_its_cap_after_a_restart_and_on_another_gateway() {
-    let stack = Stack::start("spend_caps").await;
-    let mut first = stack.gateway("first");
+    let stack = CappedStack::start("spend_caps").await;
+    let mut first = stack.gateway("first", ADMIN_TOKEN);
     first.process.start().await;
     let key = first
         .consumer_with_key(ADMIN_TOKEN, "acme", json!({"tenantId": "t_acme", "plan": "free"}))
@@ -275,7 +180,7 @@ async fn a_capped_tenant_is_refused_at_its_cap_after_a_restart_and_on_another_ga
 
     // ClickHouse counts what was admitted, and nothing for the refusal.
     eventually("clickhouse counted the admitted requests", DEADLINE, || async {
-        (stack.counted("t_acme").await == 4).then_some(())
+        (counted(&stack, "t_acme").await == 4).then_some(())
     })
     .await;
 
@@ -286,7 +191,7 @@ async fn a_capped_tenant_is_refused_at_its_cap_after_a_restart_and_on_another_ga
     assert_cap_exceeded(&settled_call(&first, &key).await, cap);
 
     // A second gateway (another service.id) starts from ClickHouse too.
-    let mut second = stack.gateway("second");
+    let mut second = stack.gateway("second", ADMIN_TOKEN);
     second.process.start().await;
     assert_cap_exceeded(&settled_call(&second, &key).await, cap);
     assert_eq!(stack.upstream.received(), 4);
@@ -309,7 +214,7 @@ async fn a_capped_tenant_is_refused_at_its_cap_after_a_restart_and_on_another_ga
     .await;
     assert_cap_exceeded(&call(&first, &key).await, cap);
     eventually("clickhouse counted the fifth request", DEADLINE, || async {
-        (stack.counted("t_acme").await == 5).then_some(())
+        (counted(&stack, "t_acme").await == 5).then_some(())
     })
     .await;
     eventually("the second gateway saw the first one's spend", DEADLINE, || async {
@@ -319,7 +224,7 @@ async fn a_capped_tenant_is_refused_at_its_cap_after_a_restart_and_on_another_ga
     .await;
     assert_cap_exceeded(&call(&second, &key).await, cap);
     assert_eq!(stack.upstream.received(), 5);
-    assert_eq!(stack.counted("t_acme").await, 5);
+    assert_eq!(counted(&stack, "t_acme").await, 5);
     drop((first, second));
     stack.remove().await;
 }
