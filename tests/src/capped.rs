@@ -14,6 +14,9 @@ use crate::{clickhouse, create_topic, kafka, unique};
 /// in minor units: 10 + 1.
 pub const REQUEST_COST: i64 = 11;
 
+/// How often the stack's gateways re-read month-to-date spend from ClickHouse.
+pub const REFRESH_MS: u64 = 300;
+
 pub struct CappedStack {
     pub dir: std::path::PathBuf,
     pub keys: String,
@@ -79,23 +82,26 @@ impl CappedStack {
     }
 
     /// A gateway on the example settings (its files under `name`) enforcing caps from this
-    /// stack's ClickHouse, re-read every 300 ms.
-    pub fn gateway(&self, name: &str, admin_token: &str) -> GatewayProcess {
+    /// stack's ClickHouse, re-read every [`REFRESH_MS`], with `extra` settings overlays.
+    pub fn gateway(&self, name: &str, admin_token: &str, extra: &[(&str, &str)]) -> GatewayProcess {
         let dir = self.dir.join(name);
         std::fs::create_dir_all(&dir).expect("gateway directory");
         let catalogue = self.catalogue().display().to_string();
+        let (clickhouse, refresh) = (clickhouse(), REFRESH_MS.to_string());
+        let mut overlays = vec![
+            ("TOLLGATE_BUDGETS__CATALOGUE", catalogue.as_str()),
+            ("TOLLGATE_BUDGETS__CLICKHOUSE__URL", clickhouse.as_str()),
+            ("TOLLGATE_BUDGETS__CLICKHOUSE__DATABASE", self.database.as_str()),
+            ("TOLLGATE_BUDGETS__REFRESH_INTERVAL_MS", refresh.as_str()),
+        ];
+        overlays.extend_from_slice(extra);
         gateway(
             &dir,
             admin_token,
             &kafka(),
             (&self.keys, &self.usage),
             &self.upstream.url(),
-            &[
-                ("TOLLGATE_BUDGETS__CATALOGUE", &catalogue),
-                ("TOLLGATE_BUDGETS__CLICKHOUSE__URL", &clickhouse()),
-                ("TOLLGATE_BUDGETS__CLICKHOUSE__DATABASE", &self.database),
-                ("TOLLGATE_BUDGETS__REFRESH_INTERVAL_MS", "300"),
-            ],
+            &overlays,
         )
     }
 

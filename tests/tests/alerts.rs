@@ -238,7 +238,7 @@ async fn metric(base: &str, line: &str) -> f64 {
 async fn spend_and_quota_alerts_arrive_once_each_signed_through_failures_and_restarts() {
     let stack = CappedStack::start("alerts").await;
     let receiver = WebhookReceiver::start(3).await;
-    let mut gw = stack.gateway("gw", ADMIN_TOKEN);
+    let mut gw = stack.gateway("gw", ADMIN_TOKEN, &[]);
     gw.process.start().await;
     let (spender, limited) = (unique("t_spend"), unique("t_quota"));
     let spend_key = gw

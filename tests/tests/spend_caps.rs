@@ -13,7 +13,7 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tollgate_tests::capped::{CappedStack, REQUEST_COST};
+use tollgate_tests::capped::{CappedStack, REFRESH_MS, REQUEST_COST};
 use tollgate_tests::eventually;
 use tollgate_tests::http::{send, Reply};
 use tollgate_tests::process::GatewayProcess;
@@ -74,7 +74,7 @@ fn assert_cap_exceeded(reply: &Reply, cap: i64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn budgets_are_set_read_and_removed_on_the_admin_api_with_clear_refusals() {
     let stack = CappedStack::start("budget_admin").await;
-    let mut gw = stack.gateway("gw", ADMIN_TOKEN);
+    let mut gw = stack.gateway("gw", ADMIN_TOKEN, &[]);
     gw.process.start().await;
     gw.consumer_with_key(ADMIN_TOKEN, "acme", json!({"tenantId": "t_acme", "plan": "free"}))
         .await;
@@ -147,7 +147,7 @@ async fn budgets_are_set_read_and_removed_on_the_admin_api_with_clear_refusals()
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_capped_tenant_is_refused_at_its_cap_after_a_restart_and_on_another_gateway() {
     let stack = CappedStack::start("spend_caps").await;
-    let mut first = stack.gateway("first", ADMIN_TOKEN);
+    let mut first = stack.gateway("first", ADMIN_TOKEN, &[]);
     first.process.start().await;
     let key = first
         .consumer_with_key(ADMIN_TOKEN, "acme", json!({"tenantId": "t_acme", "plan": "free"}))
@@ -191,7 +191,7 @@ async fn a_capped_tenant_is_refused_at_its_cap_after_a_restart_and_on_another_ga
     assert_cap_exceeded(&settled_call(&first, &key).await, cap);
 
     // A second gateway (another service.id) starts from ClickHouse too.
-    let mut second = stack.gateway("second", ADMIN_TOKEN);
+    let mut second = stack.gateway("second", ADMIN_TOKEN, &[]);
     second.process.start().await;
     assert_cap_exceeded(&settled_call(&second, &key).await, cap);
     assert_eq!(stack.upstream.received(), 4);
@@ -227,4 +227,83 @@ async fn a_capped_tenant_is_refused_at_its_cap_after_a_restart_and_on_another_ga
     assert_eq!(counted(&stack, "t_acme").await, 5);
     drop((first, second));
     stack.remove().await;
+}
+
+/// What a gateway may admit beyond the cap for each other gateway (the bound stated in the
+/// README): what that other one admits in one refresh interval plus the pipeline's lag. The
+/// lag allowed here (spool, Kafka transaction, meter-consumer batch, ClickHouse insert) is
+/// generous for a loaded machine; each gateway below sends at most one request a second.
+const PIPELINE_LAG_MS: u64 = 5_000;
+const PACE: Duration = Duration::from_secs(1);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_gateways_on_redis_admit_at_most_the_cap_plus_the_stated_bound() {
+    let stack = CappedStack::start("spend_two").await;
+    let (redis, prefix) = (tollgate_tests::redis(), tollgate_tests::unique("spend_two"));
+    let on_redis = [
+        ("TOLLGATE_LIMITS__BACKEND", "redis"),
+        ("TOLLGATE_LIMITS__REDIS_URL", redis.as_str()),
+        ("TOLLGATE_LIMITS__KEY_PREFIX", prefix.as_str()),
+    ];
+    let mut gateways = [
+        stack.gateway("one", ADMIN_TOKEN, &on_redis),
+        stack.gateway("two", ADMIN_TOKEN, &on_redis),
+    ];
+    for gw in &mut gateways {
+        gw.process.start().await;
+    }
+    let key = gateways[0]
+        .consumer_with_key(ADMIN_TOKEN, "duo", json!({"tenantId": "t_duo", "plan": "enterprise"}))
+        .await;
+    // Room for 40 requests; either gateway alone would admit all of them.
+    let cap_requests = 40;
+    let cap = cap_requests * REQUEST_COST + REQUEST_COST / 2;
+    let set = admin(
+        &gateways[0],
+        "PUT",
+        "/v1/consumers/duo/budget",
+        Some(json!({"monthlyCap": cap})),
+    )
+    .await;
+    assert_eq!(set.status, 200, "{}", set.text());
+    eventually("the other gateway has the budget", DEADLINE, || async {
+        let budget = admin(&gateways[1], "GET", "/v1/consumers/duo/budget", None).await;
+        (budget.status == 200).then_some(())
+    })
+    .await;
+
+    // Both gateways at once, each at its own pace, until each refuses.
+    let (one, two) = tokio::join!(
+        admit_until_refused(&gateways[0], &key, cap),
+        admit_until_refused(&gateways[1], &key, cap)
+    );
+    let admitted = [one, two];
+    let total: i64 = admitted.iter().sum();
+    let per_window = ((REFRESH_MS + PIPELINE_LAG_MS) as f64 / PACE.as_millis() as f64).ceil() as i64;
+    println!("admitted {admitted:?} = {total} against a cap of {cap_requests}; bound {per_window} per other gateway");
+    assert!(total >= cap_requests, "the tenant gets its whole cap: {admitted:?}");
+    assert!(
+        total <= cap_requests + 2 * per_window,
+        "admitted {total} ({admitted:?}): past the cap of {cap_requests} by more than the bound"
+    );
+    eventually("clickhouse counted every admitted request", DEADLINE, || async {
+        (counted(&stack, "t_duo").await == total as u64).then_some(())
+    })
+    .await;
+    drop(gateways);
+    stack.remove().await;
+}
+
+/// Requests through `gw`, one per [`PACE`], until the cap refuses one; how many were admitted.
+async fn admit_until_refused(gw: &GatewayProcess, key: &str, cap: i64) -> i64 {
+    let mut admitted = 0;
+    loop {
+        let reply = settled_call(gw, key).await;
+        if reply.status != 200 {
+            assert_cap_exceeded(&reply, cap);
+            return admitted;
+        }
+        admitted += 1;
+        tokio::time::sleep(PACE).await;
+    }
 }
