@@ -359,3 +359,31 @@ pub fn decode(s: &str) -> String {
     }
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// The price ids `setup` made for `plan` (the newest, by lookup key), fee first, then meters
+/// by name: the order billing-sync subscribes in.
+pub fn plan_prices(proxy: &Proxy, plan: &str) -> Vec<String> {
+    ["fee", "meter:compute_units", "meter:requests"]
+        .iter()
+        .map(|k| {
+            proxy.price(&format!("tollgate:{plan}:{k}")).expect("price set up")["id"]
+                .as_str()
+                .expect("price id")
+                .to_owned()
+        })
+        .collect()
+}
+
+/// The prices a subscription create or update sent (`items[i][price]`), in item order.
+pub fn subscribed_prices(call: &Other) -> Vec<String> {
+    let mut prices: Vec<(usize, String)> = call
+        .form
+        .iter()
+        .filter_map(|(k, v)| {
+            let i = k.strip_prefix("items[")?.strip_suffix("][price]")?;
+            Some((i.parse().ok()?, v.clone()))
+        })
+        .collect();
+    prices.sort();
+    prices.into_iter().map(|(_, p)| p).collect()
+}

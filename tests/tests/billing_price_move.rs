@@ -26,34 +26,6 @@ use tollgate_tests::billing::*;
 use tollgate_tests::gateway::{create_keys_topic, settings as gateway_settings, TestGateway};
 use tollgate_tests::{eventually, unique};
 
-/// The current price ids of `plan`, fee first, then meters by name (billing-sync's order).
-fn plan_prices(proxy: &Proxy, plan: &str) -> Vec<String> {
-    ["fee", "meter:compute_units", "meter:requests"]
-        .iter()
-        .map(|k| {
-            proxy.price(&format!("tollgate:{plan}:{k}")).expect("price set up")["id"]
-                .as_str()
-                .expect("id")
-                .to_owned()
-        })
-        .collect()
-}
-
-fn item_prices(call: &Other) -> Vec<String> {
-    let mut prices: Vec<(usize, String)> = call
-        .form
-        .iter()
-        .filter_map(|(k, v)| {
-            Some((
-                k.strip_prefix("items[")?.strip_suffix("][price]")?.parse().ok()?,
-                v.clone(),
-            ))
-        })
-        .collect();
-    prices.sort();
-    prices.into_iter().map(|(_, p)| p).collect()
-}
-
 fn posts(proxy: &Proxy) -> Vec<Other> {
     proxy.others().into_iter().filter(|o| o.method == "POST").collect()
 }
@@ -114,7 +86,7 @@ async fn a_changed_price_is_a_new_price_that_subscriptions_move_to_at_their_next
     let (_, subscription, _, _, _) = active(&db, &tenant).await;
     let subscribe = proxy.calls("POST", "/v1/subscriptions");
     assert_eq!(subscribe.len(), 1, "{subscribe:?}");
-    assert_eq!(item_prices(&subscribe[0]), old_prices);
+    assert_eq!(subscribed_prices(&subscribe[0]), old_prices);
     let ends_at = period_end.load(Ordering::SeqCst);
     first.trigger();
     tokio::time::timeout(Duration::from_secs(20), task)
@@ -174,7 +146,7 @@ async fn a_changed_price_is_a_new_price_that_subscriptions_move_to_at_their_next
     let subscribes = proxy.calls("POST", "/v1/subscriptions");
     assert_eq!(subscribes.len(), 2, "{subscribes:?}");
     assert_eq!(
-        item_prices(&subscribes[1]),
+        subscribed_prices(&subscribes[1]),
         new_prices,
         "a new subscription: the new prices"
     );
@@ -216,7 +188,7 @@ async fn a_changed_price_is_a_new_price_that_subscriptions_move_to_at_their_next
         .map(|(k, _)| update.form[&k.replace("[deleted]", "[id]")].as_str())
         .collect();
     assert_eq!(deleted, old_items);
-    assert_eq!(item_prices(update), new_prices);
+    assert_eq!(subscribed_prices(update), new_prices);
     assert_eq!(update.form["proration_behavior"], "create_prorations", "the setting");
     let moved_at: Vec<u32> = db
         .client

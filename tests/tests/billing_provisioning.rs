@@ -26,33 +26,6 @@ use tollgate_tests::{eventually, unique};
 
 const CHILD_SETTINGS: &str = "TOLLGATE_TEST_BILLING_CHILD_SETTINGS";
 
-/// The price ids `setup` made for `plan`, fee first, then meters by name (the order
-/// billing-sync subscribes in).
-fn plan_prices(proxy: &Proxy, plan: &str) -> Vec<String> {
-    ["fee", "meter:compute_units", "meter:requests"]
-        .iter()
-        .map(|k| {
-            proxy.price(&format!("tollgate:{plan}:{k}")).expect("price set up")["id"]
-                .as_str()
-                .expect("price id")
-                .to_owned()
-        })
-        .collect()
-}
-
-fn subscribed_prices(call: &Other) -> Vec<String> {
-    let mut prices: Vec<(usize, String)> = call
-        .form
-        .iter()
-        .filter_map(|(k, v)| {
-            let i = k.strip_prefix("items[")?.strip_suffix("][price]")?;
-            Some((i.parse().ok()?, v.clone()))
-        })
-        .collect();
-    prices.sort();
-    prices.into_iter().map(|(_, p)| p).collect()
-}
-
 struct Stack {
     db: Db,
     proxy: Proxy,
