@@ -10,7 +10,8 @@ COPY . .
 RUN cargo build --release --locked --bins \
     && mkdir /out \
     && cp target/release/tollgate-gateway target/release/tollgate-meter-consumer \
-          target/release/tollgate-billing-sync target/release/tollgate-demo-upstream /out/
+          target/release/tollgate-billing-sync target/release/tollgate-demo-upstream \
+          target/release/tollgate /out/
 
 FROM debian:bookworm-slim
 # curl serves the compose healthchecks; ca-certificates the TLS calls to Stripe.
@@ -18,7 +19,7 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates curl libcurl4 \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 tollgate \
-    && mkdir -p /var/lib/tollgate/spool \
+    && mkdir -p /var/lib/tollgate/spool /var/lib/tollgate/tls \
     && chown -R tollgate /var/lib/tollgate
 COPY --from=build /out/ /usr/local/bin/
 COPY config/ /etc/tollgate/

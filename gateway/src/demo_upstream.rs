@@ -13,13 +13,31 @@ use tokio::net::TcpListener;
 pub async fn serve(listener: TcpListener) -> std::io::Result<()> {
     loop {
         let (stream, _) = listener.accept().await?;
+        tokio::spawn(echo_on(stream));
+    }
+}
+
+/// Serves the echo over TLS on `listener` forever, with the certificate `acceptor` holds.
+pub async fn serve_tls(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor) -> std::io::Result<()> {
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let acceptor = acceptor.clone();
         tokio::spawn(async move {
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                .serve_connection(io, hyper::service::service_fn(echo))
-                .await;
+            if let Ok(stream) = acceptor.accept(stream).await {
+                echo_on(stream).await;
+            }
         });
     }
+}
+
+async fn echo_on<S>(stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .serve_connection(io, hyper::service::service_fn(echo))
+        .await;
 }
 
 async fn echo(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {

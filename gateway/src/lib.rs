@@ -26,6 +26,7 @@ pub mod server;
 pub mod settings;
 pub mod spend;
 pub mod strict_json;
+pub mod tls;
 
 pub use server::{run, GatewayError};
 pub use settings::GatewaySettings;

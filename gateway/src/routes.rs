@@ -32,6 +32,10 @@ pub struct RouteSettings {
     /// Named alternative upstreams a consumer's metadata may pick (a dedicated cluster).
     #[serde(default)]
     pub upstreams: BTreeMap<String, String>,
+    /// PEM bundle of CA certificates trusted for this route's `https://` upstreams, beside
+    /// the system's roots (a private CA).
+    #[serde(default)]
+    pub upstream_ca_file: Option<std::path::PathBuf>,
     /// Time the upstream has to answer with its response head (504 after).
     #[serde(default = "default_route_timeout_ms")]
     pub timeout_ms: u64,
@@ -81,6 +85,7 @@ impl Default for RouteSettings {
             methods: Vec::new(),
             upstream: String::new(),
             upstreams: BTreeMap::new(),
+            upstream_ca_file: None,
             timeout_ms: default_route_timeout_ms(),
             cost: BTreeMap::new(),
             escaped_slashes: EscapedSlashes::default(),

@@ -23,9 +23,10 @@ use tollgate_runtime::ops::Ops;
 use tollgate_runtime::shutdown::Shutdown;
 
 use crate::admin::Admin;
-use crate::chain::{Body, Proxy};
+use crate::chain::{Body, HyperUpstream, Proxy};
 use crate::keystore::{KeyStore, StoreError};
 use crate::settings::{GatewaySettings, ADMIN_TOKEN_ENV};
+use crate::tls::{OverTls, ServerCerts};
 
 /// The shortest admin token accepted: anything shorter is guessable.
 const MIN_ADMIN_TOKEN_LEN: usize = 16;
@@ -52,6 +53,8 @@ pub enum GatewayError {
     Events(#[from] crate::events::EventError),
     #[error(transparent)]
     Limits(#[from] crate::limits::LimitsError),
+    #[error("public.tls: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("budgets.catalogue: {0}")]
     Catalogue(#[from] tollgate_runtime::catalogue::CatalogueError),
     #[error("budgets.catalogue {path}: plan {plan:?} has no prices there, so its tenants' spend cannot be capped")]
@@ -70,6 +73,8 @@ pub struct Gateway {
     admin_token: String,
     signing_secret: Option<Vec<u8>>,
     public: TcpListener,
+    /// The TLS listener and its certificate, with `[public.tls]`.
+    public_tls: Option<(TcpListener, Arc<ServerCerts>)>,
     admin: TcpListener,
 }
 
@@ -86,18 +91,33 @@ impl Gateway {
             Some(t) => t,
         };
         let public = bind("public", &settings.public.listen).await?;
+        let public_tls = match &settings.public.tls {
+            Some(tls) => {
+                let certs = ServerCerts::load(tls)?;
+                Some((bind("public TLS", &tls.listen).await?, certs))
+            }
+            None => None,
+        };
         let admin = bind("admin", &settings.admin.listen).await?;
         Ok(Self {
             settings: Arc::new(settings),
             admin_token,
             signing_secret: signing_secret.filter(|s| !s.is_empty()).map(String::into_bytes),
             public,
+            public_tls,
             admin,
         })
     }
 
     pub fn public_addr(&self) -> SocketAddr {
         self.public.local_addr().expect("bound listener has an address")
+    }
+
+    /// The TLS listener's address, with `[public.tls]`.
+    pub fn public_tls_addr(&self) -> Option<SocketAddr> {
+        self.public_tls
+            .as_ref()
+            .map(|(l, _)| l.local_addr().expect("bound listener has an address"))
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
@@ -118,6 +138,7 @@ impl Gateway {
             let (ops, live) = (ops.clone(), Arc::clone(&live));
             tokio::spawn(serve(
                 self.admin,
+                Transport::Plain,
                 shutdown.clone(),
                 ConnectionPolicy::new(&settings.http, Arc::clone(&gateway_metrics)),
                 move |req, _peer| {
@@ -140,23 +161,41 @@ impl Gateway {
         // While starting, public answers are 503s that still get a request id and a usage
         // event (the sink opens before the replay: it needs only the spool directory).
         let starting: Arc<OnceLock<crate::chain::starting::Starting>> = Arc::default();
-        let public_task = {
+        let public_handler = {
             let (live, starting) = (Arc::clone(&live), Arc::clone(&starting));
-            tokio::spawn(serve(
-                self.public,
-                shutdown.clone(),
-                ConnectionPolicy::new(&settings.http, Arc::clone(&gateway_metrics)),
-                move |req, peer| {
-                    let (live, starting) = (Arc::clone(&live), Arc::clone(&starting));
-                    async move {
-                        match live.get() {
-                            Some(live) => Arc::clone(&live.proxy).handle(req, peer).await,
-                            None => crate::chain::starting::starting_response(&req, starting.get()),
-                        }
+            move |req: Request<Incoming>, peer| {
+                let (live, starting) = (Arc::clone(&live), Arc::clone(&starting));
+                async move {
+                    match live.get() {
+                        Some(live) => Arc::clone(&live.proxy).handle(req, peer).await,
+                        None => crate::chain::starting::starting_response(&req, starting.get()),
                     }
-                },
-            ))
+                }
+            }
         };
+        let public_policy = ConnectionPolicy::new(&settings.http, Arc::clone(&gateway_metrics));
+        let public_task = tokio::spawn(serve(
+            self.public,
+            Transport::Plain,
+            shutdown.clone(),
+            public_policy.clone(),
+            public_handler.clone(),
+        ));
+        // The TLS listener shares the plain one's connection table: the caps are per gateway.
+        let tls_task = self.public_tls.map(|(listener, certs)| {
+            tokio::spawn(crate::tls::watch(
+                Arc::clone(&certs),
+                Arc::clone(&gateway_metrics),
+                shutdown.clone(),
+            ));
+            tokio::spawn(serve(
+                listener,
+                Transport::Tls(certs),
+                shutdown.clone(),
+                public_policy,
+                public_handler,
+            ))
+        });
 
         let (usage, pipeline) = if settings.events.enabled {
             let (sink, pipeline) = crate::events::start(
@@ -194,7 +233,11 @@ impl Gateway {
             self.signing_secret,
             usage,
             limiter,
-            gateway_metrics,
+            Arc::clone(&gateway_metrics),
+            Arc::new(HyperUpstream::new(
+                Duration::from_millis(settings.http.upstream_connect_timeout_ms),
+                &settings.routes,
+            )?),
         );
         let spend = start_spend_caps(&settings, store.directory())?;
         if let Some(ledger) = &spend {
@@ -213,9 +256,17 @@ impl Gateway {
             admin: Arc::new(admin),
         });
         ops.set_ready();
-        tracing::info!(public = %settings.public.listen, admin = %settings.admin.listen, "gateway ready");
+        tracing::info!(
+            public = %settings.public.listen,
+            public_tls = settings.public.tls.as_ref().map(|t| t.listen.as_str()),
+            admin = %settings.admin.listen,
+            "gateway ready"
+        );
 
         let _ = public_task.await;
+        if let Some(task) = tls_task {
+            let _ = task.await;
+        }
         let _ = admin_task.await;
         // Every request has finished (or the drain timed out): their events are recorded.
         if let Some(pipeline) = pipeline {
@@ -304,12 +355,30 @@ impl ConnectionPolicy {
     }
 }
 
-/// Serves HTTP/1.1 and h2c on `listener` until shutdown, then lets open connections finish
-/// (up to [`DRAIN_TIMEOUT`]). Each connection holds a place in the connection table, must
-/// deliver its first request head within `first_request_timeout`, and is shut down gracefully
-/// once it has had no request in flight for `idle_timeout` (see `connections`).
-async fn serve<F, Fut>(listener: TcpListener, shutdown: Shutdown, policy: ConnectionPolicy, handler: F)
-where
+/// What a listener's connections speak below HTTP.
+#[derive(Clone)]
+enum Transport {
+    Plain,
+    /// TLS, handshaken with the certificate in service when the connection arrives.
+    Tls(Arc<ServerCerts>),
+}
+
+/// A connection's byte stream, plain or TLS, as one type for hyper.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
+
+/// Serves HTTP/1.1 and h2 (h2c on plain connections) on `listener` until shutdown, then lets
+/// open connections finish (up to [`DRAIN_TIMEOUT`]). Each connection holds a place in the
+/// connection table, must finish its TLS handshake and deliver its first request head within
+/// `first_request_timeout`, and is shut down gracefully once it has had no request in flight
+/// for `idle_timeout` (see `connections`).
+async fn serve<F, Fut>(
+    listener: TcpListener,
+    transport: Transport,
+    shutdown: Shutdown,
+    policy: ConnectionPolicy,
+    handler: F,
+) where
     F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
@@ -326,6 +395,7 @@ where
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(policy.h2_keep_alive_interval))
         .keep_alive_timeout(policy.h2_keep_alive_interval);
+    let over_tls = matches!(transport, Transport::Tls(_));
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -345,7 +415,10 @@ where
         let handler = handler.clone();
         let service = hyper::service::service_fn({
             let activity = Arc::clone(&activity);
-            move |req| {
+            move |mut req: Request<Incoming>| {
+                if over_tls {
+                    req.extensions_mut().insert(OverTls);
+                }
                 let in_flight = activity.begin();
                 let response = handler(req, peer);
                 async move {
@@ -355,16 +428,40 @@ where
                 }
             }
         });
-        let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
         // Held until the connection ends, so the drain below waits for it.
         let drain = graceful.watcher();
-        let (policy, shutdown) = (policy.clone(), shutdown.clone());
+        let (policy, shutdown, builder, transport) =
+            (policy.clone(), shutdown.clone(), builder.clone(), transport.clone());
         tokio::spawn(async move {
             let (_permit, _drain) = (permit, drain);
+            let first_request_by = tokio::time::Instant::now() + policy.first_request_timeout;
+            let io: Box<dyn Io> = match transport {
+                Transport::Plain => Box::new(stream),
+                Transport::Tls(certs) => {
+                    match tokio::time::timeout_at(first_request_by, certs.acceptor().accept(stream)).await {
+                        Ok(Ok(tls)) => Box::new(tls),
+                        Ok(Err(_)) => {
+                            policy
+                                .table
+                                .metrics()
+                                .count("gateway_connections_closed_total", "tls_handshake");
+                            return;
+                        }
+                        Err(_) => {
+                            policy
+                                .table
+                                .metrics()
+                                .count("gateway_connections_closed_total", "first_request_timeout");
+                            return;
+                        }
+                    }
+                }
+            };
+            let connection = builder.serve_connection(TokioIo::new(io), service).into_owned();
             tokio::pin!(connection);
             tokio::select! {
                 _ = &mut connection => return,
-                _ = tokio::time::sleep(policy.first_request_timeout) => {}
+                _ = tokio::time::sleep_until(first_request_by) => {}
                 _ = shutdown.wait() => {}
             }
             if !activity.any_request() && !shutdown.is_triggered() {

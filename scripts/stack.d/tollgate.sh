@@ -32,20 +32,44 @@ require_tollgate() {
 
 tollgate_health() { [[ $(http_status "$1") == 200 ]]; }
 
-# Demo upstream: answers every request with 200 and a JSON body.
-prepare_demo_upstream() { require_tollgate tollgate-demo-upstream; }
+# The stack's certificates: a local CA (made once, kept in the state directory) and a server
+# certificate for 127.0.0.1 and localhost that the gateway's and the demo upstream's TLS
+# listeners serve. Clients trust <state dir>/tls/ca.pem (`status` prints it).
+tls_dir() { printf '%s/tls\n' "$STACK_DIR"; }
+ensure_local_ca() {
+    require_tollgate tollgate
+    "$(tollgate_bin tollgate)" tls local-ca --dir "$(tls_dir)" >/dev/null ||
+        die "cannot make the stack's certificates in $(tls_dir)"
+}
+
+# Demo upstream: answers every request with 200 and a JSON body, over HTTP and TLS.
+prepare_demo_upstream() {
+    require_tollgate tollgate-demo-upstream
+    ensure_local_ca
+}
 start_demo_upstream() {
-    run_tollgate demo-upstream tollgate-demo-upstream -- --listen "127.0.0.1:$DEMO_UPSTREAM_PORT"
+    run_tollgate demo-upstream tollgate-demo-upstream -- --listen "127.0.0.1:$DEMO_UPSTREAM_PORT" \
+        --tls-listen "127.0.0.1:$DEMO_UPSTREAM_TLS_PORT" \
+        --tls-cert "$(tls_dir)/server.pem" --tls-key "$(tls_dir)/server.key"
 }
 health_demo_upstream() { tollgate_health "$DEMO_UPSTREAM_URL/"; }
 
 # Gateway: public listener, admin listener (readyz, admin API). Healthy only once ready:
 # the keys topic is replayed, so it can serve a tenant.
-prepare_gateway() { require_tollgate tollgate-gateway config/gateway.toml; }
+# With TLS on $GATEWAY_TLS_PORT beside plain HTTP; the `secure` route (config/gateway.toml)
+# reaches the demo upstream's TLS listener trusting the local CA.
+prepare_gateway() {
+    require_tollgate tollgate-gateway config/gateway.toml
+    ensure_local_ca
+}
 start_gateway() {
     local token
     token=$(resolve_admin_token)
     run_tollgate gateway tollgate-gateway "TOLLGATE_ADMIN_TOKEN=$token" \
+        "TOLLGATE_PUBLIC__TLS__LISTEN=127.0.0.1:$GATEWAY_TLS_PORT" \
+        "TOLLGATE_PUBLIC__TLS__CERT_FILE=$(tls_dir)/server.pem" \
+        "TOLLGATE_PUBLIC__TLS__KEY_FILE=$(tls_dir)/server.key" \
+        "TOLLGATE_ROUTES__2__UPSTREAM_CA_FILE=$(tls_dir)/ca.pem" \
         -- --config "$REPO/config/gateway.toml"
 }
 health_gateway() { tollgate_health "$GATEWAY_ADMIN_URL/readyz"; }

@@ -319,13 +319,23 @@ fn services_reach_each_other_by_compose_names() {
             route.id
         );
         let upstream_svc = service(&compose, host);
-        let listen_at = upstream_svc["command"]
+        // An https:// route needs the upstream's TLS listener, an http:// one its plain one.
+        let flag = if route.upstream.starts_with("https://") {
+            "--tls-listen"
+        } else {
+            "--listen"
+        };
+        let args: Vec<&str> = upstream_svc["command"]
             .as_sequence()
             .unwrap()
             .iter()
             .map(|v| v.as_str().unwrap())
-            .find(|a| a.contains(':'))
-            .expect("upstream listen address");
+            .collect();
+        let listen_at = args
+            .iter()
+            .position(|a| *a == flag)
+            .and_then(|i| args.get(i + 1))
+            .unwrap_or_else(|| panic!("route {}: the upstream's command has no {flag}", route.id));
         assert_eq!(port_of(listen_at), port_of(host_port_of(&route.upstream)));
     }
 }
@@ -524,11 +534,13 @@ fn example_configs_use_the_native_stack_ports() {
     let routes = gateway["routes"].as_array().expect("example routes");
     for (index, _) in routes.iter().enumerate() {
         let field = format!("routes.{index}.upstream");
-        checks.push((
-            "config/gateway.toml routes[].upstream",
-            at(&gateway, &field),
-            "DEMO_UPSTREAM_PORT",
-        ));
+        let upstream = at(&gateway, &field);
+        let variable = if upstream.starts_with("https://") {
+            "DEMO_UPSTREAM_TLS_PORT"
+        } else {
+            "DEMO_UPSTREAM_PORT"
+        };
+        checks.push(("config/gateway.toml routes[].upstream", upstream, variable));
     }
     for (what, address, variable) in checks {
         assert_eq!(

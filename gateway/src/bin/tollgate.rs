@@ -29,6 +29,25 @@ enum Command {
     /// API keys of a consumer.
     #[command(subcommand)]
     Keys(Keys),
+    /// Certificates for a development stack (no admin API involved).
+    #[command(subcommand)]
+    Tls(Tls),
+}
+
+#[derive(Subcommand)]
+enum Tls {
+    /// Makes a local CA in DIR (kept once made) and a server certificate signed by it:
+    /// `ca.pem` is what clients trust; `server.pem`/`server.key` what listeners serve.
+    LocalCa {
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// DNS name or IP address the server certificate is for (repeatable).
+        #[arg(long = "name", default_values = ["localhost", "127.0.0.1"])]
+        names: Vec<String>,
+        /// Issue a new server certificate even if one exists.
+        #[arg(long)]
+        renew: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -109,6 +128,21 @@ fn meta_object(meta: Vec<(String, String)>, empty_removes: bool) -> Value {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Tls(Tls::LocalCa { dir, names, renew }) = &cli.command {
+        return match tollgate_gateway::tls::local_ca::ensure(dir, names, *renew) {
+            Ok(ca) => {
+                println!(
+                    "{}",
+                    json!({"ca": ca.ca_cert, "cert": ca.server_cert, "key": ca.server_key})
+                );
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("tollgate: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let Ok(token) = std::env::var("TOLLGATE_ADMIN_TOKEN") else {
         eprintln!("tollgate: TOLLGATE_ADMIN_TOKEN is not set (`scripts/stack status` prints the local one)");
         return ExitCode::FAILURE;
@@ -144,6 +178,7 @@ async fn main() -> ExitCode {
             Some(json!({"expiresOn": expires_on})),
         ),
         Command::Keys(Keys::Revoke { consumer, id }) => (Method::DELETE, path(&format!("/{consumer}/keys/{id}")), None),
+        Command::Tls(_) => unreachable!("answered above, without the admin API"),
     };
     match call(method, &url, &token, body).await {
         Ok((status, text)) if status < 400 => {

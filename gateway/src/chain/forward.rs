@@ -6,8 +6,10 @@
 //! the upstream's response head with hop-by-hop headers and `x-tollgate-cost` removed; or
 //! 502/504.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,13 +20,14 @@ use hyper::body::Bytes;
 use hyper::header::{HeaderMap, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::{Request, Response, StatusCode, Uri};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 
 use super::{Body, BoxError, Proxy, RequestContext};
 use crate::directory::Identity;
 use crate::problem::Problem;
-use crate::routes::Route;
+use crate::routes::{Route, RouteSettings};
 
 /// Headers meaningful only for one connection (RFC 9110 section 7.6.1): never forwarded.
 const HOP_BY_HOP: [&str; 9] = [
@@ -44,28 +47,57 @@ pub type UpstreamFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Box
 /// Where checked requests go: hyper's client in the gateway, a recorder in tests.
 /// The request body is whole (the chain has read it within its limits).
 pub trait Upstream: Send + Sync {
-    fn send(&self, req: Request<Bytes>) -> UpstreamFuture;
+    fn send(&self, route: &RouteSettings, req: Request<Bytes>) -> UpstreamFuture;
 }
 
-/// The gateway's HTTP/1.1 client to upstreams, with a connect timeout and pooled connections.
+type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// The gateway's HTTP/1.1 client to upstreams, `http://` and `https://`, with a connect timeout
+/// and pooled connections (TLS sessions included): one client trusting the system's roots,
+/// and one more per distinct `upstream_ca_file` that routes name.
 pub struct HyperUpstream {
-    client: Client<HttpConnector, Full<Bytes>>,
+    system: HttpsClient,
+    by_ca_file: HashMap<PathBuf, HttpsClient>,
 }
 
 impl HyperUpstream {
-    pub fn new(connect_timeout: Duration) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(connect_timeout));
-        connector.set_nodelay(true);
-        Self {
-            client: Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector),
+    /// Reads the system's roots and every route's CA bundle: a missing or unreadable bundle
+    /// stops the gateway at start rather than failing its route's requests later.
+    pub fn new(connect_timeout: Duration, routes: &[RouteSettings]) -> Result<Self, crate::tls::TlsError> {
+        let client = |ca_file: Option<&std::path::Path>| -> Result<HttpsClient, crate::tls::TlsError> {
+            let mut http = HttpConnector::new();
+            http.set_connect_timeout(Some(connect_timeout));
+            http.set_nodelay(true);
+            // Lets the https connector see https:// URIs (hyper's connector refuses them).
+            http.enforce_http(false);
+            let https = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(crate::tls::upstream_client_config(ca_file)?)
+                .https_or_http()
+                .enable_http1()
+                .wrap_connector(http);
+            Ok(Client::builder(hyper_util::rt::TokioExecutor::new()).build(https))
+        };
+        let mut by_ca_file = HashMap::new();
+        for ca_file in routes.iter().filter_map(|r| r.upstream_ca_file.as_ref()) {
+            if !by_ca_file.contains_key(ca_file) {
+                by_ca_file.insert(ca_file.clone(), client(Some(ca_file))?);
+            }
         }
+        Ok(Self {
+            system: client(None)?,
+            by_ca_file,
+        })
     }
 }
 
 impl Upstream for HyperUpstream {
-    fn send(&self, req: Request<Bytes>) -> UpstreamFuture {
-        let answer = self.client.request(req.map(Full::new));
+    fn send(&self, route: &RouteSettings, req: Request<Bytes>) -> UpstreamFuture {
+        let client = route
+            .upstream_ca_file
+            .as_ref()
+            .and_then(|ca_file| self.by_ca_file.get(ca_file))
+            .unwrap_or(&self.system);
+        let answer = client.request(req.map(Full::new));
         Box::pin(async move {
             let response = answer.await.map_err(|e| Box::new(e) as BoxError)?;
             Ok(response.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed()))
@@ -123,18 +155,28 @@ impl Proxy {
         let sent = Instant::now();
         let answered = tokio::time::timeout(
             Duration::from_millis(route.settings.timeout_ms),
-            self.upstream.send(upstream_req),
+            self.upstream.send(&route.settings, upstream_req),
         )
         .await;
         ctx.upstream_latency = Some(sent.elapsed());
         let response = match answered {
             Err(_) => {
+                self.metrics.count("gateway_upstream_failures_total", "timeout");
                 return Err(
                     Problem::new(StatusCode::GATEWAY_TIMEOUT, "upstream-timeout", "Gateway Timeout")
                         .with_detail("the upstream did not answer in time"),
-                )
+                );
+            }
+            Ok(Err(err)) if crate::tls::is_certificate_error(err.as_ref()) => {
+                self.metrics.count("gateway_upstream_failures_total", "certificate");
+                tracing::warn!(route = %route.settings.id, error = %err, "upstream's TLS certificate not accepted");
+                return Err(
+                    Problem::new(StatusCode::BAD_GATEWAY, "upstream-certificate", "Bad Gateway")
+                        .with_detail("the upstream's TLS certificate was not accepted"),
+                );
             }
             Ok(Err(err)) => {
+                self.metrics.count("gateway_upstream_failures_total", "unreachable");
                 tracing::warn!(route = %route.settings.id, error = %err, "upstream request failed");
                 return Err(
                     Problem::new(StatusCode::BAD_GATEWAY, "upstream-unreachable", "Bad Gateway")

@@ -128,6 +128,7 @@ impl Proxy {
         set_header(&mut headers, "x-request-id", &ctx.request_id);
 
         // Forwarding: extend what a trusted proxy said, or start afresh.
+        let proto = if ctx.over_tls { "https" } else { "http" };
         let peer_ip = peer.ip().to_string();
         let forwarded_for = match incoming.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
             Some(earlier) if trusted => format!("{earlier}, {peer_ip}"),
@@ -140,11 +141,11 @@ impl Proxy {
         };
         let forwarded = match incoming.get("forwarded").and_then(|v| v.to_str().ok()) {
             Some(earlier) if trusted => format!("{earlier}, for={node}"),
-            _ => format!("for={node};proto=http"),
+            _ => format!("for={node};proto={proto}"),
         };
         set_header(&mut headers, "forwarded", &forwarded);
         if !trusted {
-            set_header(&mut headers, "x-forwarded-proto", "http");
+            set_header(&mut headers, "x-forwarded-proto", proto);
             set_header(&mut headers, "x-real-ip", &peer_ip);
         }
         if self.settings.forwarding.forward_host && !(trusted && incoming.contains_key("x-forwarded-host")) {

@@ -81,6 +81,8 @@ pub struct RequestContext {
     pub bulkhead: Option<OwnedSemaphorePermit>,
     /// What the request holds against its tenant's spend cap, settled when its response ends.
     pub spend: Option<crate::spend::Reservation>,
+    /// The request came on the TLS listener (forwarded as `proto=https`).
+    pub over_tls: bool,
 }
 
 /// One set of checked limits, shared by the requests it applies to.
@@ -120,6 +122,7 @@ impl Proxy {
         usage: UsageSink,
         limiter: Arc<dyn Limiter>,
         metrics: Arc<GatewayMetrics>,
+        upstream: Arc<dyn Upstream>,
     ) -> Self {
         let plans = settings
             .plans
@@ -137,9 +140,7 @@ impl Proxy {
         let access_log = settings.access_log.logger();
         Self {
             routes: RouteTable::new(&settings.routes, settings.http.case_sensitive_routes),
-            upstream: Arc::new(HyperUpstream::new(Duration::from_millis(
-                settings.http.upstream_connect_timeout_ms,
-            ))),
+            upstream,
             credential_headers: headers::header_names(&settings.keys.headers),
             strip_headers: headers::normalised_names(&settings.identity.strip_headers),
             trusted_proxies: settings
@@ -168,12 +169,6 @@ impl Proxy {
         self
     }
 
-    /// Forwards through `upstream` instead of hyper's client (tests: an in-memory upstream).
-    pub fn with_upstream(mut self, upstream: Arc<dyn Upstream>) -> Self {
-        self.upstream = upstream;
-        self
-    }
-
     /// Serves one request: the chain, then the response headers every answer carries, then the
     /// usage event (recorded when the response body ends).
     pub async fn handle<B>(self: Arc<Self>, req: Request<B>, peer: SocketAddr) -> Response<Body>
@@ -187,6 +182,7 @@ impl Proxy {
         let mut ctx = RequestContext {
             request_id: request_id(req.headers()),
             method: req.method().to_string(),
+            over_tls: req.extensions().get::<crate::tls::OverTls>().is_some(),
             ..RequestContext::default()
         };
         let result = self.chain(req, peer, &mut ctx).await;

@@ -41,7 +41,7 @@ pub(crate) struct RecordingUpstream {
 }
 
 impl Upstream for RecordingUpstream {
-    fn send(&self, req: Request<Bytes>) -> UpstreamFuture {
+    fn send(&self, _route: &crate::routes::RouteSettings, req: Request<Bytes>) -> UpstreamFuture {
         if self.unreachable.load(std::sync::atomic::Ordering::Relaxed) {
             return Box::pin(async { Err("connection refused".into()) });
         }
@@ -114,8 +114,8 @@ impl Harness {
             usage,
             Arc::new(crate::limits::LocalLimiter::new()),
             Arc::new(GatewayMetrics::noop()),
-        )
-        .with_upstream(upstream.clone());
+            upstream.clone(),
+        );
         let proxy = match ledger {
             Some(ledger) => proxy.with_spend_caps(ledger),
             None => proxy,

@@ -15,7 +15,7 @@ pub const ADMIN_TOKEN_ENV: &str = "TOLLGATE_ADMIN_TOKEN";
 #[serde(deny_unknown_fields)]
 pub struct GatewaySettings {
     pub service: ServiceSettings,
-    pub public: ListenerSettings,
+    pub public: PublicSettings,
     pub admin: ListenerSettings,
     pub kafka: KafkaSettings,
     #[serde(default)]
@@ -319,6 +319,16 @@ pub struct ListenerSettings {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct PublicSettings {
+    /// Address of the plain HTTP listener (HTTP/1.1 and h2c), `ip:port`.
+    pub listen: String,
+    /// A TLS listener beside it (HTTP/1.1 and h2 by ALPN); none without this section.
+    #[serde(default)]
+    pub tls: Option<crate::tls::TlsListenerSettings>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TopicSettings {
     /// Compacted topic holding consumers and API keys.
     #[serde(default = "default_keys_topic")]
@@ -359,6 +369,17 @@ impl Validate for GatewaySettings {
                 &self.admin.listen,
                 "an address other than public.listen",
             ));
+        }
+        if let Some(tls) = &self.public.tls {
+            tls.validate()?;
+            let addr = socket_addr("public.tls.listen", &tls.listen)?;
+            if addr.port() != 0 && (addr == public || addr == admin) {
+                return Err(Invalid::new(
+                    "public.tls.listen",
+                    &tls.listen,
+                    "an address other than public.listen and admin.listen",
+                ));
+            }
         }
         self.kafka.validate("kafka")?;
         tollgate_runtime::topics::validate("topics.keys", &self.topics.keys)?;
