@@ -20,20 +20,10 @@ use tollgate_billing_sync::BillingSettings;
 use tollgate_runtime::clickhouse::ClickhouseSettings;
 use tollgate_runtime::shutdown::Shutdown;
 
+mod support;
+
 const CONCURRENCY: usize = 32;
 const KEY: &str = "sk_test_123";
-
-#[derive(serde::Serialize, clickhouse::Row)]
-struct UsageRow {
-    event_id: String,
-    time: u32,
-    tenant_id: String,
-    billable: u8,
-    #[serde(rename = "units.meter")]
-    meters: Vec<String>,
-    #[serde(rename = "units.value")]
-    values: Vec<i64>,
-}
 
 #[derive(serde::Serialize, clickhouse::Row)]
 struct ConsumerRow {
@@ -94,22 +84,12 @@ async fn main() {
         .expect("usage tables");
     tollgate_billing_sync::ledger::migrate(&client).await.expect("ledger");
     let window = Window::containing(unix_now() - 2 * 3_600, 3_600);
-    let mut usage = client.insert::<UsageRow>("usage_events").await.expect("insert");
+    let mut usage = Vec::new();
     let mut consumers = client.insert::<ConsumerRow>("consumers").await.expect("insert");
     for t in 0..tenants {
         let tenant = format!("tenant_{t:05}");
         for i in 0..2u32 {
-            usage
-                .write(&UsageRow {
-                    event_id: format!("{tenant}_{i}"),
-                    time: window.start + 60 * i,
-                    tenant_id: tenant.clone(),
-                    billable: 1,
-                    meters: vec!["requests".into(), "compute_units".into()],
-                    values: vec![1, 5],
-                })
-                .await
-                .expect("usage row");
+            usage.push(support::usage_row(window.start + 60 * i, &tenant, usage.len() as u64));
         }
         consumers
             .write(&ConsumerRow {
@@ -122,7 +102,7 @@ async fn main() {
             .await
             .expect("consumer row");
     }
-    usage.end().await.expect("usage committed");
+    support::store(&client, &usage).await;
     consumers.end().await.expect("consumers committed");
 
     let text = format!(

@@ -73,7 +73,7 @@ pub async fn compare(
 ) -> Result<InvoiceReport, InvoiceError> {
     let mut units: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
     if from < to {
-        for u in usage::per_tenant(client, from, to, meters).await? {
+        for u in usage::per_tenant(client, usage::Source::Raw, from, to, meters).await? {
             *units.entry(u.tenant_id).or_default().entry(u.meter).or_default() += u.units;
         }
     }

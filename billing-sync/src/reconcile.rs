@@ -99,7 +99,7 @@ pub async fn reconcile(
     let meters: Vec<String> = settings.meters.iter().map(|m| m.meter.clone()).collect();
     let mut lines: BTreeMap<(String, String), Line> = BTreeMap::new();
     if from < to {
-        for u in usage::per_tenant(client, from, to, &meters).await? {
+        for u in usage::per_tenant(client, usage::Source::Raw, from, to, &meters).await? {
             lines.entry((u.tenant_id, u.meter)).or_default().clickhouse += u.units;
         }
         for t in ledger::status_totals(client, from, to).await? {

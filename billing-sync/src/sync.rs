@@ -1,9 +1,11 @@
 //! One billing pass: find closed windows whose usage is not fully accounted for in the
 //! ledger, and account for it (push to Stripe, or record why not).
 //!
-//! In: `usage_events` and `consumers` (ClickHouse), the ledger. Out: Stripe meter events and
-//! ledger rows. A window is visited when its billable units differ from what the ledger
-//! accounts for, or when a revision is still pending; per tenant and meter it then
+//! In: the consumer's rollups, `usage_minutes_touched` and `consumers` (ClickHouse, read
+//! through [`crate::usage`]), the ledger. Out: Stripe meter events and ledger rows. A window
+//! is visited when its billable units differ from what the ledger accounts for, or when a
+//! revision is still pending (after a process's first pass: when it closed, was touched by a
+//! consumer batch, or was left unresolved since the previous pass); per tenant and meter it then
 //!   1. re-sends a pending revision exactly as recorded (a crash or outage interrupted it), or
 //!   2. makes a new revision for the difference (revision 0 when the window closes, 1, 2, …
 //!      for late events) and pushes it, or records it as unbillable (no Stripe customer) or
@@ -55,12 +57,32 @@ impl PassReport {
 /// Outcome rows are written in batches of this many (or when a second has passed).
 const LEDGER_BATCH: usize = 1_000;
 
+/// How far back, before the previous pass began, touched minutes are read again: a consumer
+/// insert stamped just before that instant may become visible just after it (an insert runs
+/// at most the consumer's `batch.insert_timeout_ms`, 30 s by default, before it is killed).
+/// Re-reading costs a few thousand small rows; missing one would leave late units unbilled
+/// until the next start.
+const TOUCHED_OVERLAP_SECS: u32 = 600;
+
+/// Where the previous complete pass left off.
+#[derive(Debug, Clone)]
+struct Cursor {
+    /// Server time when it began: every usage change after it is in a minute touched since.
+    since: u32,
+    /// Windows ending at or before this were closed then, and visited if due.
+    closed_until: u32,
+    /// Windows it left with a push unresolved (pending in the ledger).
+    retry: BTreeSet<u32>,
+}
+
 pub struct Biller {
     client: Client,
     settings: BillingSettings,
     pusher: Pusher,
     /// Window lengths over time ([`crate::schedule`]); one length unless it was changed.
     schedule: Schedule,
+    /// `None` until a pass completes: the next pass compares the whole lookback.
+    cursor: std::sync::Mutex<Option<Cursor>>,
 }
 
 impl Biller {
@@ -71,6 +93,7 @@ impl Biller {
             settings,
             pusher,
             schedule,
+            cursor: std::sync::Mutex::new(None),
         }
     }
 
@@ -85,6 +108,12 @@ impl Biller {
     }
 
     /// Accounts for every closed window in the lookback whose usage is not yet accounted for.
+    ///
+    /// The first pass of a process compares every window of the lookback (per-window sums
+    /// from the rollups, against the ledger). Each later pass visits only the windows that
+    /// can have changed since the previous complete pass ([`Cursor`]): those that closed
+    /// since, those a consumer batch touched since (`usage_minutes_touched`), and those the
+    /// previous pass left with a push unresolved. Its cost follows new work, not history.
     pub async fn pass(&self, now: i64) -> Result<PassReport, SyncError> {
         let billing = &self.settings.billing;
         let to = self.schedule.closed_until(now, billing.lateness_secs);
@@ -94,41 +123,102 @@ impl Biller {
         if from >= to {
             return Ok(report);
         }
+        // Read before any usage: whatever lands after this instant is stamped later.
+        let started = usage::server_now(&self.client).await?;
+        let previous = self.cursor.lock().expect("cursor lock").clone();
+        let due = match &previous {
+            None => self.due_in_lookback(from, to).await?,
+            Some(cursor) => self.due_since(cursor, from, to).await?,
+        };
+        let mut retry = BTreeSet::new();
+        let mut complete = true;
+        if !due.is_empty() {
+            let customers = usage::customers(&self.client).await?;
+            // Oldest first: they are the closest to Stripe's 35-day limit.
+            for start in due {
+                if self.pusher_shutdown() {
+                    complete = false;
+                    break;
+                }
+                let window = self.schedule.window_at(start);
+                let span = tracing::info_span!("window", start = window.start, end = window.end);
+                let done = self.close_window(window, &customers, now).instrument(span).await?;
+                if done.unresolved > 0 {
+                    retry.insert(start);
+                }
+                report.add(done);
+            }
+        }
+        if complete {
+            *self.cursor.lock().expect("cursor lock") = Some(Cursor {
+                since: started,
+                closed_until: to,
+                retry,
+            });
+        }
+        Ok(report)
+    }
+
+    /// Every window in `[from, to)` whose units differ from what the ledger accounts for, or
+    /// with a pending revision.
+    async fn due_in_lookback(&self, from: u32, to: u32) -> Result<BTreeSet<u32>, SyncError> {
+        self.unbalanced(&self.schedule.spans(from, to)).await
+    }
+
+    /// The windows of `spans` (`(from, to, window length)`, each cut into whole windows)
+    /// whose units differ from what the ledger accounts for, or with a pending revision.
+    async fn unbalanced(&self, spans: &[(u32, u32, u32)]) -> Result<BTreeSet<u32>, SyncError> {
         let meters = self.meters();
-        let mut usage = Vec::new();
-        for (a, b, len) in self.schedule.spans(from, to) {
-            usage.extend(usage::per_window(&self.client, u64::from(len), a, b, &meters).await?);
-        }
-        let accounts = ledger::window_accounts(&self.client, from, to).await?;
         let mut balance: HashMap<(u32, String), (i64, i64, u64)> = HashMap::new();
-        for u in usage {
-            balance.entry((u.window_start, u.meter)).or_default().0 += u.units;
+        for &(a, b, len) in spans {
+            for u in usage::per_window(&self.client, u64::from(len), a, b, &meters).await? {
+                balance.entry((u.window_start, u.meter)).or_default().0 += u.units;
+            }
+            // Meters no longer configured are not billed any more: their ledger rows are history.
+            for w in ledger::window_accounts(&self.client, a, b).await? {
+                if meters.contains(&w.meter) {
+                    let entry = balance.entry((w.window_start, w.meter)).or_default();
+                    entry.1 += w.accounted;
+                    entry.2 += w.pending;
+                }
+            }
         }
-        // Meters no longer configured are not billed any more: their ledger rows are history.
-        for a in accounts.into_iter().filter(|a| meters.contains(&a.meter)) {
-            let entry = balance.entry((a.window_start, a.meter)).or_default();
-            entry.1 += a.accounted;
-            entry.2 += a.pending;
-        }
-        let due: BTreeSet<u32> = balance
+        Ok(balance
             .iter()
             .filter(|(_, (units, accounted, pending))| units != accounted || *pending > 0)
             .map(|((start, _), _)| *start)
-            .collect();
-        if due.is_empty() {
-            return Ok(report);
+            .collect())
+    }
+
+    /// The windows of `[from, to)` that may have changed since `cursor`'s pass (see
+    /// [`Biller::pass`]) and, compared, are due; a candidate that did not change costs a
+    /// comparison of its window sums, never a visit or a push.
+    async fn due_since(&self, cursor: &Cursor, from: u32, to: u32) -> Result<BTreeSet<u32>, SyncError> {
+        let mut due: BTreeSet<u32> = cursor.retry.iter().copied().filter(|s| *s >= from).collect();
+        for (a, b, len) in self.schedule.spans(cursor.closed_until.max(from), to) {
+            due.extend((a..b).step_by(len as usize));
         }
-        let customers = usage::customers(&self.client).await?;
-        // Oldest first: they are the closest to Stripe's 35-day limit.
-        for start in due {
-            if self.pusher_shutdown() {
-                break;
+        let since = cursor.since.saturating_sub(TOUCHED_OVERLAP_SECS);
+        for minute in usage::minutes_touched(&self.client, since, from, to).await? {
+            // A window length that is not a whole number of minutes may cut a minute in two.
+            for t in [minute, minute + 59] {
+                let window = self.schedule.window_at(t);
+                if window.start >= from && window.end <= to {
+                    due.insert(window.start);
+                }
             }
-            let window = self.schedule.window_at(start);
-            let span = tracing::info_span!("window", start = window.start, end = window.end);
-            report.add(self.close_window(window, &customers, now).instrument(span).await?);
         }
-        Ok(report)
+        // Adjacent candidates are compared in one range.
+        let mut spans: Vec<(u32, u32, u32)> = Vec::new();
+        for start in due {
+            let window = self.schedule.window_at(start);
+            let len = window.end - window.start;
+            match spans.last_mut() {
+                Some(last) if last.1 == window.start && last.2 == len => last.1 = window.end,
+                _ => spans.push((window.start, window.end, len)),
+            }
+        }
+        self.unbalanced(&spans).await
     }
 
     fn pusher_shutdown(&self) -> bool {
@@ -152,7 +242,8 @@ impl Biller {
             .map(|m| (m.meter.as_str(), m.event_name.as_str()))
             .collect();
         let mut totals: BTreeMap<(String, String), i64> = BTreeMap::new();
-        for u in usage::per_tenant(&self.client, window.start, window.end, &self.meters()).await? {
+        let source = usage::Source::for_range(u64::from(window.end - window.start), window.start, window.end);
+        for u in usage::per_tenant(&self.client, source, window.start, window.end, &self.meters()).await? {
             *totals.entry((u.tenant_id, u.meter)).or_default() += u.units;
         }
         let mut accounts = HashMap::new();

@@ -3,9 +3,15 @@
 //! run. Not run by `cargo test`; run it with
 //! `cargo bench -p tollgate-meter-consumer --bench throughput` (the native stack must be up).
 //!
-//! - Baselines: producing the events to Kafka (`acks=all`), and inserting the same rows into
-//!   a plain copy of `usage_events` with no Kafka, no decoding and no rollups, in batches of
-//!   the same size.
+//! - Baselines: producing the events to Kafka (`acks=all`); inserting the same rows into a
+//!   plain copy of `usage_events` with no Kafka, no decoding and no rollups, in batches of
+//!   the same size; and inserting the same rows into copies of every table the consumer
+//!   writes (raw, the four rollups, minutes touched), the rollup rows computed beforehand, so
+//!   that ratio is the consumer against the same inserts with nothing else.
+//! - CPU per event: user + system time from `/proc/<pid>/stat` of the Kafka broker, the
+//!   ClickHouse server and this process (the consumer, plus this benchmark's polling) over
+//!   the consuming phase, divided by the events consumed. The servers are shared with
+//!   whatever else runs on the machine: run it on a quiet one.
 //! - Throughput: the events are produced first, then the consumer (in-process, default batch
 //!   settings) starts; the rate is measured from the first stored row to the last row
 //!   visible in every table (raw and every rollup), and also from the consumer's start.
@@ -34,6 +40,34 @@ async fn count(client: &clickhouse::Client, sql: &str) -> u64 {
         .fetch_one::<u64>()
         .await
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+/// CPU seconds (user + system) a process has used, from `/proc/<pid>/stat`; clock ticks
+/// are 100 per second on Linux (`getconf CLK_TCK`).
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces, in parentheses).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    (ticks(11) + ticks(12)) as f64 / 100.0
+}
+
+/// The first process whose command line contains `needle`.
+fn find_process(needle: &str) -> Option<u32> {
+    let me = std::process::id();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        (pid != me && cmdline.contains(needle) && !cmdline.contains("bash")).then_some(pid)
+    })
+}
+
+/// CPU seconds of the broker, ClickHouse and this process, now.
+fn cpu_now(pids: &[(&'static str, Option<u32>)]) -> Vec<f64> {
+    pids.iter().map(|(_, pid)| pid.map_or(0.0, cpu_secs)).collect()
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -100,9 +134,68 @@ async fn main() {
         insert.end().await.expect("end");
     }
     let insert_rate = events as f64 / started.elapsed().as_secs_f64();
+
+    // Baseline 3: the same rows into copies of every table the consumer writes.
+    use tollgate_meter_consumer::batch;
+    use tollgate_meter_consumer::sink::Table;
+    for table in Table::ALL {
+        client
+            .query(&format!("CREATE TABLE baseline_{0} AS {0}", table.name()))
+            .execute()
+            .await
+            .expect("baseline table");
+    }
+    let chunks: Vec<_> = rows
+        .chunks(settings.batch.max_rows as usize)
+        .map(|chunk| {
+            let topic = env.usage.as_str();
+            (
+                chunk,
+                batch::meter_minute(topic, chunk),
+                batch::meter_hour(topic, chunk),
+                batch::meter_day(topic, chunk),
+                batch::route_day(topic, chunk),
+                batch::minutes_touched(topic, chunk),
+            )
+        })
+        .collect();
+    async fn insert_all<R: clickhouse::RowOwned + clickhouse::RowWrite + serde::Serialize>(
+        client: &clickhouse::Client,
+        table: Table,
+        rows: &[R],
+    ) {
+        let mut insert = client
+            .insert::<R>(&format!("baseline_{}", table.name()))
+            .await
+            .expect("insert");
+        for row in rows {
+            insert.write(row).await.expect("write");
+        }
+        insert.end().await.expect("end");
+    }
+    let started = Instant::now();
+    for (raw, minute, hour, day, route, touched) in &chunks {
+        insert_all(&client, Table::Raw, raw).await;
+        tokio::join!(
+            insert_all(&client, Table::MeterMinute, minute),
+            insert_all(&client, Table::MeterHour, hour),
+            insert_all(&client, Table::MeterDay, day),
+            insert_all(&client, Table::RouteDay, route),
+        );
+        insert_all(&client, Table::MinutesTouched, touched).await;
+    }
+    let same_tables_rate = events as f64 / started.elapsed().as_secs_f64();
+    drop(chunks);
     drop(rows);
 
+    let pids = [
+        ("kafka broker", find_process("kafka.Kafka")),
+        ("clickhouse", find_process("clickhouse-server")),
+        ("meter-consumer (this process)", Some(std::process::id())),
+    ];
+
     // The consumer, from a standing start on a full topic.
+    let cpu_before = cpu_now(&pids);
     let consumer_start = Instant::now();
     let shutdown = Shutdown::default();
     let consumer = tokio::spawn({
@@ -138,6 +231,7 @@ async fn main() {
         assert!(Instant::now() < deadline, "not consumed within 5 minutes");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let cpu_after = cpu_now(&pids);
     let consume_secs = first_row.expect("rows appeared").elapsed().as_secs_f64();
     let consume_rate = events as f64 / consume_secs;
     let cold_rate = events as f64 / consumer_start.elapsed().as_secs_f64();
@@ -211,9 +305,21 @@ async fn main() {
     println!("  baseline kafka produce     {produce_rate:>10.0} events/s");
     println!("  baseline plain CH insert   {insert_rate:>10.0} rows/s (raw table only, no decode, no rollups)");
     println!("  baseline decode, 1 thread  {decode_rate:>10.0} events/s (Avro -> rows, no IO)");
-    println!("  kafka -> clickhouse        {consume_rate:>10.0} events/s (raw + 4 rollups, exactly once)");
+    println!("  baseline same tables       {same_tables_rate:>10.0} rows/s (raw + 4 rollups + minutes touched, rollups precomputed)");
+    println!(
+        "  kafka -> clickhouse        {consume_rate:>10.0} events/s (raw + 4 rollups + minutes touched, exactly once)"
+    );
     println!("  same, from process start   {cold_rate:>10.0} events/s (including group join and the first batch wait)");
     println!("  ratio vs plain insert      {:>10.2}", consume_rate / insert_rate);
+    println!("  ratio vs same-tables insert{:>10.2}", consume_rate / same_tables_rate);
+    let mut total_us = 0.0;
+    for (i, (name, pid)) in pids.iter().enumerate() {
+        let us = (cpu_after[i] - cpu_before[i]) * 1e6 / events as f64;
+        total_us += us;
+        let pid = pid.map_or("not found".to_owned(), |p| p.to_string());
+        println!("  cpu per event {name:<30} {us:>7.2} us (pid {pid})");
+    }
+    println!("  cpu per event, pipeline total            {total_us:>7.2} us (consuming a full topic)");
     println!("  ratio vs produce           {:>10.2}", consume_rate / produce_rate);
     println!(
         "freshness at {fresh_rate} events/s (produced -> counted in usage_meter_minute): p50 {:.3} s, p99 {:.3} s, max {:.3} s",

@@ -4,12 +4,12 @@
 //! offset range inside one UTC month (so its insert lands in one ClickHouse partition, as one
 //! part, atomically), sealed when full, when old enough, or when the month changes; and, for
 //! any tail of a batch, the rollup rows summing it per tenant × meter × minute, hour, day and
-//! tenant × route × day.
+//! tenant × route × day, and the minutes it touched.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use crate::rows::{MeterDayRow, MeterHourRow, MeterMinuteRow, RouteDayRow, UsageRow};
+use crate::rows::{MeterDayRow, MeterHourRow, MeterMinuteRow, MinuteTouchedRow, RouteDayRow, UsageRow};
 
 /// Rows of one partition, ascending by offset, all in one month.
 #[derive(Debug)]
@@ -145,6 +145,23 @@ meter_rollup_fn!(
     meter_day, MeterDayRow, day, |t: u32| t / 86_400, |b: u32| b as u16
 );
 
+/// Rows for `usage_minutes_touched`: each distinct minute of `rows`, once.
+pub fn minutes_touched(topic: &str, rows: &[UsageRow]) -> Vec<MinuteTouchedRow> {
+    let Some(stamp) = stamp(topic, rows) else {
+        return Vec::new();
+    };
+    let minutes: std::collections::BTreeSet<u32> = rows.iter().map(|r| r.time - r.time % 60).collect();
+    minutes
+        .into_iter()
+        .map(|minute| MinuteTouchedRow {
+            minute,
+            kafka_topic: stamp.topic.to_owned(),
+            kafka_partition: stamp.partition,
+            kafka_offset: stamp.last_offset,
+        })
+        .collect()
+}
+
 /// Rows for `usage_route_day` summing `rows`.
 pub fn route_day(topic: &str, rows: &[UsageRow]) -> Vec<RouteDayRow> {
     let Some(stamp) = stamp(topic, rows) else {
@@ -271,6 +288,9 @@ mod tests {
         let routes = route_day("t", &rows);
         assert_eq!(routes.iter().map(|r| r.events).sum::<u64>(), 3);
         assert!(meter_minute("t", &[]).is_empty());
+        let touched = minutes_touched("t", &rows);
+        assert_eq!(touched.iter().map(|r| r.minute).collect::<Vec<_>>(), [120, 3600]);
+        assert!(touched.iter().all(|r| r.kafka_offset == 9));
     }
 
     fn arb_rows() -> impl Strategy<Value = Vec<UsageRow>> {

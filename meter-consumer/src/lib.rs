@@ -6,8 +6,9 @@
 //!
 //! Layout, in the order data flows: [`source`] (Kafka thread, rebalances, backpressure) →
 //! [`partition`] (per-partition decode, batches, writes) → [`batch`] (batch bounds, rollups)
-//! → [`sink`] (exactly-once inserts and why they are exact) → ClickHouse; [`dlq`] for records
-//! that cannot be metered; [`keys`] mirrors the keys topic.
+//! → [`sink`] (exactly-once inserts and why they are exact; [`table`] names the tables and
+//! their watermarks) → ClickHouse; [`dlq`] for records that cannot be metered; [`keys`]
+//! mirrors the keys topic.
 #![forbid(unsafe_code)]
 
 pub mod batch;
@@ -20,6 +21,7 @@ pub mod schema;
 pub mod settings;
 pub mod sink;
 pub mod source;
+pub mod table;
 
 use std::time::Duration;
 
@@ -113,9 +115,15 @@ pub async fn run(settings: MeterSettings, shutdown: Shutdown) -> Result<(), Mete
         max_rows: batch.max_rows as usize,
         max_wait: Duration::from_millis(batch.max_wait_ms),
     };
+    let ops_port = listener.local_addr().map_or(0, |a| a.port());
+    let instance = source::instance_id(topics.instance_id.as_deref(), ops_port);
     let consumer = source::consumer(
         &settings.kafka,
-        &topics.group,
+        source::Membership {
+            group: &topics.group,
+            instance: &instance,
+            ops: ops.clone(),
+        },
         &topics.usage,
         workers_ctx,
         tokio::runtime::Handle::current(),
@@ -142,8 +150,7 @@ pub async fn run(settings: MeterSettings, shutdown: Shutdown) -> Result<(), Mete
         shutdown.clone(),
     ));
 
-    ops.set_ready();
-    tracing::info!(admin = %settings.admin.listen, usage = %topics.usage, group = %topics.group, "meter-consumer ready");
+    tracing::info!(admin = %settings.admin.listen, usage = %topics.usage, group = %topics.group, %instance, "meter-consumer started; ready once a partition is assigned");
     let ops_task = tokio::spawn(tollgate_runtime::ops::serve(listener, ops, shutdown.clone()));
 
     let mut source_done = source_done;

@@ -11,16 +11,17 @@ use std::time::Duration;
 use metrics::{Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::PrometheusRecorder;
 
-use crate::sink::Table;
+use crate::table::{PerTable, Table};
 
 #[derive(Clone)]
 pub struct Metrics {
     recorder: Arc<PrometheusRecorder>,
-    rows_written: [Counter; Table::COUNT],
-    insert_retries: [Counter; Table::COUNT],
+    rows_written: PerTable<Counter>,
+    insert_retries: PerTable<Counter>,
     batches: Counter,
     freshness: Histogram,
     keys_records: Counter,
+    assigned: Gauge,
 }
 
 impl Metrics {
@@ -49,14 +50,21 @@ impl Metrics {
                 "From an event's timestamp to its batch being visible in every rollup."
             );
             metrics::describe_counter!("meter_consumer_keys_records_total", "Keys-topic records mirrored.");
+            metrics::describe_gauge!(
+                "meter_consumer_assigned_partitions",
+                "Usage-topic partitions this member consumes; 0 means not consuming."
+            );
             Self {
-                rows_written: Table::ALL
-                    .map(|t| metrics::counter!("meter_consumer_rows_written_total", "table" => t.name())),
-                insert_retries: Table::ALL
-                    .map(|t| metrics::counter!("meter_consumer_insert_retries_total", "table" => t.name())),
+                rows_written: PerTable::from_fn(
+                    |t| metrics::counter!("meter_consumer_rows_written_total", "table" => t.name()),
+                ),
+                insert_retries: PerTable::from_fn(
+                    |t| metrics::counter!("meter_consumer_insert_retries_total", "table" => t.name()),
+                ),
                 batches: metrics::counter!("meter_consumer_batches_total"),
                 freshness: metrics::histogram!("meter_consumer_freshness_seconds"),
                 keys_records: metrics::counter!("meter_consumer_keys_records_total"),
+                assigned: metrics::gauge!("meter_consumer_assigned_partitions"),
                 recorder: recorder.clone(),
             }
         })
@@ -68,11 +76,11 @@ impl Metrics {
     }
 
     pub fn rows_written(&self, table: Table, rows: usize) {
-        self.rows_written[table as usize].increment(rows as u64);
+        self.rows_written[table].increment(rows as u64);
     }
 
     pub fn insert_retry(&self, table: Table) {
-        self.insert_retries[table as usize].increment(1);
+        self.insert_retries[table].increment(1);
     }
 
     pub fn batch(&self) {
@@ -94,6 +102,10 @@ impl Metrics {
 
     pub fn freshness(&self, age: Duration) {
         self.freshness.record(age.as_secs_f64());
+    }
+
+    pub fn assigned_partitions(&self, n: usize) {
+        self.assigned.set(n as f64);
     }
 
     pub fn keys_records(&self, n: usize) {

@@ -73,13 +73,13 @@ impl PartitionWorker {
         let (records_tx, records_rx) = mpsc::channel(RECORD_CHANNEL);
         let (batches_tx, batches_rx) = mpsc::channel(1);
         let (stop_tx, stop_rx) = watch::channel(false);
-        let resume = watermarks.iter().map(|w| w.unwrap_or(-1)).min().unwrap_or(-1) + 1;
+        let resume = watermarks.resume_offset().unwrap_or(0);
         let next_offset = Arc::new(AtomicI64::new(resume));
         let span = tracing::info_span!("partition", topic = ctx.sink.topic(), partition);
         let builder = Builder {
             ctx: ctx.clone(),
             partition,
-            raw_watermark: watermarks[Table::Raw as usize].unwrap_or(-1),
+            raw_watermark: watermarks[Table::Raw].unwrap_or(-1),
             stop: stop_rx.clone(),
         };
         let writer = Writer {
@@ -281,10 +281,10 @@ impl Writer {
     async fn write(&mut self, sealed: SealedBatch) -> Result<(), WriteError> {
         let SealedBatch { batch, sources } = sealed;
         let last_offset = batch.last_offset();
-        let raw_mark = self.watermarks[Table::Raw as usize].unwrap_or(-1);
+        let raw_mark = self.watermarks[Table::Raw].unwrap_or(-1);
         let raw_start = batch.rows.partition_point(|r| r.offset() <= raw_mark);
         let refused = self.write_raw(&batch.rows[raw_start..], &sources[raw_start..]).await?;
-        self.watermarks[Table::Raw as usize] = Some(raw_mark.max(last_offset));
+        self.watermarks[Table::Raw] = Some(raw_mark.max(last_offset));
 
         let rows: Cow<'_, [UsageRow]> = if refused.is_empty() {
             Cow::Borrowed(&batch.rows)
@@ -336,8 +336,11 @@ impl Writer {
         hour?;
         day?;
         route?;
-        let minute_mark = self.watermarks[Table::MeterMinute as usize].unwrap_or(-1);
-        for mark in &mut self.watermarks {
+        let touched_last = stamp(rollups.touched.first().map(|r| r.kafka_offset));
+        sink.write(Table::MinutesTouched, p, &rollups.touched, touched_last, &self.stop)
+            .await?;
+        let minute_mark = self.watermarks[Table::MeterMinute].unwrap_or(-1);
+        for mark in self.watermarks.values_mut() {
             *mark = Some(mark.unwrap_or(-1).max(last_offset));
         }
 

@@ -147,6 +147,16 @@ meter_rollup_row!(
     MeterDayRow, day, u16
 );
 
+/// One `usage_minutes_touched` row: a minute some event of one batch fell in, stamped with
+/// the batch's partition and last offset (`inserted_at` is the server's default).
+#[derive(Debug, Clone, PartialEq, Serialize, clickhouse::Row)]
+pub struct MinuteTouchedRow {
+    pub minute: u32,
+    pub kafka_topic: String,
+    pub kafka_partition: u32,
+    pub kafka_offset: u64,
+}
+
 /// One `usage_route_day` row: a tenant's traffic on one route in one day, from one batch.
 #[derive(Debug, Clone, PartialEq, Serialize, clickhouse::Row)]
 pub struct RouteDayRow {

@@ -41,6 +41,8 @@
 //!   is therefore its own watermark, so a crash between the raw insert and a rollup insert
 //!   neither skips nor double counts (see `crate::sink`). Read them with `sum()` (the views
 //!   below do): a bucket has one row per batch that touched it.
+//! - `usage_minutes_touched`: the minutes each batch touched, stamped like the rollups and
+//!   with the server's insert time: how billing-sync finds the windows that changed.
 //! - `consumers`: the keys topic's consumer records (`ReplacingMergeTree(version)`, read with
 //!   `FINAL`); a deleted consumer is a row with `deleted = 1`.
 //! - `key_audit`: one row per API key record seen on the keys topic: created, rolled,
@@ -239,7 +241,36 @@ pub const MIGRATIONS: &[Migration] = &[
             INVOICE_TOTALS,
         ],
     },
+    Migration {
+        version: 5,
+        name: "minutes touched per batch",
+        statements: &[MINUTES_TOUCHED, MINUTES_TOUCHED_SEED],
+    },
 ];
+
+/// The minutes each batch touched, one row per minute per batch, with the batch's partition
+/// and last offset (its own watermark, like the rollups) and the server's insert time.
+/// billing-sync reads the rows inserted since its last pass to find the windows that changed,
+/// instead of summing the whole lookback every pass. Ordered by `inserted_at`, so that read
+/// is an index range; partitioned by the minute's month, so a batch (one month) is one part.
+const MINUTES_TOUCHED: &str = "CREATE TABLE IF NOT EXISTS usage_minutes_touched (
+        minute DateTime('UTC'),
+        kafka_topic String,
+        kafka_partition UInt32,
+        kafka_offset UInt64,
+        inserted_at DateTime('UTC') DEFAULT now()
+    ) ENGINE = MergeTree PARTITION BY toYYYYMM(minute) ORDER BY (inserted_at, minute)";
+
+/// A new table under a partition already metered would hold no watermark, and send the
+/// consumer back to the start of the partition: each (topic, partition) the raw table holds
+/// gets one row at its raw watermark instead. Only partitions not yet in the table, so
+/// running it again adds nothing.
+const MINUTES_TOUCHED_SEED: &str =
+    "INSERT INTO usage_minutes_touched (minute, kafka_topic, kafka_partition, kafka_offset)
+     SELECT toStartOfMinute(max(time)), kafka_topic, kafka_partition, max(kafka_offset)
+     FROM usage_events
+     WHERE (kafka_topic, kafka_partition) NOT IN (SELECT kafka_topic, kafka_partition FROM usage_minutes_touched)
+     GROUP BY kafka_topic, kafka_partition";
 
 /// Billable units per tenant, meter and calendar month, with the tenant's Stripe customer id:
 /// `invoice_preview` as migrations 2 and 3 made it (released text, kept as it was).
@@ -446,7 +477,9 @@ mod tests {
     fn every_statement_is_idempotent_and_avoids_newer_types() {
         for m in MIGRATIONS {
             for s in m.statements {
-                let idempotent = s.contains("IF NOT EXISTS") || s.starts_with("DROP TABLE IF EXISTS");
+                let idempotent = s.contains("IF NOT EXISTS")
+                    || s.starts_with("DROP TABLE IF EXISTS")
+                    || (s.starts_with("INSERT INTO") && s.contains(" NOT IN (SELECT"));
                 assert!(idempotent, "migration {}: {s}", m.version);
                 for banned in ["DateTime64", "Map(", "LowCardinality", "Bool", "Date32"] {
                     assert!(!s.contains(banned), "migration {}: {banned} in {s}", m.version);

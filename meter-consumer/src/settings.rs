@@ -33,6 +33,11 @@ pub struct TopicSettings {
     /// Consumer and key records, mirrored into ClickHouse.
     #[serde(default = "default_keys")]
     pub keys: String,
+    /// This instance's static group membership id (`group.instance.id`): stable across
+    /// restarts, unique among running instances. Default `<hostname>-<admin port>`, which the
+    /// bound ops listener makes unique on a host.
+    #[serde(default)]
+    pub instance_id: Option<String>,
 }
 
 impl Default for TopicSettings {
@@ -42,6 +47,7 @@ impl Default for TopicSettings {
             usage: default_usage(),
             dlq: default_dlq(),
             keys: default_keys(),
+            instance_id: None,
         }
     }
 }
@@ -136,8 +142,26 @@ impl Validate for MeterSettings {
         topics::validate("topics.usage", &self.topics.usage)?;
         topics::validate("topics.dlq", &self.topics.dlq)?;
         topics::validate("topics.keys", &self.topics.keys)?;
+        if let Some(id) = &self.topics.instance_id {
+            if !instance_id_valid(id) {
+                return Err(Invalid::new(
+                    "topics.instance_id",
+                    id,
+                    "1 to 249 characters from [A-Za-z0-9._-]",
+                ));
+            }
+        }
         Ok(())
     }
+}
+
+/// Kafka accepts any string as `group.instance.id`; a narrow alphabet keeps it readable in
+/// broker logs and free of whitespace a config file could hide.
+fn instance_id_valid(id: &str) -> bool {
+    (1..=249).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 #[cfg(test)]
@@ -187,5 +211,25 @@ mod tests {
         let text = EXAMPLE.replace("dlq = \"tollgate.usage.v1.dlq\"", "dlq = \"dead letters\"");
         let err = load(&text).unwrap_err();
         assert!(err.contains("setting `topics.dlq`: found \"dead letters\""), "{err}");
+    }
+
+    #[test]
+    fn rejects_a_blank_or_spaced_instance_id() {
+        let text = EXAMPLE.replace(
+            "keys = \"tollgate.keys\"",
+            "keys = \"tollgate.keys\"\ninstance_id = \"meter 1\"",
+        );
+        let err = load(&text).unwrap_err();
+        assert!(err.contains("setting `topics.instance_id`: found \"meter 1\""), "{err}");
+        let text = EXAMPLE.replace(
+            "keys = \"tollgate.keys\"",
+            "keys = \"tollgate.keys\"\ninstance_id = \"\"",
+        );
+        assert!(load(&text).unwrap_err().contains("topics.instance_id"));
+        let text = EXAMPLE.replace(
+            "keys = \"tollgate.keys\"",
+            "keys = \"tollgate.keys\"\ninstance_id = \"meter-a.1\"",
+        );
+        assert_eq!(load(&text).unwrap().topics.instance_id.as_deref(), Some("meter-a.1"));
     }
 }

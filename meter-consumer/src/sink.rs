@@ -37,42 +37,8 @@ use serde::Serialize;
 use tollgate_runtime::backoff::{Attempts, Backoff};
 
 use crate::metrics::Metrics;
-use crate::rows::{MeterDayRow, MeterHourRow, MeterMinuteRow, RouteDayRow, UsageRow};
-
-/// The tables a batch is written to, each with its own watermark.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Table {
-    Raw = 0,
-    MeterMinute = 1,
-    MeterHour = 2,
-    MeterDay = 3,
-    RouteDay = 4,
-}
-
-impl Table {
-    pub const COUNT: usize = 5;
-    pub const ALL: [Table; Table::COUNT] = [
-        Table::Raw,
-        Table::MeterMinute,
-        Table::MeterHour,
-        Table::MeterDay,
-        Table::RouteDay,
-    ];
-
-    pub const fn name(self) -> &'static str {
-        match self {
-            Table::Raw => "usage_events",
-            Table::MeterMinute => "usage_meter_minute",
-            Table::MeterHour => "usage_meter_hour",
-            Table::MeterDay => "usage_meter_day",
-            Table::RouteDay => "usage_route_day",
-        }
-    }
-}
-
-/// Per table (indexed by `Table as usize`): the highest offset stored, `None` when no row of
-/// the partition is.
-pub type Watermarks = [Option<i64>; Table::COUNT];
+use crate::rows::{MeterDayRow, MeterHourRow, MeterMinuteRow, MinuteTouchedRow, RouteDayRow, UsageRow};
+pub use crate::table::{Table, Watermarks};
 
 /// How one failed ClickHouse call should be treated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -180,7 +146,7 @@ impl ClickhouseSink {
                 format!(
                     "SELECT toUInt8({}) AS table, count() AS rows, max(kafka_offset) AS max_offset \
                      FROM {} WHERE kafka_topic = ? AND kafka_partition = ?",
-                    *t as u8,
+                    t.position(),
                     t.name()
                 )
             })
@@ -191,10 +157,10 @@ impl ClickhouseSink {
             query = query.bind(self.topic.as_str()).bind(partition as u32);
         }
         let marks: Vec<Mark> = self.timed(query.fetch_all()).await?;
-        let mut watermarks = [None; Table::COUNT];
+        let mut watermarks = Watermarks::empty();
         for mark in marks {
-            if let Some(slot) = watermarks.get_mut(usize::from(mark.table)) {
-                *slot = (mark.rows > 0).then_some(mark.max_offset as i64);
+            if let Some(&table) = Table::ALL.get(usize::from(mark.table)) {
+                watermarks[table] = (mark.rows > 0).then_some(mark.max_offset as i64);
             }
         }
         Ok(watermarks)
@@ -338,13 +304,16 @@ pub struct TableRows {
     pub hour: Vec<MeterHourRow>,
     pub day: Vec<MeterDayRow>,
     pub route: Vec<RouteDayRow>,
+    /// Written after the others succeeded: billing-sync, seeing a minute here, must find its
+    /// units in the minute rollup already.
+    pub touched: Vec<MinuteTouchedRow>,
 }
 
 impl TableRows {
     /// Rollup rows for the tail of `rows` past each rollup table's watermark.
     pub fn for_batch(topic: &str, rows: &[UsageRow], watermarks: &Watermarks) -> Self {
         let tail = |table: Table| {
-            let mark = watermarks[table as usize].unwrap_or(-1);
+            let mark = watermarks[table].unwrap_or(-1);
             let start = rows.partition_point(|r| r.offset() <= mark);
             &rows[start..]
         };
@@ -353,6 +322,7 @@ impl TableRows {
             hour: crate::batch::meter_hour(topic, tail(Table::MeterHour)),
             day: crate::batch::meter_day(topic, tail(Table::MeterDay)),
             route: crate::batch::route_day(topic, tail(Table::RouteDay)),
+            touched: crate::batch::minutes_touched(topic, tail(Table::MinutesTouched)),
         }
     }
 }

@@ -14,6 +14,18 @@
 //! never write the same partition at once (except if an insert outlives its timeout, which
 //! the sink bounds and kills).
 //!
+//! # Membership and recovery
+//! The member joins with static group membership (`group.instance.id`, KIP-345): a process
+//! restarted after a crash rejoins under the same id, and the coordinator hands it the dead
+//! member's partitions at once instead of waiting out the old session (the 45 s librdkafka
+//! default, during which nothing was metered). A cooperative assignor would not help there:
+//! it only spares the members that stay from giving up their partitions, and the killed
+//! member's partitions would still wait for its session to expire. A shorter
+//! `session.timeout.ms` (10 s) bounds the wait when a member dies and is not restarted.
+//! Two running processes with one id fence each other: the fenced one gets a fatal error,
+//! stops its workers and exits, so it never writes beside the new owner.
+//! `/readyz` answers 503 "not consuming" while this member holds no partition.
+//!
 //! # Backpressure
 //! A worker that cannot keep up (ClickHouse slow or down) leaves its record channel full;
 //! the thread then keeps the record in a small per-partition overflow queue and pauses the
@@ -34,6 +46,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Message};
 use tokio::sync::mpsc::error::TrySendError;
 use tollgate_runtime::kafka::KafkaSettings;
+use tollgate_runtime::ops::Ops;
 use tollgate_runtime::shutdown::Shutdown;
 
 use crate::dlq::OncePerSecond;
@@ -46,6 +59,12 @@ pub enum SourceError {
     Kafka(#[from] KafkaError),
     #[error("usage consumer: the worker for partition {0} stopped on its own")]
     WorkerDied(i32),
+    #[error("usage consumer: fatal kafka error ({code:?}): {reason}; is another instance running with group.instance.id `{instance}`?")]
+    Fatal {
+        code: rdkafka::types::RDKafkaErrorCode,
+        reason: String,
+        instance: String,
+    },
 }
 
 struct Slot {
@@ -63,6 +82,8 @@ pub struct MeterContext {
     shutdown: Shutdown,
     join_deadline: Duration,
     poll_errors: OncePerSecond,
+    ops: Ops,
+    instance: String,
 }
 
 impl ClientContext for MeterContext {
@@ -96,7 +117,7 @@ impl ConsumerContext for MeterContext {
                     let Some(watermarks) = self.watermarks_blocking(partition) else {
                         continue;
                     };
-                    let offset = match resume_offset(&watermarks) {
+                    let offset = match watermarks.resume_offset() {
                         Some(next) => Offset::Offset(next),
                         None => Offset::Beginning,
                     };
@@ -135,6 +156,7 @@ impl ConsumerContext for MeterContext {
                         },
                     );
                 }
+                self.report_assignment(&workers);
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 tracing::info!(?partitions, lost = consumer.assignment_lost(), "partitions revoked");
@@ -157,16 +179,6 @@ impl ConsumerContext for MeterContext {
     }
 }
 
-/// The first offset some table of the partition lacks; `None` when a table holds nothing
-/// of it yet (start from the beginning of the partition).
-pub fn resume_offset(watermarks: &Watermarks) -> Option<i64> {
-    watermarks
-        .iter()
-        .map(|w| w.map(|o| o + 1))
-        .collect::<Option<Vec<i64>>>()
-        .and_then(|next| next.into_iter().min())
-}
-
 impl MeterContext {
     /// Watermarks of `partition`, retried with backoff until ClickHouse answers; `None` only
     /// when shutting down.
@@ -187,6 +199,18 @@ impl MeterContext {
         }
     }
 
+    /// Readiness follows the assignment: a member holding no partition meters nothing, and
+    /// says so rather than look healthy while the group waits for a session to expire.
+    fn report_assignment(&self, workers: &HashMap<i32, Slot>) {
+        self.workers_ctx.metrics.assigned_partitions(workers.len());
+        if workers.is_empty() {
+            self.ops
+                .set_not_ready(format!("not consuming: no partition of {} assigned", self.topic));
+        } else {
+            self.ops.set_ready();
+        }
+    }
+
     /// Stops the workers of `partitions` (all when `None`) and waits for them.
     fn stop_workers(&self, partitions: Option<&[i32]>) {
         let stopped: Vec<Slot> = {
@@ -195,7 +219,9 @@ impl MeterContext {
                 Some(list) => list.to_vec(),
                 None => workers.keys().copied().collect(),
             };
-            keys.iter().filter_map(|p| workers.remove(p)).collect()
+            let stopped = keys.iter().filter_map(|p| workers.remove(p)).collect();
+            self.report_assignment(&workers);
+            stopped
         };
         for slot in &stopped {
             slot.worker.stop();
@@ -279,16 +305,56 @@ fn single(topic: &str, partition: i32) -> TopicPartitionList {
     tpl
 }
 
+/// The static membership id: the configured one, else `<hostname>-<ops port>` (the bound
+/// ops listener makes the port unique on the host; the hostname, across hosts).
+pub fn instance_id(configured: Option<&str>, ops_port: u16) -> String {
+    if let Some(id) = configured {
+        return id.to_owned();
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_default();
+    let host: String = host
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(200)
+        .collect();
+    let host = if host.is_empty() {
+        "meter-consumer".to_owned()
+    } else {
+        host
+    };
+    format!("{host}-{ops_port}")
+}
+
+/// Where a group member is, and how it reports itself.
+pub struct Membership<'a> {
+    pub group: &'a str,
+    /// `group.instance.id`, from [`instance_id`].
+    pub instance: &'a str,
+    pub ops: Ops,
+}
+
 /// Creates the group member for `topic`.
 pub fn consumer(
     kafka: &KafkaSettings,
-    group: &str,
+    membership: Membership<'_>,
     topic: &str,
     workers_ctx: WorkerContext,
     runtime: tokio::runtime::Handle,
     shutdown: Shutdown,
     join_deadline: Duration,
 ) -> Result<BaseConsumer<MeterContext>, KafkaError> {
+    let Membership { group, instance, ops } = membership;
+    ops.set_not_ready(format!("not consuming: no partition of {topic} assigned yet"));
     let context = MeterContext {
         topic: topic.to_owned(),
         runtime,
@@ -297,11 +363,17 @@ pub fn consumer(
         shutdown,
         join_deadline,
         poll_errors: OncePerSecond::default(),
+        ops,
+        instance: instance.to_owned(),
     };
     let mut config = kafka.client_config();
     // Defaults first; `[kafka.client]` may override them (e.g. session.timeout.ms).
     for (key, value) in [
         ("group.id", group),
+        ("group.instance.id", instance),
+        // How long a member that died and was not restarted holds its partitions.
+        ("session.timeout.ms", "10000"),
+        ("heartbeat.interval.ms", "2000"),
         ("enable.auto.commit", "false"),
         ("enable.auto.offset.store", "false"),
         ("auto.offset.reset", "earliest"),
@@ -339,6 +411,16 @@ pub fn run_blocking(
         };
         match consumer.poll(timeout) {
             Some(Ok(message)) => ctx.route(&consumer, &message),
+            // Fenced (another process joined under our instance id) or otherwise dead: the
+            // workers must stop before the new owner reads the watermarks.
+            Some(Err(_)) if consumer.client().fatal_error().is_some() => {
+                let (code, reason) = consumer.client().fatal_error().expect("checked above");
+                break Err(SourceError::Fatal {
+                    code,
+                    reason,
+                    instance: ctx.instance.clone(),
+                });
+            }
             Some(Err(err)) if ctx.poll_errors.allow() => {
                 tracing::warn!(error = %err, "usage consumer poll error");
             }
@@ -346,8 +428,10 @@ pub fn run_blocking(
         }
     };
     ctx.stop_workers(None);
-    commit_hints(&consumer, topic, &commands);
-    consumer.unsubscribe();
+    if result.is_ok() {
+        commit_hints(&consumer, topic, &commands);
+        consumer.unsubscribe();
+    }
     result
 }
 
@@ -367,19 +451,5 @@ fn commit_hints(consumer: &BaseConsumer<MeterContext>, topic: &str, commands: &s
     // A hint only: a failed commit (e.g. after a rebalance) costs nothing but lag accuracy.
     if let Err(err) = consumer.commit(&tpl, CommitMode::Async) {
         tracing::debug!(error = %err, "offset commit hint failed");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::sink::Table;
-
-    #[test]
-    fn resumes_after_the_lowest_watermark_or_from_the_beginning() {
-        let mut w: Watermarks = [Some(10), Some(7), Some(10), Some(10), Some(9)];
-        assert_eq!(resume_offset(&w), Some(8));
-        w[Table::RouteDay as usize] = None;
-        assert_eq!(resume_offset(&w), None);
     }
 }

@@ -12,6 +12,7 @@ use tollgate_billing_sync::reconcile::{reconcile, Period};
 use tollgate_billing_sync::sync::{unix_now, Biller, PassReport};
 use tollgate_billing_sync::window::Window;
 use tollgate_billing_sync::BillingSettings;
+use tollgate_meter_consumer::rows::UsageRow;
 use tollgate_runtime::clickhouse::ClickhouseSettings;
 use tollgate_runtime::shutdown::Shutdown;
 
@@ -55,18 +56,6 @@ impl Db {
 }
 
 #[derive(serde::Serialize, clickhouse::Row)]
-pub struct UsageRow {
-    pub event_id: String,
-    pub time: u32,
-    pub tenant_id: String,
-    pub billable: u8,
-    #[serde(rename = "units.meter")]
-    pub meters: Vec<String>,
-    #[serde(rename = "units.value")]
-    pub values: Vec<i64>,
-}
-
-#[derive(serde::Serialize, clickhouse::Row)]
 pub struct ConsumerRow {
     pub consumer_id: String,
     pub tenant_id: String,
@@ -78,26 +67,91 @@ pub struct ConsumerRow {
 /// Billable units the test inserted, per (tenant, meter, window start).
 pub type Expected = BTreeMap<(String, String, u32), i64>;
 
+/// A billable (or not) usage row as meter-consumer stores it, for the fixtures.
+pub fn usage_row(time: u32, tenant: &str, billable: bool, units: &[(&str, i64)]) -> UsageRow {
+    UsageRow {
+        event_id: unique("ev"),
+        time,
+        time_ms: 0,
+        tenant_id: tenant.to_owned(),
+        consumer: format!("c_{tenant}"),
+        key_id: String::new(),
+        plan: String::new(),
+        route: "fixture".to_owned(),
+        method: "GET".to_owned(),
+        status: 200,
+        outcome: "ALLOWED",
+        billable: u8::from(billable),
+        units_meter: units.iter().map(|(m, _)| (*m).to_owned()).collect(),
+        units_value: units.iter().map(|(_, v)| *v).collect(),
+        request_bytes: 0,
+        response_bytes: 0,
+        latency_ms: 0,
+        upstream_latency_ms: -1,
+        gateway_id: "fixture".to_owned(),
+        request_id: String::new(),
+        kafka_partition: 0,
+        kafka_offset: 0,
+        kafka_topic: FIXTURE_TOPIC.to_owned(),
+    }
+}
+
+const FIXTURE_TOPIC: &str = "billing-fixture";
+
+/// Stores `rows` as meter-consumer does: the raw table, every rollup from the consumer's own
+/// rollup functions, then the minutes touched (last, as the consumer writes them), with
+/// offsets after every earlier call's.
+pub async fn store_as_consumer(client: &clickhouse::Client, mut rows: Vec<UsageRow>) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tollgate_meter_consumer::batch;
+    static NEXT_OFFSET: AtomicU64 = AtomicU64::new(0);
+    if rows.is_empty() {
+        return;
+    }
+    let first = NEXT_OFFSET.fetch_add(rows.len() as u64, Ordering::Relaxed);
+    for (i, row) in rows.iter_mut().enumerate() {
+        row.kafka_offset = first + i as u64;
+    }
+    async fn store<R: clickhouse::RowOwned + clickhouse::RowWrite + serde::Serialize>(
+        client: &clickhouse::Client,
+        table: &str,
+        rows: &[R],
+    ) {
+        let mut insert = client.insert::<R>(table).await.expect("insert");
+        for row in rows {
+            insert.write(row).await.expect("write row");
+        }
+        insert.end().await.unwrap_or_else(|e| panic!("{table} committed: {e}"));
+    }
+    store(client, "usage_events", &rows).await;
+    store(client, "usage_meter_minute", &batch::meter_minute(FIXTURE_TOPIC, &rows)).await;
+    store(client, "usage_meter_hour", &batch::meter_hour(FIXTURE_TOPIC, &rows)).await;
+    store(client, "usage_meter_day", &batch::meter_day(FIXTURE_TOPIC, &rows)).await;
+    store(client, "usage_route_day", &batch::route_day(FIXTURE_TOPIC, &rows)).await;
+    store(
+        client,
+        "usage_minutes_touched",
+        &batch::minutes_touched(FIXTURE_TOPIC, &rows),
+    )
+    .await;
+}
+
 /// Inserts `events` per tenant per window: each event bills `requests = 1` and
 /// `compute_units = 1 + i % 5`, plus one non-billable event that must not count.
 pub async fn insert_usage(db: &Db, tenants: &[String], windows: &[Window], events: usize, expected: &mut Expected) {
-    let mut insert = db.client.insert::<UsageRow>("usage_events").await.expect("insert");
+    let mut rows = Vec::new();
     for tenant in tenants {
         for window in windows {
             for i in 0..=events {
                 let billable = i < events;
                 let cu = 1 + (i % 5) as i64;
-                insert
-                    .write(&UsageRow {
-                        event_id: unique("ev"),
-                        time: window.start + (i as u32 * 7) % 3_000,
-                        tenant_id: tenant.clone(),
-                        billable: u8::from(billable),
-                        meters: vec!["requests".into(), "compute_units".into()],
-                        values: vec![1, cu],
-                    })
-                    .await
-                    .expect("write usage");
+                let time = window.start + (i as u32 * 7) % 3_000;
+                rows.push(usage_row(
+                    time,
+                    tenant,
+                    billable,
+                    &[("requests", 1), ("compute_units", cu)],
+                ));
                 if billable {
                     *expected
                         .entry((tenant.clone(), "requests".into(), window.start))
@@ -109,7 +163,7 @@ pub async fn insert_usage(db: &Db, tenants: &[String], windows: &[Window], event
             }
         }
     }
-    insert.end().await.expect("usage committed");
+    store_as_consumer(&db.client, rows).await;
 }
 
 pub async fn insert_customers(db: &Db, tenants: &[String], customer_of: impl Fn(&str) -> Option<String>) {

@@ -76,9 +76,7 @@ async fn json_log_lines_parse_carry_span_fields_and_no_secret() {
         .await
         .expect("usage tables");
     let event_time = unix_now() - 2 * 3600;
-    let mut insert = client.insert::<UsageRow>("usage_events").await.expect("insert");
-    insert.write(&usage_row(event_time)).await.expect("row");
-    insert.end().await.expect("event stored");
+    tollgate_tests::billing::store_as_consumer(&client, vec![usage_row(event_time)]).await;
 
     let stripe = tollgate_tests::stripe();
     let settings = format!(

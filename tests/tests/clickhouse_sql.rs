@@ -391,6 +391,9 @@ async fn write_usage(client: &Client, events: &[UsageEvent]) {
         sink.write(Table::RouteDay, 0, &rollups.route, last, &stop)
             .await
             .expect("route");
+        sink.write(Table::MinutesTouched, 0, &rollups.touched, last, &stop)
+            .await
+            .expect("minutes touched");
     }
 }
 
@@ -491,6 +494,13 @@ listen = "127.0.0.1:0"
         }
     }
     assert!(pushed > 0, "the pass pushed the recent windows to stripe-mock");
+    // A later pass reads only what changed since (the minutes touched): nothing here.
+    let idle = biller.pass(now).await.expect("incremental billing pass");
+    assert_eq!(
+        (idle.pushed, idle.unresolved),
+        (0, 0),
+        "nothing changed since: {idle:?}"
+    );
     for at in [now, now - 40 * DAY] {
         let month = DateTime::from_timestamp(at, 0)
             .expect("time")
