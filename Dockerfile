@@ -1,4 +1,4 @@
-# Tollgate's three services (and the demo upstream) in one image; docker-compose.yml picks
+# Tollgate's services, the tenant portal and the demo upstream in one image; docker-compose.yml picks
 # the binary per service. Build: docker build -t tollgate .
 FROM rust:1.95-bookworm AS build
 # rdkafka builds its bundled librdkafka with cmake; librdkafka >= 2.11 includes curl headers.
@@ -11,7 +11,7 @@ RUN cargo build --release --locked --bins \
     && mkdir /out \
     && cp target/release/tollgate-gateway target/release/tollgate-meter-consumer \
           target/release/tollgate-billing-sync target/release/tollgate-demo-upstream \
-          target/release/tollgate /out/
+          target/release/tollgate-portal target/release/tollgate /out/
 
 FROM debian:bookworm-slim
 # curl serves the compose healthchecks; ca-certificates the TLS calls to Stripe.

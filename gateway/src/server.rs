@@ -243,6 +243,7 @@ impl Gateway {
         if let Some(ledger) = &spend {
             proxy = proxy.with_spend_caps(Arc::clone(ledger));
         }
+        let proxy = Arc::new(proxy);
         let admin = Admin {
             store,
             token: self.admin_token,
@@ -250,9 +251,11 @@ impl Gateway {
             identity: settings.identity.clone(),
             plans: settings.plans.clone(),
             spend,
+            proxy: Arc::clone(&proxy),
+            portal: settings.portal.clone().map(crate::admin::portal::PortalLinks::new),
         };
         let _ = live.set(Live {
-            proxy: Arc::new(proxy),
+            proxy,
             admin: Arc::new(admin),
         });
         ops.set_ready();

@@ -32,6 +32,9 @@ ensure_system_packages() {
         libcurl4-openssl-dev:curl-config
         curl:curl
         iproute2:ss
+        # The portal's browser tests (headless Chromium over WebDriver).
+        chromium:chromium
+        chromium-driver:chromedriver
     )
     local entry
     for entry in "${wanted[@]}"; do

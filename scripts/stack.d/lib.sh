@@ -19,10 +19,10 @@ die() {
 # (run once it is healthy).
 
 INFRA_PARTS=(kafka clickhouse redis stripe-mock)
-TOLLGATE_PARTS=(demo-upstream gateway meter-consumer billing-sync)
+TOLLGATE_PARTS=(demo-upstream gateway meter-consumer billing-sync portal)
 # Stop order: Tollgate first (the gateway flushes its usage events to Kafka on SIGTERM),
 # then the servers, Kafka last.
-STOP_ORDER=(gateway meter-consumer billing-sync demo-upstream stripe-mock redis clickhouse kafka)
+STOP_ORDER=(portal gateway meter-consumer billing-sync demo-upstream stripe-mock redis clickhouse kafka)
 
 # Ports and addresses, from stack.d/ports.sh.
 declare -A PART_PORTS=(
@@ -34,6 +34,7 @@ declare -A PART_PORTS=(
     [gateway]="$GATEWAY_PORT $GATEWAY_ADMIN_PORT"
     [meter-consumer]="$METER_CONSUMER_PORT"
     [billing-sync]="$BILLING_SYNC_PORT"
+    [portal]="$PORTAL_PORT"
 )
 KAFKA_ADDRESS=127.0.0.1:$KAFKA_PORT
 CLICKHOUSE_URL=http://127.0.0.1:$CLICKHOUSE_HTTP_PORT
@@ -45,6 +46,7 @@ GATEWAY_TLS_URL=https://127.0.0.1:$GATEWAY_TLS_PORT
 GATEWAY_ADMIN_URL=http://127.0.0.1:$GATEWAY_ADMIN_PORT
 METER_CONSUMER_URL=http://127.0.0.1:$METER_CONSUMER_PORT
 BILLING_SYNC_URL=http://127.0.0.1:$BILLING_SYNC_PORT
+PORTAL_URL=http://127.0.0.1:$PORTAL_PORT
 declare -A PART_ADDRESS=(
     [kafka]="$KAFKA_ADDRESS"
     [clickhouse]="$CLICKHOUSE_URL"
@@ -54,12 +56,13 @@ declare -A PART_ADDRESS=(
     [gateway]="$GATEWAY_URL tls :$GATEWAY_TLS_PORT admin :$GATEWAY_ADMIN_PORT"
     [meter-consumer]="$METER_CONSUMER_URL"
     [billing-sync]="$BILLING_SYNC_URL"
+    [portal]="$PORTAL_URL"
 )
 # Seconds a part may take from spawn to healthy. Generous: on 2 cores a cold JVM next to a
 # cargo build is slow.
 declare -A PART_READY_TIMEOUT=(
     [kafka]=180 [clickhouse]=90 [redis]=30 [stripe-mock]=60
-    [demo-upstream]=60 [gateway]=120 [meter-consumer]=120 [billing-sync]=120
+    [demo-upstream]=60 [gateway]=120 [meter-consumer]=120 [billing-sync]=120 [portal]=60
 )
 STOP_TIMEOUT=20
 

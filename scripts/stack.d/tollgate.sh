@@ -1,6 +1,6 @@
 # shellcheck shell=bash disable=SC2034 # SPAWN_ENV is read by spawn (lib.sh)
 # Tollgate's own processes, built by cargo from this repository: the demo upstream, the
-# gateway, the meter consumer and billing sync. Each runs with the repository root as its
+# gateway, the meter consumer, billing sync and the tenant portal. Each runs with the repository root as its
 # working directory and its config from config/. Sourced by scripts/stack, never run.
 
 # run_tollgate PART BINARY [VAR=value...] -- ARGS...: spawns target/release/BINARY with the
@@ -89,3 +89,17 @@ start_billing_sync() {
         -- --config "$REPO/config/billing-sync.toml"
 }
 health_billing_sync() { tollgate_health "$BILLING_SYNC_URL/healthz"; }
+
+# Tenant portal: acts on the gateway's admin API with the admin token; reads usage from
+# ClickHouse. Entered through session links: `tollgate portal-session <consumer>`.
+prepare_portal() { require_tollgate tollgate-portal config/portal.toml; }
+start_portal() {
+    local token
+    token=$(resolve_admin_token)
+    run_tollgate portal tollgate-portal "TOLLGATE_ADMIN_TOKEN=$token" \
+        -- --config "$REPO/config/portal.toml"
+}
+health_portal() { tollgate_health "$PORTAL_URL/healthz"; }
+after_portal() {
+    log "portal: $PORTAL_URL (open a session: target/release/tollgate portal-session <consumer>, with TOLLGATE_ADMIN_TOKEN set)"
+}

@@ -7,6 +7,7 @@ pub mod billing;
 pub mod capped;
 pub mod gateway;
 pub mod http;
+pub mod portal;
 pub mod process;
 pub mod stripe_proxy;
 pub mod stripe_state;

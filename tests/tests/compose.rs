@@ -10,6 +10,7 @@ use serde_yaml::Value;
 use tollgate_billing_sync::BillingSettings;
 use tollgate_gateway::GatewaySettings;
 use tollgate_meter_consumer::MeterSettings;
+use tollgate_portal::PortalSettings;
 use tollgate_runtime::settings::{from_str_with_env, Validate};
 
 fn repo() -> PathBuf {
@@ -188,6 +189,19 @@ fn every_service_accepts_its_compose_settings() {
     let _: GatewaySettings = settings_of(&compose, "gateway", "tollgate-gateway");
     let _: MeterSettings = settings_of(&compose, "meter-consumer", "tollgate-meter-consumer");
     let _: BillingSettings = settings_of(&compose, "billing-sync", "tollgate-billing-sync");
+    let portal: PortalSettings = settings_of(&compose, "portal", "tollgate-portal");
+    let gateway: GatewaySettings = settings_of(&compose, "gateway", "tollgate-gateway");
+    assert_eq!(
+        gateway.portal.expect("the gateway mints portal links").url,
+        portal.portal.url,
+        "session links point at the portal"
+    );
+    assert_eq!(
+        port_of(&portal.portal.listen),
+        healthcheck_port(service(&compose, "portal"))
+    );
+    assert_eq!(host_port_of(&portal.gateway.admin_url), "gateway:8081");
+    assert_eq!(host_port_of(&portal.clickhouse.url), "clickhouse:8123");
 }
 
 #[test]
@@ -199,7 +213,7 @@ fn secrets_use_the_variable_names_the_services_read() {
         tollgate_billing_sync::settings::STRIPE_KEY_ENV,
     ]
     .into();
-    for name in ["gateway", "meter-consumer", "billing-sync"] {
+    for name in ["gateway", "meter-consumer", "billing-sync", "portal"] {
         for var in environment(service(&compose, name)).keys() {
             if !var.contains("__") {
                 assert!(
@@ -474,6 +488,7 @@ fn example_configs_use_the_native_stack_ports() {
     let gateway = config("config/gateway.toml");
     let meter = config("config/meter-consumer.toml");
     let billing = config("config/billing-sync.toml");
+    let portal = config("config/portal.toml");
     let mut checks = vec![
         (
             "config/gateway.toml public.listen",
@@ -529,6 +544,36 @@ fn example_configs_use_the_native_stack_ports() {
             "config/billing-sync.toml provisioning.kafka.brokers",
             at(&billing, "provisioning.kafka.brokers"),
             "KAFKA_PORT",
+        ),
+        (
+            "config/gateway.toml portal.url",
+            at(&gateway, "portal.url"),
+            "PORTAL_PORT",
+        ),
+        (
+            "config/portal.toml portal.listen",
+            at(&portal, "portal.listen"),
+            "PORTAL_PORT",
+        ),
+        (
+            "config/portal.toml portal.url",
+            at(&portal, "portal.url"),
+            "PORTAL_PORT",
+        ),
+        (
+            "config/portal.toml gateway.admin_url",
+            at(&portal, "gateway.admin_url"),
+            "GATEWAY_ADMIN_PORT",
+        ),
+        (
+            "config/portal.toml gateway.public_url",
+            at(&portal, "gateway.public_url"),
+            "GATEWAY_PORT",
+        ),
+        (
+            "config/portal.toml clickhouse.url",
+            at(&portal, "clickhouse.url"),
+            "CLICKHOUSE_HTTP_PORT",
         ),
     ];
     let routes = gateway["routes"].as_array().expect("example routes");

@@ -325,6 +325,49 @@ async fn the_script_decides_like_the_local_limiter() {
     }
 }
 
+/// A peek on Redis reads what the local limiter's peek reads, counts nothing (the counters and
+/// the next decision are as without it), and equals the last decision's `remaining`.
+#[tokio::test]
+async fn a_peek_reads_like_the_local_limiter_and_counts_nothing() {
+    let url = redis();
+    let prefix = unique("rl");
+    let script = limiter(&url, &prefix).with_caller_clock();
+    let local = tollgate_gateway::limits::LocalLimiter::new();
+    let specs = [
+        spec("per_2s", Meter::Requests, Window::Sliding { secs: 2 }, 5),
+        spec("cu_day", Meter::ComputeUnits, Window::Day, 30),
+        spec("in_flight", Meter::Concurrent, Window::InFlight, 3),
+    ];
+    let mut now = chrono::DateTime::parse_from_rfc3339("2027-03-31T23:59:59Z")
+        .unwrap()
+        .timestamp_millis();
+    let mut seed = 0x51_7c_c1_b7_27_22_0a_95;
+    for i in 0..120 {
+        now += (next(&mut seed) % 400) as i64;
+        let cost = next(&mut seed) % 4;
+        let c: Vec<Charge> = specs
+            .iter()
+            .map(|s| charge(s, "tenant:peek", if s.meter == Meter::ComputeUnits { cost } else { 1 }))
+            .collect();
+        let decided = script.decide(&c, now).await;
+        assert_eq!(decided, local.decide_now(&c, now), "decision {i}");
+        let before = counters(&url, &prefix).await;
+        let (remote, here) = (script.peek(&c, now).await, local.peek_now(&c, now));
+        assert_eq!(remote, here, "peek {i} at {now}");
+        assert_eq!(counters(&url, &prefix).await, before, "peek {i} changed a counter");
+        let remaining = |d: &Decision| d.states.iter().map(|s| s.remaining).collect::<Vec<_>>();
+        assert_eq!(
+            remaining(&remote),
+            remaining(&decided),
+            "peek {i} reads the decision's remaining"
+        );
+        if decided.allowed {
+            script.release(&c).await;
+            local.release_now(&c);
+        }
+    }
+}
+
 #[tokio::test]
 async fn the_script_knows_calendar_months() {
     let url = redis();

@@ -19,6 +19,7 @@ use subtle::ConstantTimeEq;
 use tollgate_schemas::{encode, ApiKeyRecord, ConsumerRecord, EntityKey};
 
 mod budget;
+pub mod portal;
 mod terms;
 
 use crate::apikey;
@@ -41,6 +42,10 @@ pub struct Admin {
     pub plans: std::collections::BTreeMap<String, crate::limits::PlanSettings>,
     /// Month-to-date spend for the budget views, when `[budgets]` is configured.
     pub spend: Option<Arc<crate::spend::SpendLedger>>,
+    /// The request chain, for the limit status (its limits and limiter, read-only).
+    pub proxy: Arc<crate::chain::Proxy>,
+    /// Portal session links, when `[portal]` is configured.
+    pub portal: Option<portal::PortalLinks>,
 }
 
 type Reply = Result<Response<Full<Bytes>>, Problem>;
@@ -55,6 +60,13 @@ impl Admin {
         let path = req.uri().path().trim_end_matches('/').to_owned();
         let segments: Vec<&str> = path.split('/').skip(1).collect();
         let method = req.method().clone();
+        let actor = portal::actor(
+            req.headers().get("tollgate-actor").and_then(|v| v.to_str().ok()),
+            match segments.as_slice() {
+                ["v1", "consumers", name, ..] => Some(name),
+                _ => None,
+            },
+        )?;
         match (method, segments.as_slice()) {
             (Method::POST, ["v1", "consumers"]) => self.create_consumer(read_json(req).await?).await,
             (Method::GET, ["v1", "consumers"]) => Ok(self.list_consumers()),
@@ -68,14 +80,26 @@ impl Admin {
             (Method::DELETE, ["v1", "consumers", name]) => self.delete_consumer(name).await,
             (Method::POST, ["v1", "consumers", name, "keys"]) => {
                 let name = name.to_string();
-                self.create_key(&name, read_json(req).await?).await
+                self.create_key(&name, read_json(req).await?, &actor).await
             }
             (Method::GET, ["v1", "consumers", name, "keys"]) => self.list_keys(name),
             (Method::POST, ["v1", "consumers", name, "roll-key"]) => {
                 let name = name.to_string();
-                self.roll_key(&name, read_json(req).await?).await
+                self.roll_key(&name, read_json(req).await?, &actor).await
             }
-            (Method::DELETE, ["v1", "consumers", name, "keys", id]) => self.revoke_key(name, id).await,
+            (Method::DELETE, ["v1", "consumers", name, "keys", id]) => self.revoke_key(name, id, &actor).await,
+            (Method::POST, ["v1", "consumers", name, "keys", id, "roll"]) => {
+                let (name, id) = (name.to_string(), id.to_string());
+                self.roll_one_key(&name, &id, read_json(req).await?, &actor).await
+            }
+            (Method::GET, ["v1", "consumers", name, "limits"]) => self.limits(name).await,
+            (Method::POST, ["v1", "consumers", name, "portal-sessions"]) => {
+                let name = name.to_string();
+                self.mint_portal_session(&name, read_json(req).await?).await
+            }
+            (Method::POST, ["v1", "portal-sessions", "exchange"]) => {
+                self.exchange_portal_session(read_json(req).await?).await
+            }
             (Method::PUT, ["v1", "consumers", name, "budget"]) => {
                 let name = name.to_string();
                 self.put_budget(&name, read_json(req).await?).await
@@ -269,11 +293,11 @@ impl Admin {
         Ok(empty(StatusCode::NO_CONTENT))
     }
 
-    async fn create_key(&self, name: &str, body: Value) -> Reply {
+    async fn create_key(&self, name: &str, body: Value, actor: &str) -> Reply {
         let consumer = self.consumer(name)?;
         let body: NewKeyBody = from_json(body)?;
         let expires_at_ms = body.expires_on.as_deref().map(parse_future_time).transpose()?;
-        let (record, plaintext) = self.new_key(&consumer, body.description, body.labels, expires_at_ms, None);
+        let (record, plaintext) = self.new_key(&consumer, body.description, body.labels, expires_at_ms, None, actor);
         self.write(&EntityKey::ApiKey(&record.id).to_string(), Some(encode(&record)))
             .await?;
         Ok(json_response(StatusCode::CREATED, key_json(&record, Some(&plaintext))))
@@ -286,6 +310,7 @@ impl Admin {
         labels: BTreeMap<String, String>,
         expires_at_ms: Option<i64>,
         rolled_from: Option<String>,
+        actor: &str,
     ) -> (ApiKeyRecord, String) {
         let key = apikey::generate(&self.key_env);
         let record = ApiKeyRecord {
@@ -301,7 +326,7 @@ impl Admin {
             revoked_at_ms: None,
             rolled_from,
             version: 1,
-            updated_by: ACTOR.to_owned(),
+            updated_by: actor.to_owned(),
         };
         (record, key.plaintext)
     }
@@ -320,7 +345,7 @@ impl Admin {
         ))
     }
 
-    async fn roll_key(&self, name: &str, body: Value) -> Reply {
+    async fn roll_key(&self, name: &str, body: Value, actor: &str) -> Reply {
         let consumer = self.consumer(name)?;
         let body: RollBody = from_json(body)?;
         let deadline = parse_time(&body.expires_on)?;
@@ -336,20 +361,20 @@ impl Admin {
             .collect();
         // The new key first: if anything below fails, the consumer still has a working key.
         let rolled_from = current.last().map(|k| k.id.clone());
-        let (record, plaintext) = self.new_key(&consumer, body.description, BTreeMap::new(), None, rolled_from);
+        let (record, plaintext) = self.new_key(&consumer, body.description, BTreeMap::new(), None, rolled_from, actor);
         self.write(&EntityKey::ApiKey(&record.id).to_string(), Some(encode(&record)))
             .await?;
         for mut old in current {
             old.expires_at_ms = Some(old.expires_at_ms.map_or(deadline, |at| at.min(deadline)));
             old.version += 1;
-            old.updated_by = ACTOR.to_owned();
+            old.updated_by = actor.to_owned();
             self.write(&EntityKey::ApiKey(&old.id).to_string(), Some(encode(&old)))
                 .await?;
         }
         Ok(json_response(StatusCode::CREATED, key_json(&record, Some(&plaintext))))
     }
 
-    async fn revoke_key(&self, name: &str, id: &str) -> Reply {
+    async fn revoke_key(&self, name: &str, id: &str, actor: &str) -> Reply {
         let consumer = self.consumer(name)?;
         let key = self
             .store
@@ -364,7 +389,7 @@ impl Admin {
             let mut revoked = key;
             revoked.revoked_at_ms = Some(now_ms());
             revoked.version += 1;
-            revoked.updated_by = ACTOR.to_owned();
+            revoked.updated_by = actor.to_owned();
             self.write(&EntityKey::ApiKey(&revoked.id).to_string(), Some(encode(&revoked)))
                 .await?;
         }

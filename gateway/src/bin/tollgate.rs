@@ -29,6 +29,13 @@ enum Command {
     /// API keys of a consumer.
     #[command(subcommand)]
     Keys(Keys),
+    /// Prints a single-use link into the tenant portal as `consumer` (valid for minutes).
+    PortalSession {
+        consumer: String,
+        /// Where the portal's "back" link leads (the operator's application).
+        #[arg(long)]
+        return_url: Option<String>,
+    },
     /// Certificates for a development stack (no admin API involved).
     #[command(subcommand)]
     Tls(Tls),
@@ -148,6 +155,8 @@ async fn main() -> ExitCode {
         return ExitCode::FAILURE;
     };
     let path = |p: &str| format!("{}/v1/consumers{p}", cli.admin_url.trim_end_matches('/'));
+    // A portal link is printed alone, so scripts can open it; everything else as JSON.
+    let link_only = matches!(cli.command, Command::PortalSession { .. });
     let (method, url, body) = match cli.command {
         Command::Consumers(Consumers::Create { name, meta }) => (
             Method::POST,
@@ -178,9 +187,23 @@ async fn main() -> ExitCode {
             Some(json!({"expiresOn": expires_on})),
         ),
         Command::Keys(Keys::Revoke { consumer, id }) => (Method::DELETE, path(&format!("/{consumer}/keys/{id}")), None),
+        Command::PortalSession { consumer, return_url } => (
+            Method::POST,
+            path(&format!("/{consumer}/portal-sessions")),
+            Some(json!({"returnUrl": return_url})),
+        ),
         Command::Tls(_) => unreachable!("answered above, without the admin API"),
     };
     match call(method, &url, &token, body).await {
+        Ok((status, text)) if status < 400 && link_only => {
+            let link = serde_json::from_str::<Value>(&text).unwrap_or_default();
+            println!("{}", link["url"].as_str().unwrap_or_default());
+            eprintln!(
+                "single use; open it before {}",
+                link["expiresAt"].as_str().unwrap_or("it expires")
+            );
+            ExitCode::SUCCESS
+        }
         Ok((status, text)) if status < 400 => {
             if !text.is_empty() {
                 println!("{text}");

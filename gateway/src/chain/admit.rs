@@ -131,7 +131,7 @@ impl Proxy {
     /// The limits that apply to a tenant: its plan's, with its `metadata.limits` overrides
     /// (both from its ruling consumer). Overrides were checked against the plan named, so on
     /// the default plan's fallback they do not apply.
-    fn limits_of(&self, identity: &Identity) -> Option<Arc<Vec<Arc<LimitSpec>>>> {
+    pub(super) fn limits_of(&self, identity: &Identity) -> Option<Arc<Vec<Arc<LimitSpec>>>> {
         let plan_name = self.plan_of(identity)?;
         let plan = self.plans.get(plan_name)?;
         let terms = &identity.terms;

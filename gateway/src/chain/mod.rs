@@ -24,6 +24,7 @@ mod isolate;
 mod route;
 mod settle;
 pub mod starting;
+mod status;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;

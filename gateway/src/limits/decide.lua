@@ -2,9 +2,9 @@
 -- script alone). The counting rules are those of gateway/src/limits/counter.rs.
 --
 -- KEYS[i]: one counter per dimension. ARGV[1]: "decide" (check all, commit all only if all
--- pass), "add" (commit unconditionally, in-flight counters skipped), "release" (end
--- in-flight counts) or "refund" (give back what a decision at ARGV[2] committed; in-flight
--- counters skipped). ARGV[2]: now in epoch ms, or "" for the Redis server's clock (one clock
+-- pass), "peek" (check all, commit nothing: a status read), "add" (commit unconditionally,
+-- in-flight counters skipped), "release" (end in-flight counts) or "refund" (give back what
+-- a decision at ARGV[2] committed; in-flight counters skipped). ARGV[2]: now in epoch ms, or "" for the Redis server's clock (one clock
 -- for every gateway). Then five values per key: kind ("s" sliding, "d" day, "m" month,
 -- "c" in flight), window ms, bucket ms, limit, cost.
 --
@@ -178,8 +178,10 @@ for i = 1, #KEYS do
   reply[#reply + 1] = window
 end
 
-if mode == 'decide' and not allowed then
+if (mode == 'decide' or mode == 'peek') and not allowed then
   reply[1] = 0
+end
+if reply[1] == 0 or mode == 'peek' then
   return reply
 end
 

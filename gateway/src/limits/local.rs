@@ -138,6 +138,31 @@ impl LocalLimiter {
         })
     }
 
+    /// The synchronous peek: counters that do not exist yet are read as fresh ones, not created.
+    pub fn peek_now(&self, charges: &[Charge], now_ms: i64) -> Decision {
+        let charges = super::costless(charges);
+        let groups = group(&charges);
+        let checks: Vec<Check> = groups
+            .iter()
+            .map(|g| {
+                let mut hasher = DefaultHasher::new();
+                g.id.hash(&mut hasher);
+                let existing = lock(&self.shards[hasher.finish() as usize % SHARDS])
+                    .counters
+                    .get(&g.id)
+                    .cloned();
+                match existing {
+                    Some(slot) => lock(&slot).check(now_ms, 0, g.spec.limit),
+                    None => Counter::new(g.spec.window).check(now_ms, 0, g.spec.limit),
+                }
+            })
+            .collect();
+        Decision {
+            at_ms: now_ms,
+            ..assemble(&charges, &groups, &checks)
+        }
+    }
+
     /// Counters currently held (for tests of the sweep).
     pub fn counters(&self) -> usize {
         self.shards.iter().map(|s| lock(s).counters.len()).sum()
@@ -160,6 +185,10 @@ impl Limiter for LocalLimiter {
 
     fn release<'a>(&'a self, charges: &'a [Charge]) -> LimitFuture<'a, ()> {
         Box::pin(async move { self.release_now(charges) })
+    }
+
+    fn peek<'a>(&'a self, charges: &'a [Charge], now_ms: i64) -> LimitFuture<'a, Decision> {
+        Box::pin(async move { self.peek_now(charges, now_ms) })
     }
 }
 
@@ -342,5 +371,44 @@ mod tests {
                 }
             }
         }
+    }
+
+    proptest! {
+        /// A peek reads what the last decision left (the same `remaining` as its answer, which
+        /// is what the `RateLimit` header shows), and changes nothing: after any number of
+        /// peeks the next decision answers as if none had happened.
+        #[test]
+        fn a_peek_reads_the_last_decision_and_counts_nothing(
+            limit in 1u64..30,
+            costs in prop::collection::vec((0u64..5, 0i64..400, 0usize..3), 1..60),
+        ) {
+            let peeked = LocalLimiter::new();
+            let plain = LocalLimiter::new();
+            let rps = spec("rps", Meter::ComputeUnits, Window::Sliding { secs: 2 }, limit);
+            let daily = spec("daily", Meter::ComputeUnits, Window::Day, limit * 3);
+            let mut now = 0;
+            for (cost, gap, peeks) in costs {
+                now += gap;
+                let c = [charge(&rps, "tenant:q", cost), charge(&daily, "tenant:q", cost)];
+                let d = peeked.decide_now(&c, now);
+                prop_assert_eq!(&d, &plain.decide_now(&c, now));
+                for _ in 0..peeks {
+                    let p = peeked.peek_now(&c, now);
+                    let remaining: Vec<u64> = p.states.iter().map(|s| s.remaining).collect();
+                    let after: Vec<u64> = d.states.iter().map(|s| s.remaining).collect();
+                    prop_assert_eq!(remaining, after);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_peek_at_an_unknown_counter_creates_none() {
+        let limiter = LocalLimiter::new();
+        let rps = spec("rps", Meter::Requests, Window::Sliding { secs: 1 }, 5);
+        let p = limiter.peek_now(&[charge(&rps, "tenant:new", 1)], 10);
+        assert!(p.allowed);
+        assert_eq!((p.states[0].remaining, p.states[0].reset_secs), (5, 0));
+        assert_eq!(limiter.counters(), 0);
     }
 }

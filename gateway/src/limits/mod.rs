@@ -60,6 +60,15 @@ pub trait Limiter: Send + Sync {
     /// after admitting it: a refusal is never charged); `concurrent` charges are ignored
     /// (`release` ends those). Same call rule as `release`.
     fn refund<'a>(&'a self, charges: &'a [Charge], at_ms: i64) -> LimitFuture<'a, ()>;
+    /// Reads every charge's counter without counting anything (costs are ignored): the state a
+    /// request would find now, for status pages. `allowed` says whether a request of cost 1
+    /// would pass; a failed backend answers `degraded` with no states.
+    fn peek<'a>(&'a self, charges: &'a [Charge], now_ms: i64) -> LimitFuture<'a, Decision>;
+}
+
+/// `charges` with every cost set to 0: what a peek assembles its answer from.
+pub(crate) fn costless(charges: &[Charge]) -> Vec<Charge> {
+    charges.iter().map(|c| Charge { cost: 0, ..c.clone() }).collect()
 }
 
 /// One dimension of one request: which limit, whose counter, how many units.

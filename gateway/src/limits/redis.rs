@@ -32,6 +32,7 @@ pub struct LimitsMetrics {
     add_errors: Counter,
     release_errors: Counter,
     refund_errors: Counter,
+    peek_errors: Counter,
 }
 
 impl LimitsMetrics {
@@ -46,6 +47,7 @@ impl LimitsMetrics {
                 add_errors: metrics::counter!("gateway_limits_redis_errors_total", "op" => "add"),
                 release_errors: metrics::counter!("gateway_limits_redis_errors_total", "op" => "release"),
                 refund_errors: metrics::counter!("gateway_limits_redis_errors_total", "op" => "refund"),
+                peek_errors: metrics::counter!("gateway_limits_redis_errors_total", "op" => "peek"),
             }
         })
     }
@@ -57,6 +59,7 @@ impl LimitsMetrics {
             add_errors: Counter::noop(),
             release_errors: Counter::noop(),
             refund_errors: Counter::noop(),
+            peek_errors: Counter::noop(),
         }
     }
 }
@@ -195,6 +198,38 @@ impl RedisLimiter {
         }
     }
 
+    /// A decision over costless charges that commits nothing; a failure is `degraded` with no
+    /// states (never `on_redis_error`: nothing is admitted by a peek).
+    async fn peek_inner(&self, charges: &[Charge], now_ms: i64) -> Decision {
+        let charges = super::costless(charges);
+        let groups = group(&charges);
+        if groups.is_empty() {
+            return Decision {
+                allowed: true,
+                ..Decision::default()
+            };
+        }
+        match self
+            .run("peek", &groups, now_ms)
+            .await
+            .and_then(|reply| Ok((reply[1], checks(&reply, groups.len())?)))
+        {
+            Ok((at_ms, checks)) => Decision {
+                at_ms,
+                ..assemble(&charges, &groups, &checks)
+            },
+            Err(error) => {
+                self.metrics.peek_errors.increment(1);
+                self.warn("peek", &error);
+                Decision {
+                    degraded: true,
+                    at_ms: now_ms,
+                    ..Decision::default()
+                }
+            }
+        }
+    }
+
     async fn apply(&self, mode: &'static str, charges: &[Charge], now_ms: i64, errors: &Counter) {
         let groups = group(charges);
         if groups.is_empty() {
@@ -240,5 +275,9 @@ impl Limiter for RedisLimiter {
 
     fn refund<'a>(&'a self, charges: &'a [Charge], at_ms: i64) -> LimitFuture<'a, ()> {
         Box::pin(self.apply("refund", charges, at_ms, &self.metrics.refund_errors))
+    }
+
+    fn peek<'a>(&'a self, charges: &'a [Charge], now_ms: i64) -> LimitFuture<'a, Decision> {
+        Box::pin(self.peek_inner(charges, now_ms))
     }
 }

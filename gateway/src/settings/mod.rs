@@ -47,6 +47,10 @@ pub struct GatewaySettings {
     /// One log line per request (off by default).
     #[serde(default)]
     pub access_log: crate::access_log::AccessLogSettings,
+    /// The tenant portal that session links (`POST /v1/consumers/{name}/portal-sessions`)
+    /// point at; without it the admin API mints none.
+    #[serde(default)]
+    pub portal: Option<crate::admin::portal::PortalLinkSettings>,
 }
 
 /// Where the upstream signing secret comes from: never the settings file.
@@ -382,6 +386,9 @@ impl Validate for GatewaySettings {
             }
         }
         self.kafka.validate("kafka")?;
+        if let Some(portal) = &self.portal {
+            portal.validate()?;
+        }
         tollgate_runtime::topics::validate("topics.keys", &self.topics.keys)?;
         tollgate_runtime::topics::validate("topics.usage", &self.topics.usage)?;
         if !crate::apikey::valid_env(&self.keys.environment) {
