@@ -237,7 +237,7 @@ async fn history(client: &Client, rows: u64, from: u32, to: u32) {
     for sql in statements {
         client
             .query(&sql)
-            .with_option("max_execution_time", "600")
+            .with_setting("max_execution_time", "600")
             .execute()
             .await
             .unwrap_or_else(|e| panic!("{sql}: {e}"));

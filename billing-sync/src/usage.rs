@@ -43,8 +43,11 @@ pub enum Source {
 impl Source {
     /// The coarsest rollup whose buckets tile `[from, to)` cut into windows of `window_secs`.
     pub fn for_range(window_secs: u64, from: u32, to: u32) -> Self {
-        let tiles =
-            |bucket: u64| window_secs % bucket == 0 && u64::from(from) % bucket == 0 && u64::from(to) % bucket == 0;
+        let tiles = |bucket: u64| {
+            window_secs.is_multiple_of(bucket)
+                && u64::from(from).is_multiple_of(bucket)
+                && u64::from(to).is_multiple_of(bucket)
+        };
         if tiles(3_600) {
             Source::Hour
         } else if tiles(60) {
