@@ -292,7 +292,7 @@ pub async fn limits(AxumState(state): AxumState<State>, authed: Result<Authed, P
         };
         let gauge = used
             .map(|u| {
-                let pct = if limit == 0 { 100 } else { (u * 100 / limit).min(100) };
+                let pct = u.saturating_mul(100).checked_div(limit).map_or(100, |p| p.min(100));
                 format!("<span class=\"gauge\"><span style=\"width:{pct}%\"></span></span> {pct} %")
             })
             .unwrap_or_default();

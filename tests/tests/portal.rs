@@ -42,7 +42,7 @@ fn limit_named<'a>(limits: &'a Value, name: &str) -> &'a Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_links_open_once_sessions_expire_and_changes_need_the_csrf_token() {
-    let s = PortalStack::start("portal-sessions", 3600).await;
+    let s = PortalStack::start("portal_sessions", 3600).await;
     s.consumer("sess-acme", "t-sess-acme", "free").await;
 
     let link = s.mint("sess-acme").await;
@@ -128,7 +128,7 @@ async fn session_links_open_once_sessions_expire_and_changes_need_the_csrf_token
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_manages_its_keys_sees_its_limits_and_usage_and_nothing_of_another_tenant() {
-    let s = PortalStack::start("portal-keys", 3600).await;
+    let s = PortalStack::start("portal_keys", 3600).await;
     let (_, first_key_id) = s.consumer("keys-acme", "t-keys-acme", "free").await;
     let (other_key, other_key_id) = s.consumer("keys-globex", "t-keys-globex", "free").await;
     let acme = s.sign_in("keys-acme").await;

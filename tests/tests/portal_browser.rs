@@ -110,7 +110,7 @@ async fn page_fetch(browser: &Client, method: &str, path: &str, body: Value) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_uses_the_portal_in_a_browser() {
-    let s = PortalStack::start("portal-browser", 3600).await;
+    let s = PortalStack::start("portal_browser", 3600).await;
     s.consumer("web-acme", "t-web-acme", "free").await;
     let (other_key, other_key_id) = s.consumer("web-globex", "t-web-globex", "free").await;
     let driver = Driver::start().await;
