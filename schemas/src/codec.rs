@@ -14,7 +14,7 @@ use crate::registry::{self, ShippedSchema};
 use crate::AvroRecord;
 
 /// The two bytes that open every single-object encoded datum (Avro specification).
-const MAGIC: [u8; 2] = [0xC3, 0x01];
+pub(crate) const MAGIC: [u8; 2] = [0xC3, 0x01];
 /// Magic plus the 8-byte fingerprint.
 const HEADER_LEN: usize = 10;
 

@@ -30,6 +30,7 @@ mod codec;
 mod entity_key;
 mod records;
 mod registry;
+mod usage_wire;
 
 pub use codec::{
     decode, encode, encode_value, writer_schema_of, BodyError, DecodeError, EncodeError, MAX_DECODE_ALLOCATION_BYTES,
@@ -37,6 +38,7 @@ pub use codec::{
 pub use entity_key::{EntityKey, UnknownEntityKey};
 pub use records::{ApiKeyRecord, BudgetRecord, ConsumerRecord, Outcome, UsageEvent};
 pub use registry::{fingerprint_of, shipped, ShippedSchema};
+pub use usage_wire::encode_usage_event;
 
 /// A record type with shipped Avro schemas. Sealed: only this crate's records implement it, so
 /// every implementor is covered by the round-trip and evolution tests.

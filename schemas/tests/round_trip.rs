@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use apache_avro::{reader::datum::GenericDatumReader, types::Value};
 use proptest::prelude::*;
 use tollgate_schemas::{
-    decode, encode, encode_value, fingerprint_of, shipped, ApiKeyRecord, AvroRecord, BudgetRecord, ConsumerRecord,
-    Outcome, UsageEvent,
+    decode, encode, encode_usage_event, encode_value, fingerprint_of, shipped, ApiKeyRecord, AvroRecord, BudgetRecord,
+    ConsumerRecord, Outcome, UsageEvent,
 };
 
 /// What a v1 writer (which predates `request_id`) would have sent for `event`.
@@ -61,6 +61,14 @@ proptest! {
         prop_assert_eq!(&bytes[..2], &[0xC3, 0x01]);
         prop_assert_eq!(&bytes[2..10], &fingerprint_of::<UsageEvent>(2).unwrap().to_le_bytes());
         prop_assert_eq!(decode::<UsageEvent>(&bytes).unwrap(), event);
+    }
+
+    /// The gateway's hand-written writer and the generic one agree byte for byte.
+    #[test]
+    fn hand_written_usage_event_writer_matches_the_generic_one(event in common::usage_event()) {
+        let mut out = vec![7u8];
+        encode_usage_event(&event, &mut out);
+        prop_assert_eq!(&out[1..], &encode(&event)[..]);
     }
 
     #[test]

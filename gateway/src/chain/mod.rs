@@ -242,7 +242,7 @@ fn request_id(headers: &hyper::HeaderMap) -> String {
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 200 && v.bytes().all(|b| b.is_ascii_graphic()))
-        .map_or_else(|| uuid::Uuid::now_v7().to_string(), str::to_owned)
+        .map_or_else(|| crate::events::ids::text(crate::events::ids::now_v7()), str::to_owned)
 }
 
 /// Sets a header, skipping values that cannot be one.

@@ -125,7 +125,7 @@ impl Proxy {
             }
         }
         UsageEvent {
-            event_id: uuid::Uuid::now_v7(),
+            event_id: crate::events::ids::now_v7(),
             timestamp_ms,
             tenant_id: consumer.map(|c| c.tenant_id.clone()),
             consumer: consumer.map(|c| c.name.clone()),

@@ -38,7 +38,7 @@ pub fn starting_response<B>(req: &Request<B>, starting: Option<&Starting>) -> Re
     if let Some(starting) = starting {
         starting.metrics.request(Outcome::Rejected);
         starting.usage.record(UsageEvent {
-            event_id: uuid::Uuid::now_v7(),
+            event_id: crate::events::ids::now_v7(),
             timestamp_ms: chrono::Utc::now().timestamp_millis(),
             tenant_id: None,
             consumer: None,

@@ -15,6 +15,7 @@
 //! when the spool is over its cap, and then billable requests are refused with 503 under the
 //! default policy, so what is dropped is never billable).
 
+pub mod ids;
 pub mod metrics;
 mod record;
 pub mod settings;

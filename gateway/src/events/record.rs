@@ -4,18 +4,17 @@
 //! In: a [`UsageEvent`] (writer side) or a spooled record (shipper side). Out: the framed
 //! bytes, or the key and body of a record.
 
-use tollgate_schemas::{encode, UsageEvent};
+use tollgate_schemas::{encode_usage_event, UsageEvent};
 
-/// Key and body of one spooled record: `key len (u16 LE) | key | Avro single-object event`.
-pub(crate) fn spool_record(event: &UsageEvent) -> Vec<u8> {
+/// Key and body of one spooled record: `key len (u16 LE) | key | Avro single-object event`,
+/// written into `record` (cleared first), which the writer reuses from event to event.
+pub(crate) fn spool_record(event: &UsageEvent, record: &mut Vec<u8>) {
     let key = event.tenant_id.as_deref().unwrap_or("-").as_bytes();
     let key = &key[..key.len().min(u16::MAX as usize)];
-    let body = encode(event);
-    let mut record = Vec::with_capacity(2 + key.len() + body.len());
+    record.clear();
     record.extend_from_slice(&(key.len() as u16).to_le_bytes());
     record.extend_from_slice(key);
-    record.extend_from_slice(&body);
-    record
+    encode_usage_event(event, record);
 }
 
 pub(crate) fn split_record(record: &[u8]) -> Option<(&[u8], &[u8])> {
@@ -50,7 +49,8 @@ mod tests {
             gateway_id: "g".into(),
             request_id: None,
         };
-        let record = spool_record(&event);
+        let mut record = vec![1, 2, 3];
+        spool_record(&event, &mut record);
         let (key, body) = split_record(&record).unwrap();
         assert_eq!(key, b"tenant_1");
         assert_eq!(tollgate_schemas::decode::<UsageEvent>(body).unwrap(), event);
