@@ -405,14 +405,24 @@ impl CuttableProxy {
     }
 }
 
+/// A record read back from a topic: its headers and payload.
+pub type TopicRecord = (HashMap<String, String>, Option<Vec<u8>>);
+
 /// Every record on `topic` (a fresh group reading from the start) until `count` arrived or
 /// `deadline` passed: (headers, payload).
-pub async fn read_topic(
+pub async fn read_topic(brokers: &str, topic: &str, count: usize, deadline: Duration) -> Vec<TopicRecord> {
+    read_topic_until(brokers, topic, deadline, |records| records.len() >= count).await
+}
+
+/// Every record on `topic` (a fresh group reading from the start, committed records only)
+/// until `done` holds for what was read or `deadline` passed. For a test that knows what
+/// must arrive: a fixed wait would be too short on a loaded machine and too long elsewhere.
+pub async fn read_topic_until(
     brokers: &str,
     topic: &str,
-    count: usize,
     deadline: Duration,
-) -> Vec<(HashMap<String, String>, Option<Vec<u8>>)> {
+    mut done: impl FnMut(&[TopicRecord]) -> bool,
+) -> Vec<TopicRecord> {
     use rdkafka::consumer::{Consumer, StreamConsumer};
     use rdkafka::message::Headers;
     use rdkafka::Message;
@@ -426,7 +436,7 @@ pub async fn read_topic(
     consumer.subscribe(&[topic]).expect("subscribe");
     let started = Instant::now();
     let mut out = Vec::new();
-    while out.len() < count && started.elapsed() < deadline {
+    while !done(&out) && started.elapsed() < deadline {
         let Ok(Ok(message)) = tokio::time::timeout(Duration::from_millis(500), consumer.recv()).await else {
             continue;
         };

@@ -53,8 +53,8 @@ async fn sigterm_with_kafka_down_loses_no_answered_request() {
         .await;
     let bearer = format!("Bearer {key}");
 
-    // Answers the clients saw: request id → status.
-    let answers: Arc<Mutex<HashMap<String, u16>>> = Arc::default();
+    // Answers the clients saw: request id → (status, path).
+    let answers: Arc<Mutex<HashMap<String, (u16, String)>>> = Arc::default();
     let call = |path: String| {
         let (answers, bearer, public) = (answers.clone(), bearer.clone(), gateway.public.clone());
         async move {
@@ -64,7 +64,7 @@ async fn sigterm_with_kafka_down_loses_no_answered_request() {
                     .header("x-request-id")
                     .expect("every answer has a request id")
                     .to_owned();
-                answers.lock().unwrap().insert(id, reply.status);
+                answers.lock().unwrap().insert(id, (reply.status, path));
             }
         }
     };
@@ -89,7 +89,7 @@ async fn sigterm_with_kafka_down_loses_no_answered_request() {
     assert!(status.success(), "the gateway exits cleanly on SIGTERM: {status}");
 
     let answers = answers.lock().unwrap().clone();
-    let slow_answered = answers.values().filter(|s| **s == 200).count();
+    let slow_answered = answers.values().filter(|(s, _)| *s == 200).count();
     assert_eq!(
         answers.len(),
         200 + 100 + IN_FLIGHT,
@@ -108,13 +108,21 @@ async fn sigterm_with_kafka_down_loses_no_answered_request() {
         let event: UsageEvent = tollgate_schemas::decode(payload.as_deref().expect("payload")).expect("an event");
         *events.entry(event.request_id.clone().expect("request id")).or_default() += 1;
     }
-    for (request, status) in &answers {
-        assert_eq!(
-            events.get(request),
-            Some(&1),
-            "request {request} (answered {status}) has one event"
-        );
-    }
+    let mut wrong: Vec<String> = answers
+        .iter()
+        .filter(|(request, _)| events.get(*request) != Some(&1))
+        .map(|(request, (status, path))| format!("{path} ({status}, {request}): {:?} events", events.get(request)))
+        .collect();
+    wrong.sort();
+    let log = gateway.process.output();
+    let tail: Vec<&str> = log.lines().rev().take(60).collect();
+    assert!(
+        wrong.is_empty(),
+        "{} of {} answered requests do not have exactly one event: {wrong:?}\ngateway log (last 60 lines):\n{}",
+        wrong.len(),
+        answers.len(),
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    );
     assert_eq!(records.len(), answers.len(), "no event beyond the answered requests");
 
     gateway.process.kill();

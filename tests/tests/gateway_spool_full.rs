@@ -13,7 +13,7 @@ use serde_json::json;
 use tollgate_schemas::UsageEvent;
 use tollgate_tests::gateway::{settings, TestGateway};
 use tollgate_tests::http::EchoUpstream;
-use tollgate_tests::meter::read_topic;
+use tollgate_tests::meter::{read_topic_until, TopicRecord};
 use tollgate_tests::private_kafka::PrivateKafka;
 use tollgate_tests::{create_topic, eventually, unique};
 
@@ -90,11 +90,20 @@ async fn a_full_spool_refuses_billable_requests_until_kafka_takes_it() {
     )
     .await;
 
-    let records = read_topic(&kafka.brokers, &usage_topic, usize::MAX, Duration::from_secs(10)).await;
-    let events: Vec<UsageEvent> = records
-        .iter()
-        .map(|(_, payload)| tollgate_schemas::decode(payload.as_deref().expect("payload")).expect("an event"))
-        .collect();
+    // Until every request served during the outage has its event: the spool may still be
+    // shipping its tail when requests are served again.
+    let decode = |records: &[TopicRecord]| -> Vec<UsageEvent> {
+        records
+            .iter()
+            .map(|(_, payload)| tollgate_schemas::decode(payload.as_deref().expect("payload")).expect("an event"))
+            .collect()
+    };
+    let all_shipped = |records: &[TopicRecord]| {
+        let ids: HashSet<String> = decode(records).into_iter().filter_map(|e| e.request_id).collect();
+        answered_ok.iter().all(|id| ids.contains(id))
+    };
+    let records = read_topic_until(&kafka.brokers, &usage_topic, Duration::from_secs(120), all_shipped).await;
+    let events = decode(&records);
     let shipped: HashSet<String> = events
         .iter()
         .filter(|e| e.billable)

@@ -16,7 +16,9 @@ pub struct EventSettings {
     /// Size at which the spool starts a new segment file.
     #[serde(default = "default_segment_bytes")]
     pub segment_bytes: u64,
-    /// Most bytes the spool may hold unshipped; beyond it `when_full` applies.
+    /// Most bytes the spool may hold unshipped; beyond it `when_full` applies. Under
+    /// `refuse_billable` it can be passed by the events of requests already in flight when
+    /// the spool filled: they were admitted, so they are spooled, not dropped.
     #[serde(default = "default_max_spool_bytes")]
     pub max_spool_bytes: u64,
     /// `always` (fsync every write batch), `interval` (every `fsync_interval_ms`), `never`.

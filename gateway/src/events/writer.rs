@@ -12,7 +12,7 @@ use tollgate_schemas::UsageEvent;
 
 use super::metrics::EventMetrics;
 use super::record::spool_record;
-use super::settings::{EventSettings, FsyncPolicy};
+use super::settings::{EventSettings, FsyncPolicy, FullPolicy};
 use super::spool::SpoolWriter;
 
 pub(crate) enum Command {
@@ -29,6 +29,15 @@ pub(crate) enum Command {
 /// a `Sync` (shutdown) is answered at most [`GATHER`] later.
 const GATHER_BELOW: u64 = 512;
 const GATHER: Duration = Duration::from_millis(2);
+
+/// Whether an event is dropped rather than spooled, with `pending` bytes unshipped. Under
+/// `refuse_billable` a billable event is always spooled: its request was admitted while the
+/// spool had room (the admission check and this one race, and the events of requests in
+/// flight when the spool filled arrive after it), and it was served, so it is owed a bill.
+/// The spool can pass its cap by those in-flight events; what is dropped is never billable.
+fn dropped_when_full(event: &UsageEvent, settings: &EventSettings, pending: u64) -> bool {
+    pending >= settings.max_spool_bytes && (!event.billable || settings.when_full == FullPolicy::ServeUnbilled)
+}
 
 pub(crate) fn write_loop(
     mut writer: SpoolWriter,
@@ -49,7 +58,11 @@ pub(crate) fn write_loop(
             match next {
                 Command::Event(event) => {
                     metrics.queue_depth.decrement(1.0);
-                    if writer.watermark().pending_bytes.load(Ordering::Acquire) >= settings.max_spool_bytes {
+                    if dropped_when_full(
+                        &event,
+                        settings,
+                        writer.watermark().pending_bytes.load(Ordering::Acquire),
+                    ) {
                         metrics.dropped("spool_full");
                     } else if let Err(err) = {
                         spool_record(&event, &mut record);
@@ -88,4 +101,65 @@ pub(crate) fn write_loop(
     }
     let _ = writer.flush(true);
     written.notify_one();
+}
+
+#[cfg(test)]
+mod tests {
+    use tollgate_schemas::Outcome;
+
+    use super::*;
+
+    fn event(billable: bool) -> UsageEvent {
+        UsageEvent {
+            event_id: uuid::Uuid::now_v7(),
+            timestamp_ms: 1,
+            tenant_id: Some("tenant_1".into()),
+            consumer: None,
+            key_id: None,
+            plan: None,
+            route: "v1".into(),
+            method: "GET".into(),
+            status: if billable { 200 } else { 503 },
+            outcome: if billable { Outcome::Allowed } else { Outcome::Rejected },
+            billable,
+            units: Default::default(),
+            request_bytes: 0,
+            response_bytes: 0,
+            latency_ms: 0,
+            upstream_latency_ms: None,
+            gateway_id: "g".into(),
+            request_id: None,
+        }
+    }
+
+    #[test]
+    fn a_full_spool_drops_only_what_its_policy_lets_go_unbilled() {
+        let mut settings = EventSettings {
+            max_spool_bytes: 4096,
+            ..EventSettings::default()
+        };
+        for policy in [FullPolicy::RefuseBillable, FullPolicy::ServeUnbilled] {
+            settings.when_full = policy;
+            for billable in [true, false] {
+                assert!(
+                    !dropped_when_full(&event(billable), &settings, 4095),
+                    "room left: spooled"
+                );
+            }
+            assert!(
+                dropped_when_full(&event(false), &settings, 4096),
+                "{policy:?}: a full spool drops what bills nothing"
+            );
+        }
+        settings.when_full = FullPolicy::RefuseBillable;
+        assert!(
+            !dropped_when_full(&event(true), &settings, 1 << 20),
+            "an admitted billable request is spooled past the cap"
+        );
+        settings.when_full = FullPolicy::ServeUnbilled;
+        assert!(
+            dropped_when_full(&event(true), &settings, 4096),
+            "serve_unbilled lets it go, counted"
+        );
+    }
 }
