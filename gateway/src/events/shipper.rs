@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rdkafka::consumer::BaseConsumer;
 use rdkafka::producer::FutureProducer;
 use tokio::sync::Notify;
 
@@ -42,9 +43,9 @@ pub(crate) struct Shipping {
     pub(crate) epoch: String,
 }
 
-/// Starts shipping: catches the spool up with the position Kafka committed (a crash after a
-/// commit but before the position file), registers the transactional id (aborting what a
-/// crashed instance left open), then ships batch after batch. Retries until Kafka answers;
+/// Starts shipping: registers the transactional id (aborting what a crashed instance left
+/// open), catches the spool up with the position Kafka committed (a crash after a commit but
+/// before the position file), then ships batch after batch. Retries until Kafka answers;
 /// stops on shutdown, or for good if another producer took over this gateway's id.
 pub(crate) async fn ship_loop(
     mut reader: SpoolReader,
@@ -65,7 +66,7 @@ pub(crate) async fn ship_loop(
         _ = control.kafka_checked.notified() => {}
         _ = control.stop.notified() => return,
     }
-    let positions = match transactions::positions_consumer(&kafka, &service_id) {
+    let mut positions = match transactions::positions_consumer(&kafka, &service_id) {
         Ok(consumer) => Arc::new(consumer),
         Err(err) => {
             tracing::error!(error = %err, "usage topic: cannot create the position consumer; shipping stopped, events stay in the spool");
@@ -73,40 +74,11 @@ pub(crate) async fn ship_loop(
         }
     };
     let retry = Duration::from_millis(500);
-    loop {
-        let committed = tokio::select! {
-            committed = transactions::committed_position(Arc::clone(&positions), &topic, &epoch) => committed,
-            _ = control.stop.notified() => return,
-        };
-        match committed {
-            Ok(committed) => {
-                if let Some(target) = committed.filter(|c| *c > reader.position()) {
-                    match reader.skip_to(target) {
-                        Ok(passed) => {
-                            tracing::info!(
-                                events = passed,
-                                "spool: events Kafka already had from the last run skipped"
-                            );
-                            let passed = passed.min(from_earlier_run);
-                            from_earlier_run -= passed;
-                            metrics.replay_pending.decrement(passed as f64);
-                        }
-                        Err(err) => tracing::error!(error = %err, "spool: cannot move to the position Kafka committed"),
-                    }
-                }
-                break;
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, "usage topic: cannot read the committed spool position yet; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(retry) => {}
-                    _ = control.stop.notified() => return,
-                }
-            }
-        }
-    }
+    // The transactions' group metadata comes from the first consumer; reads may replace it.
+    let group_consumer = Arc::clone(&positions);
+    let fresh_positions = || transactions::positions_consumer(&kafka, &service_id).map(Arc::new);
     let init = |producer: FutureProducer| {
-        let (positions, topic, epoch, control) = (&positions, &topic, &epoch, &control);
+        let (positions, topic, epoch, control) = (&group_consumer, &topic, &epoch, &control);
         async move {
             loop {
                 let init = transactions::TransactionalShipper::init(producer.clone(), positions, topic, epoch);
@@ -134,6 +106,21 @@ pub(crate) async fn ship_loop(
     let Some(mut shipper) = init(producer.clone()).await else {
         return;
     };
+    if catch_up(
+        &mut positions,
+        &fresh_positions,
+        &mut reader,
+        &topic,
+        &epoch,
+        &metrics,
+        &control,
+        &mut from_earlier_run,
+    )
+    .await
+    .is_none()
+    {
+        return;
+    }
     loop {
         let batch = match reader.read_batch(2000) {
             Ok(batch) => batch,
@@ -199,12 +186,84 @@ pub(crate) async fn ship_loop(
                     return;
                 };
                 shipper = new;
+                // The stuck call may have been a commit that went through: the batch is not
+                // shipped again if the position Kafka holds is already past it.
+                if catch_up(
+                    &mut positions,
+                    &fresh_positions,
+                    &mut reader,
+                    &topic,
+                    &epoch,
+                    &metrics,
+                    &control,
+                    &mut from_earlier_run,
+                )
+                .await
+                .is_none()
+                {
+                    return;
+                }
             }
             Err(err) => {
                 tracing::warn!(error = %err, "usage topic: batch not shipped; retrying it");
                 tokio::select! {
                     _ = tokio::time::sleep(retry) => {}
                     _ = control.stop.notified() => return,
+                }
+            }
+        }
+    }
+}
+
+/// Moves the reader to the spool position Kafka committed, when that is past it: the events
+/// before it are on the topic already (a crash after a commit but before the position file,
+/// or a commit whose answer never came). Called after `init_transactions`, which has settled
+/// what an earlier producer of this id left open, so the committed position is stable; read
+/// before it, a transaction left open with its position would make the broker answer
+/// "unstable" until the transaction timed out. Retries until Kafka answers; `None` on stop.
+#[allow(clippy::too_many_arguments)]
+async fn catch_up(
+    positions: &mut Arc<BaseConsumer>,
+    fresh: &impl Fn() -> Result<Arc<BaseConsumer>, rdkafka::error::KafkaError>,
+    reader: &mut SpoolReader,
+    topic: &str,
+    epoch: &str,
+    metrics: &EventMetrics,
+    control: &ShipperControl,
+    from_earlier_run: &mut u64,
+) -> Option<()> {
+    loop {
+        let committed = tokio::select! {
+            committed = transactions::committed_position(Arc::clone(positions), topic, epoch) => committed,
+            _ = control.stop.notified() => return None,
+        };
+        match committed {
+            Ok(committed) => {
+                if let Some(target) = committed.filter(|c| *c > reader.position()) {
+                    match reader.skip_to(target) {
+                        Ok(passed) => {
+                            tracing::info!(events = passed, "spool: events Kafka already had skipped");
+                            let passed = passed.min(*from_earlier_run);
+                            *from_earlier_run -= passed;
+                            metrics.replay_pending.decrement(passed as f64);
+                        }
+                        Err(err) => tracing::error!(error = %err, "spool: cannot move to the position Kafka committed"),
+                    }
+                }
+                return Some(());
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "usage topic: cannot read the committed spool position yet; retrying");
+                // A consumer made while the broker was still loading its groups has been seen
+                // to time out on every later read, past any transaction timeout; a new one
+                // reads the position at once.
+                match fresh() {
+                    Ok(new) => *positions = new,
+                    Err(err) => tracing::warn!(error = %err, "usage topic: cannot make a new position consumer"),
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = control.stop.notified() => return None,
                 }
             }
         }
