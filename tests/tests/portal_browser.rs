@@ -91,6 +91,13 @@ async fn text_of(browser: &Client, css: &str) -> String {
         .expect("text")
 }
 
+/// The text of `css` as the page shows it now, `None` while the page is being replaced (the
+/// element not there yet, or gone between finding and reading it): for polling after a
+/// click that navigates.
+async fn current_text(browser: &Client, css: &str) -> Option<String> {
+    browser.find(Locator::Css(css)).await.ok()?.text().await.ok()
+}
+
 /// Fetches `path` from the page's own origin with its CSRF token, as the page's script does.
 async fn page_fetch(browser: &Client, method: &str, path: &str, body: Value) -> u64 {
     let script = r#"
@@ -238,7 +245,7 @@ async fn a_tenant_uses_the_portal_in_a_browser() {
         .await
         .unwrap();
     let rolled_key = eventually("the rolled key is shown", Duration::from_secs(10), || async {
-        let value = text_of(&browser, "#secret-value").await;
+        let value = current_text(&browser, "#secret-value").await?;
         (value != key && value.starts_with("tg_")).then_some(value)
     })
     .await;
@@ -278,7 +285,7 @@ async fn a_tenant_uses_the_portal_in_a_browser() {
     })
     .await;
     eventually("the page shows it revoked", Duration::from_secs(10), || async {
-        let cell = text_of(&browser, &format!("#keys tr[data-key='{rolled_id}'] td:nth-child(6)")).await;
+        let cell = current_text(&browser, &format!("#keys tr[data-key='{rolled_id}'] td:nth-child(6)")).await?;
         (cell == "revoked").then_some(())
     })
     .await;
