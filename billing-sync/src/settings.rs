@@ -214,7 +214,8 @@ fn default_lookback_days() -> u64 {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MeterSettings {
-    /// Tollgate meter name, as in usage events (`requests`, `compute_units`, …).
+    /// Tollgate meter name, as in usage events: a built-in one (`requests`, `compute_units`,
+    /// …) or one the gateway's settings declare (`[meters.tokens]`).
     pub meter: String,
     /// Stripe meter `event_name` the units are reported under.
     pub event_name: String,
@@ -268,11 +269,15 @@ impl Validate for BillingSettings {
         }
         let mut seen = HashSet::new();
         for (i, m) in self.meters.iter().enumerate() {
-            if m.meter.is_empty() || !seen.insert(&m.meter) {
+            // `concurrent` is a limit, never a usage event's unit: nothing would ever be pushed.
+            if !tollgate_runtime::meters::valid_name(&m.meter) || m.meter == "concurrent" || !seen.insert(&m.meter) {
                 return Err(Invalid::new(
                     format!("meters[{i}].meter"),
                     &m.meter,
-                    "a unique, non-empty meter name",
+                    format!(
+                        "a unique meter the gateway counts (requests, compute_units, request_bytes, response_bytes                          or one its [meters] declare): {}",
+                        tollgate_runtime::meters::NAME_RULE
+                    ),
                 ));
             }
             // Stripe limits event_name to 100 characters.
@@ -376,6 +381,13 @@ mod tests {
             "e".repeat(101)
         );
         assert!(load(&long).unwrap_err().contains("1 to 100 characters"));
+        for bad in ["Tokens", "ai-tokens", "concurrent", ""] {
+            let text = format!("{EXAMPLE}\n[[meters]]\nmeter = \"{bad}\"\nevent_name = \"x\"\n");
+            assert!(
+                load(&text).unwrap_err().contains("a unique meter the gateway counts"),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

@@ -72,7 +72,7 @@ pub struct Gateway {
     settings: Arc<GatewaySettings>,
     admin_token: String,
     signing_secret: Option<Vec<u8>>,
-    public: TcpListener,
+    public: Option<TcpListener>,
     /// The TLS listener and its certificate, with `[public.tls]`.
     public_tls: Option<(TcpListener, Arc<ServerCerts>)>,
     admin: TcpListener,
@@ -90,7 +90,10 @@ impl Gateway {
             Some(t) if t.len() < MIN_ADMIN_TOKEN_LEN => return Err(GatewayError::ShortAdminToken),
             Some(t) => t,
         };
-        let public = bind("public", &settings.public.listen).await?;
+        let public = match &settings.public.listen {
+            Some(listen) => Some(bind("public", listen).await?),
+            None => None,
+        };
         let public_tls = match &settings.public.tls {
             Some(tls) => {
                 let certs = ServerCerts::load(tls)?;
@@ -109,8 +112,11 @@ impl Gateway {
         })
     }
 
-    pub fn public_addr(&self) -> SocketAddr {
-        self.public.local_addr().expect("bound listener has an address")
+    /// The plain HTTP listener's address, unless the gateway serves TLS only.
+    pub fn public_addr(&self) -> Option<SocketAddr> {
+        self.public
+            .as_ref()
+            .map(|l| l.local_addr().expect("bound listener has an address"))
     }
 
     /// The TLS listener's address, with `[public.tls]`.
@@ -174,13 +180,15 @@ impl Gateway {
             }
         };
         let public_policy = ConnectionPolicy::new(&settings.http, Arc::clone(&gateway_metrics));
-        let public_task = tokio::spawn(serve(
-            self.public,
-            Transport::Plain,
-            shutdown.clone(),
-            public_policy.clone(),
-            public_handler.clone(),
-        ));
+        let public_task = self.public.map(|listener| {
+            tokio::spawn(serve(
+                listener,
+                Transport::Plain,
+                shutdown.clone(),
+                public_policy.clone(),
+                public_handler.clone(),
+            ))
+        });
         // The TLS listener shares the plain one's connection table: the caps are per gateway.
         let tls_task = self.public_tls.map(|(listener, certs)| {
             tokio::spawn(crate::tls::watch(
@@ -250,6 +258,7 @@ impl Gateway {
             key_env: settings.keys.environment.clone(),
             identity: settings.identity.clone(),
             plans: settings.plans.clone(),
+            meters: settings.meters.clone(),
             spend,
             proxy: Arc::clone(&proxy),
             portal: settings.portal.clone().map(crate::admin::portal::PortalLinks::new),
@@ -260,13 +269,15 @@ impl Gateway {
         });
         ops.set_ready();
         tracing::info!(
-            public = %settings.public.listen,
+            public = settings.public.listen.as_deref(),
             public_tls = settings.public.tls.as_ref().map(|t| t.listen.as_str()),
             admin = %settings.admin.listen,
             "gateway ready"
         );
 
-        let _ = public_task.await;
+        if let Some(task) = public_task {
+            let _ = task.await;
+        }
         if let Some(task) = tls_task {
             let _ = task.await;
         }

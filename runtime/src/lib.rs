@@ -11,6 +11,7 @@ pub mod catalogue;
 pub mod clickhouse;
 pub mod kafka;
 pub mod logging;
+pub mod meters;
 pub mod ops;
 pub mod settings;
 pub mod shutdown;

@@ -79,7 +79,7 @@ impl TestGateway {
         )
         .await
         .expect("gateway binds");
-        let public = format!("http://{}", gateway.public_addr());
+        let public = format!("http://{}", gateway.public_addr().expect("a plain HTTP listener"));
         let admin = format!("http://{}", gateway.admin_addr());
         let shutdown = Shutdown::default();
         let task = tokio::spawn({

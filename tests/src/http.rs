@@ -157,8 +157,13 @@ async fn echo(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallibl
         "headers": headers,
         "body_bytes": body.len(),
     });
-    // An upstream that knows a request's real cost reports it.
-    let reported_cost = if path.contains("/cost") { "compute_units=42" } else { "" };
+    // An upstream that knows a request's real cost reports it: 42 compute units on `/cost`,
+    // what the path says on `/report/<x-tollgate-cost value>` (as an AI API reports tokens).
+    let reported_cost = match path.split_once("/report/") {
+        Some((_, value)) => value.replace("%20", " "),
+        None if path.contains("/cost") => "compute_units=42".to_owned(),
+        None => String::new(),
+    };
     let status = path
         .split('/')
         .skip_while(|segment| *segment != "status")

@@ -98,12 +98,22 @@ impl ServiceProcess {
 
     /// SIGTERM, as an orchestrator stops a service; returns without waiting for the exit.
     pub fn terminate(&self) {
+        self.signal("TERM");
+    }
+
+    /// Sends the signal `name` (`TERM`, `HUP`, ...) to the running process.
+    pub fn signal(&self, name: &str) {
         let child = self.child.as_ref().expect("running");
         let sent = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
+            .args([&format!("-{name}"), &child.id().to_string()])
             .status()
             .expect("run kill");
-        assert!(sent.success(), "kill -TERM {}", child.id());
+        assert!(sent.success(), "kill -{name} {}", child.id());
+    }
+
+    /// Runs the next start without the environment variable `key`.
+    pub fn unset_env(&mut self, key: &str) {
+        self.env.retain(|(k, _)| k != key);
     }
 
     /// Waits for the process to exit (after [`ServiceProcess::terminate`]), at most `deadline`.
@@ -142,12 +152,33 @@ pub fn gateway(
     dir: &Path,
     admin_token: &str,
     brokers: &str,
+    topics: (&str, &str),
+    upstream: &str,
+    extra: &[(&str, &str)],
+) -> GatewayProcess {
+    gateway_on(
+        &repo().join("config/gateway.toml"),
+        dir,
+        admin_token,
+        brokers,
+        topics,
+        upstream,
+        extra,
+    )
+}
+
+/// [`gateway`] on the settings file `config` instead of the example's.
+pub fn gateway_on(
+    config: &Path,
+    dir: &Path,
+    admin_token: &str,
+    brokers: &str,
     (keys_topic, usage_topic): (&str, &str),
     upstream: &str,
     extra: &[(&str, &str)],
 ) -> GatewayProcess {
     let (public_port, admin_port) = (free_port(), free_port());
-    let config = repo().join("config/gateway.toml").display().to_string();
+    let config = config.display().to_string();
     let mut env: Vec<(String, String)> = [
         ("TOLLGATE_ADMIN_TOKEN", admin_token.to_owned()),
         ("TOLLGATE_SERVICE__ID", format!("gw-{public_port}")),

@@ -42,6 +42,8 @@ pub struct Seen {
     /// When the request arrived at the proxy.
     pub at: Instant,
     pub identifier: String,
+    /// The Stripe meter the units were reported under (`tollgate_requests`, …).
+    pub event_name: String,
     pub idempotency_key: String,
     pub customer: String,
     pub value: i64,
@@ -300,6 +302,7 @@ async fn handle(req: Request<Incoming>, state: &ProxyState) -> Result<Response<F
         state.seen.lock().unwrap().push(Seen {
             at: arrived,
             identifier: form.get("identifier").cloned().unwrap_or_default(),
+            event_name: form.get("event_name").cloned().unwrap_or_default(),
             idempotency_key,
             customer,
             value: form

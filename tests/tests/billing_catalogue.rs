@@ -53,3 +53,25 @@ fn billing_sync_pushes_every_meter_the_catalogue_prices() {
         "{err}"
     );
 }
+
+#[test]
+fn billing_sync_pushes_only_meters_the_gateway_counts() {
+    let gateway: GatewaySettings =
+        from_str_with_env(&read("gateway.toml"), "gateway.toml", Vec::new()).expect("gateway");
+    let billing: BillingSettings =
+        from_str_with_env(&read("billing-sync.toml"), "billing-sync.toml", Vec::new()).expect("settings");
+    for m in &billing.meters {
+        assert!(
+            gateway.meters.countable(&m.meter).is_some(),
+            "config/billing-sync.toml pushes {:?}, which config/gateway.toml does not count",
+            m.meter
+        );
+    }
+    assert!(
+        billing
+            .meters
+            .iter()
+            .any(|m| gateway.meters.get(&m.meter) != tollgate_gateway::limits::Meter::built_in(&m.meter)),
+        "the examples bill a declared meter"
+    );
+}

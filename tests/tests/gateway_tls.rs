@@ -242,3 +242,89 @@ async fn tls_both_ways_with_a_certificate_swapped_on_disk() {
     assert!(gateway.process.wait_exit(Duration::from_secs(30)).await.success());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// With no `public.listen` the gateway serves TLS only; SIGHUP reloads a certificate renewed on
+/// disk at once, long before the next file check.
+#[tokio::test]
+async fn tls_only_with_a_certificate_reloaded_on_sighup() {
+    let run = tollgate_tests::unique("tls-only");
+    let dir = std::env::temp_dir().join(&run);
+    let names = ["localhost".to_owned(), "127.0.0.1".to_owned()];
+    let ca = local_ca::ensure(&dir.join("ca"), &names, false).expect("local CA");
+    let upstream = tollgate_tests::http::EchoUpstream::start().await;
+    let example =
+        std::fs::read_to_string(tollgate_tests::process::repo().join("config/gateway.toml")).expect("example settings");
+    let tls_only = example.replacen("[public]\nlisten = \"127.0.0.1:8080\"\n", "[public]\n", 1);
+    assert_ne!(
+        tls_only, example,
+        "the example's [public] listen line is where this test expects"
+    );
+    let config = dir.join("gateway.toml");
+    std::fs::write(&config, tls_only).expect("settings");
+
+    let usage = format!("{run}.usage");
+    tollgate_tests::create_topic(&tollgate_tests::kafka(), &usage, 1, &[]).await;
+    let tls_port = free_port();
+    let (listen, cert, key) = (
+        format!("127.0.0.1:{tls_port}"),
+        ca.server_cert.display().to_string(),
+        ca.server_key.display().to_string(),
+    );
+    let mut gateway = tollgate_tests::process::gateway_on(
+        &config,
+        &dir,
+        ADMIN_TOKEN,
+        &tollgate_tests::kafka(),
+        (&create_keys_topic().await, &usage),
+        &upstream.url(),
+        &[
+            ("TOLLGATE_PUBLIC__TLS__LISTEN", &listen),
+            ("TOLLGATE_PUBLIC__TLS__CERT_FILE", &cert),
+            ("TOLLGATE_PUBLIC__TLS__KEY_FILE", &key),
+            // An hour between file checks: only the signal can reload within the test.
+            ("TOLLGATE_PUBLIC__TLS__RELOAD_INTERVAL_MS", "3600000"),
+        ],
+    );
+    gateway.process.unset_env("TOLLGATE_PUBLIC__LISTEN");
+    gateway.process.start().await;
+    let api_key = gateway
+        .consumer_with_key(
+            ADMIN_TOKEN,
+            "tls-only-acme",
+            json!({"tenantId": "t_tls_only", "plan": "enterprise"}),
+        )
+        .await;
+
+    let mut sender = handshake(connect(tls_port, &ca.ca_cert, b"h2").await).await;
+    let (status, echo) = sender.get("/v1/hello", &api_key).await;
+    assert_eq!(status, 200, "{echo}");
+    let plain_port = gateway.public.rsplit(':').next().expect("a port").to_owned();
+    assert!(
+        TcpStream::connect(format!("127.0.0.1:{plain_port}")).await.is_err(),
+        "no plain HTTP listener without public.listen"
+    );
+
+    let before = presented(&connect(tls_port, &ca.ca_cert, b"http/1.1").await);
+    local_ca::ensure(&dir.join("ca"), &names, true).expect("renewed certificate");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        presented(&connect(tls_port, &ca.ca_cert, b"http/1.1").await),
+        before,
+        "nothing reloads the files before the signal"
+    );
+    gateway.process.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while presented(&connect(tls_port, &ca.ca_cert, b"http/1.1").await) == before {
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP did not reload the certificate in 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, _) = sender.get("/v1/hello", &api_key).await;
+    assert_eq!(status, 200, "a connection opened before the reload still serves");
+
+    gateway.process.terminate();
+    assert!(gateway.process.wait_exit(Duration::from_secs(30)).await.success());
+    let _ = std::fs::remove_dir_all(&dir);
+}

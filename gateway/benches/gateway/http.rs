@@ -163,7 +163,7 @@ impl BenchGateway {
         let gateway = Gateway::bind(settings, Some(ADMIN_TOKEN.to_owned()), None)
             .await
             .expect("gateway binds");
-        let public = format!("http://{}", gateway.public_addr());
+        let public = format!("http://{}", gateway.public_addr().expect("a plain HTTP listener"));
         let admin = format!("http://{}", gateway.admin_addr());
         let shutdown = Shutdown::default();
         let task = tokio::spawn({

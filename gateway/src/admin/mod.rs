@@ -40,6 +40,8 @@ pub struct Admin {
     pub identity: IdentitySettings,
     /// Defined plans: a consumer may only name one of these, and only override their limits.
     pub plans: std::collections::BTreeMap<String, crate::limits::PlanSettings>,
+    /// The meters those plans' limits may count.
+    pub meters: crate::limits::Meters,
     /// Month-to-date spend for the budget views, when `[budgets]` is configured.
     pub spend: Option<Arc<crate::spend::SpendLedger>>,
     /// The request chain, for the limit status (its limits and limiter, read-only).
@@ -212,7 +214,7 @@ impl Admin {
                     self.plans.keys().cloned().collect::<Vec<_>>().join(", ")
                 )));
             };
-            crate::limits::effective_limits(settings, &Value::Object(metadata.clone()))
+            crate::limits::effective_limits(settings, &self.meters, &Value::Object(metadata.clone()))
                 .map_err(|e| bad_request(e.to_string()))?;
         }
         for key in [&self.identity.tenant_field, &self.identity.plan_field] {

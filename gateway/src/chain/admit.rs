@@ -80,7 +80,7 @@ impl Proxy {
             return Ok(());
         };
         let content_length = declared_length(headers);
-        let units = crate::limits::upfront_units(&route.settings.cost, content_length);
+        let units = crate::limits::upfront_units(&route.settings.cost, &self.settings.meters, content_length);
         let ip = peer.ip().to_string();
         let subject = Subject {
             tenant: &consumer.tenant_id,
@@ -147,11 +147,12 @@ impl Proxy {
             }
         }
         let metadata = serde_json::Value::Object(terms.metadata.clone());
-        let specs = match crate::limits::effective_limits(&self.settings.plans[plan_name], &metadata) {
-            Ok(specs) => Arc::new(specs.into_iter().map(Arc::new).collect::<Vec<_>>()),
-            // The admin API refuses bad overrides; a record written otherwise keeps the plan.
-            Err(_) => Arc::clone(plan),
-        };
+        let specs =
+            match crate::limits::effective_limits(&self.settings.plans[plan_name], &self.settings.meters, &metadata) {
+                Ok(specs) => Arc::new(specs.into_iter().map(Arc::new).collect::<Vec<_>>()),
+                // The admin API refuses bad overrides; a record written otherwise keeps the plan.
+                Err(_) => Arc::clone(plan),
+            };
         cache.insert(terms.id.clone(), (Arc::clone(terms), Arc::clone(&specs)));
         Some(specs)
     }

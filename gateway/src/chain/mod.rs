@@ -130,7 +130,7 @@ impl Proxy {
             .iter()
             .map(|(name, plan)| {
                 let specs = plan
-                    .specs(&format!("plans.{name}"))
+                    .specs(&format!("plans.{name}"), &settings.meters)
                     .expect("validated by GatewaySettings::validate");
                 (
                     name.clone(),

@@ -148,15 +148,17 @@ impl Proxy {
 
     /// Takes the upstream's `x-tollgate-cost` off the response and counts what it reports
     /// beyond what the route charged up front, so the next request sees it. A report that is
-    /// malformed or above `limits.max_reported_units` for some meter is counted in a metric
-    /// and ignored: the route's cost applies.
+    /// malformed, names a meter the settings do not declare, or is above
+    /// `limits.max_reported_units` for some meter is counted in a metric by reason and
+    /// ignored: the route's cost applies.
     pub(super) async fn take_reported_cost(&self, headers: &mut HeaderMap, ctx: &mut RequestContext) {
         let Some(reported) = headers.remove(COST_HEADER) else {
             return;
         };
         let route_id = ctx.route.as_ref().map(|r| r.settings.id.clone()).unwrap_or_default();
         let cap = self.settings.limits.max_reported_units;
-        let units = match crate::limits::parse_cost_header(reported.to_str().unwrap_or_default()) {
+        let units = match crate::limits::parse_cost_header(reported.to_str().unwrap_or_default(), &self.settings.meters)
+        {
             Ok(units) if units.values().all(|n| *n <= cap) => units,
             Ok(_) => {
                 self.metrics.count("gateway_reported_cost_rejected_total", "over_cap");
@@ -164,9 +166,10 @@ impl Proxy {
                 return;
             }
             // An upstream's typo must not fail the tenant's request.
-            Err(reason) => {
-                self.metrics.count("gateway_reported_cost_rejected_total", "malformed");
-                tracing::debug!(route = %route_id, %reason, "ignored a malformed x-tollgate-cost");
+            Err(error) => {
+                self.metrics
+                    .count("gateway_reported_cost_rejected_total", error.reason());
+                tracing::debug!(route = %route_id, %error, "ignored an x-tollgate-cost");
                 return;
             }
         };
@@ -175,7 +178,7 @@ impl Proxy {
             return;
         };
         let route_cost = ctx.route.as_ref().map(|r| r.settings.cost.clone()).unwrap_or_default();
-        let upfront = crate::limits::upfront_units(&route_cost, None);
+        let upfront = crate::limits::upfront_units(&route_cost, &self.settings.meters, None);
         let extra: BTreeMap<_, _> = units
             .iter()
             .map(|(meter, n)| (*meter, n.saturating_sub(upfront.get(meter).copied().unwrap_or(0))))

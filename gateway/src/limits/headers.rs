@@ -43,12 +43,14 @@ fn sf_string(text: &str) -> String {
     out
 }
 
-fn unit_param(meter: Meter) -> &'static str {
+fn unit_param(meter: Meter) -> String {
     match meter {
-        Meter::Requests => "",
-        Meter::RequestBytes | Meter::ResponseBytes => ";qu=\"content-bytes\"",
-        Meter::Concurrent => ";qu=\"concurrent-requests\"",
-        Meter::ComputeUnits => ";tollgate-unit=\"compute-units\"",
+        Meter::Requests => String::new(),
+        Meter::RequestBytes | Meter::ResponseBytes => ";qu=\"content-bytes\"".to_owned(),
+        Meter::Concurrent => ";qu=\"concurrent-requests\"".to_owned(),
+        Meter::ComputeUnits => ";tollgate-unit=\"compute-units\"".to_owned(),
+        // The declared name, not the unit: a token, checked at load, needing no escape.
+        Meter::Custom(declared) => format!(";tollgate-unit=\"{}\"", declared.name),
     }
 }
 
@@ -198,6 +200,7 @@ fn unit_words(meter: Meter) -> &'static str {
         Meter::RequestBytes => "request bytes",
         Meter::ResponseBytes => "response bytes",
         Meter::Concurrent => "requests",
+        Meter::Custom(declared) => &declared.unit,
     }
 }
 
@@ -255,6 +258,29 @@ mod tests {
         );
         assert_eq!(ratelimit_header(&inflight).unwrap(), "\"inflight\";r=4");
         assert_eq!(policy_header(&Decision::default()), None);
+    }
+
+    #[test]
+    fn a_declared_meter_is_named_in_the_policy_and_its_unit_in_the_refusal() {
+        let tokens = crate::limits::Meters::declare([("tokens", "AI tokens")])
+            .get("tokens")
+            .unwrap();
+        let d = Decision {
+            allowed: false,
+            states: vec![state("tokens_per_day", tokens, 5_000, 0, 600, 86_400)],
+            violated: vec!["tokens_per_day".into()],
+            retry_after_secs: 600,
+            ..Decision::default()
+        };
+        assert_eq!(
+            policy_header(&d).unwrap(),
+            "\"tokens_per_day\";q=5000;tollgate-unit=\"tokens\";w=86400"
+        );
+        let detail = refusal_problem_json(&d)["detail"].as_str().unwrap().to_owned();
+        assert!(
+            detail.contains("tokens_per_day (5000 AI tokens per 86400 s)"),
+            "{detail}"
+        );
     }
 
     #[test]

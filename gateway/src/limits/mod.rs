@@ -41,7 +41,7 @@ pub use self::redis::{LimitsMetrics, RedisLimiter};
 pub use self::settings::{
     effective_limits, validate_route_cost, Backend, FailPolicy, LimitSettings, LimitsSettings, PlanSettings,
 };
-pub use self::spec::{calendar_period, KeyBy, LimitSpec, Meter, Window};
+pub use self::spec::{calendar_period, Declared, KeyBy, LimitSpec, Meter, Meters, Window};
 
 /// A boxed future, so that `Arc<dyn Limiter>` works.
 pub type LimitFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -132,13 +132,17 @@ impl Subject<'_> {
 /// Units a request is charged before it is proxied: the route's cost table (meter name →
 /// units), `requests` = 1 unless the route says otherwise, `request_bytes` = the body length
 /// when known, and 1 `concurrent`. Unknown meter names are skipped (validated at load).
-pub fn upfront_units(route_cost: &BTreeMap<String, u64>, request_bytes: Option<u64>) -> BTreeMap<Meter, u64> {
+pub fn upfront_units(
+    route_cost: &BTreeMap<String, u64>,
+    meters: &Meters,
+    request_bytes: Option<u64>,
+) -> BTreeMap<Meter, u64> {
     let mut units = BTreeMap::from([(Meter::Requests, 1), (Meter::Concurrent, 1)]);
     if let Some(bytes) = request_bytes {
         units.insert(Meter::RequestBytes, bytes);
     }
     for (name, &n) in route_cost {
-        if let Some(meter) = Meter::parse(name).filter(|m| *m != Meter::Concurrent) {
+        if let Some(meter) = meters.countable(name) {
             units.insert(meter, n);
         }
     }
@@ -167,24 +171,47 @@ pub fn charges_after(specs: &[Arc<LimitSpec>], subject: &Subject<'_>, units: &BT
 }
 
 /// Parses an upstream's `x-tollgate-cost` value: `compute_units=42` or
-/// `compute_units=42, response_bytes=1000` (`;` also separates). Repeated meters add up.
-pub fn parse_cost_header(value: &str) -> Result<BTreeMap<Meter, u64>, String> {
+/// `compute_units=42, response_bytes=1000` (`;` also separates). Repeated meters add up. A
+/// meter that is neither built in nor declared makes the whole report unusable: counting the
+/// rest would bill a partial report as if it were the upstream's word.
+pub fn parse_cost_header(value: &str, meters: &Meters) -> Result<BTreeMap<Meter, u64>, CostReportError> {
     let mut units = BTreeMap::new();
     for part in value.split([',', ';']).map(str::trim).filter(|p| !p.is_empty()) {
         let (name, n) = part
             .split_once('=')
-            .ok_or_else(|| format!("{part:?}: expected <meter>=<units>"))?;
-        let meter = Meter::parse(name.trim())
-            .filter(|m| *m != Meter::Concurrent)
-            .ok_or_else(|| format!("{:?}: not a countable meter", name.trim()))?;
+            .ok_or_else(|| CostReportError::Malformed(format!("{part:?}: expected <meter>=<units>")))?;
         let n: u64 = n
             .trim()
             .parse()
-            .map_err(|_| format!("{part:?}: units must be a whole number"))?;
+            .map_err(|_| CostReportError::Malformed(format!("{part:?}: units must be a whole number")))?;
+        let meter = meters
+            .countable(name.trim())
+            .ok_or_else(|| CostReportError::Undeclared(format!("{:?}: not a countable meter", name.trim())))?;
         let slot: &mut u64 = units.entry(meter).or_default();
         *slot = slot.saturating_add(n);
     }
     Ok(units)
+}
+
+/// Why an upstream's cost report was ignored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CostReportError {
+    #[error("{0}")]
+    Malformed(String),
+    /// A meter the settings do not declare (or `concurrent`): a typo or an upstream ahead of
+    /// the gateway's settings, never billed.
+    #[error("{0}")]
+    Undeclared(String),
+}
+
+impl CostReportError {
+    /// The `reason` label of `gateway_reported_cost_rejected_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            CostReportError::Malformed(_) => "malformed",
+            CostReportError::Undeclared(_) => "undeclared_meter",
+        }
+    }
 }
 
 /// Builds the configured backend; no IO (Redis connects on first use). Call it inside the
@@ -289,20 +316,43 @@ mod tests {
 
     #[test]
     fn cost_header_parses_meters() {
-        let units = parse_cost_header("compute_units=42").unwrap();
+        let units = parse_cost_header("compute_units=42", &Meters::default()).unwrap();
         assert_eq!(units[&Meter::ComputeUnits], 42);
-        let units = parse_cost_header(" compute_units = 2, response_bytes=10; compute_units=1").unwrap();
+        let units = parse_cost_header(
+            " compute_units = 2, response_bytes=10; compute_units=1",
+            &Meters::default(),
+        )
+        .unwrap();
         assert_eq!(units[&Meter::ComputeUnits], 3);
         assert_eq!(units[&Meter::ResponseBytes], 10);
-        assert!(parse_cost_header("tokens=3").is_err());
-        assert!(parse_cost_header("compute_units=-3").is_err());
-        assert!(parse_cost_header("concurrent=1").is_err());
+        assert!(parse_cost_header("tokens=3", &Meters::default()).is_err());
+        assert!(parse_cost_header("compute_units=-3", &Meters::default()).is_err());
+        assert!(parse_cost_header("concurrent=1", &Meters::default()).is_err());
+    }
+
+    #[test]
+    fn declared_meters_are_reported_and_charged_by_name() {
+        let meters = Meters::declare([("tokens", "tokens")]);
+        let tokens = meters.get("tokens").unwrap();
+        let units = parse_cost_header("tokens=1234, compute_units=2, tokens=6", &meters).unwrap();
+        assert_eq!(units[&tokens], 1240);
+        assert_eq!(units[&Meter::ComputeUnits], 2);
+        let err = parse_cost_header("tokens=1, tokenz=2", &meters).unwrap_err();
+        assert_eq!(err.reason(), "undeclared_meter");
+        assert!(err.to_string().contains("tokenz"), "{err}");
+        assert_eq!(
+            parse_cost_header("tokens=lots", &meters).unwrap_err().reason(),
+            "malformed"
+        );
+        let route = BTreeMap::from([("tokens".to_owned(), 100)]);
+        assert_eq!(upfront_units(&route, &meters, None)[&tokens], 100);
+        assert!(!upfront_units(&route, &Meters::default(), None).contains_key(&tokens));
     }
 
     #[test]
     fn upfront_units_and_charges_follow_the_route_and_subject() {
         let route = BTreeMap::from([("compute_units".to_owned(), 5)]);
-        let units = upfront_units(&route, Some(300));
+        let units = upfront_units(&route, &Meters::default(), Some(300));
         assert_eq!(units[&Meter::Requests], 1);
         assert_eq!(units[&Meter::ComputeUnits], 5);
         assert_eq!(units[&Meter::RequestBytes], 300);
@@ -327,7 +377,11 @@ mod tests {
         let c = charges(&specs, &subject, &units);
         assert_eq!((c[0].key.as_str(), c[0].cost), ("tenant:t1", 1));
         assert_eq!((c[1].key.as_str(), c[1].cost), ("ip:203.0.113.7", 0));
-        let after = charges_after(&specs, &subject, &parse_cost_header("response_bytes=7").unwrap());
+        let after = charges_after(
+            &specs,
+            &subject,
+            &parse_cost_header("response_bytes=7", &Meters::default()).unwrap(),
+        );
         assert_eq!(after.len(), 1);
         assert_eq!(after[0].cost, 7);
     }

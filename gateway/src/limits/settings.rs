@@ -11,7 +11,7 @@ use serde::Deserialize;
 use tollgate_runtime::settings::Invalid;
 
 pub use super::spec::calendar_period;
-pub use super::spec::{KeyBy, LimitSpec, Meter, Window};
+pub use super::spec::{KeyBy, LimitSpec, Meter, Meters, Window};
 
 /// One plan: the named limits every consumer on it gets.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
@@ -28,8 +28,9 @@ pub struct PlanSettings {
 pub struct LimitSettings {
     /// Policy name shown in the `RateLimit` headers and in refusals, e.g. `requests_per_minute`.
     pub name: String,
-    /// What is counted: `requests`, `compute_units`, `request_bytes`, `response_bytes` or `concurrent`.
-    pub meter: Meter,
+    /// What is counted: `requests`, `compute_units`, `request_bytes`, `response_bytes`,
+    /// `concurrent`, or a meter declared in `[meters]`.
+    pub meter: String,
     /// Sliding window `<n><s|m|h|d>` from `1s` to `30d`, or the UTC calendar `day` / `month`;
     /// not used (may be left out) for `concurrent`.
     #[serde(default)]
@@ -157,7 +158,7 @@ impl LimitsSettings {
 
 impl LimitSettings {
     /// Checks one limit as written; `field` is its dotted path (`plans.free.limits[0]`).
-    pub fn spec(&self, field: &str) -> Result<LimitSpec, Invalid> {
+    pub fn spec(&self, field: &str, meters: &Meters) -> Result<LimitSpec, Invalid> {
         let name = &self.name;
         if name.is_empty()
             || name.len() > 64
@@ -171,7 +172,14 @@ impl LimitSettings {
                 "1 to 64 characters from A-Z a-z 0-9 _ - .",
             ));
         }
-        let window = if self.meter == Meter::Concurrent {
+        let meter = meters.get(&self.meter).ok_or_else(|| {
+            Invalid::new(
+                format!("{field}.meter"),
+                &self.meter,
+                format!("concurrent or a countable meter ({})", meters.countable_names()),
+            )
+        })?;
+        let window = if meter == Meter::Concurrent {
             Window::InFlight
         } else {
             Window::parse(&self.window)
@@ -179,7 +187,7 @@ impl LimitSettings {
         };
         Ok(LimitSpec {
             name: name.clone(),
-            meter: self.meter,
+            meter,
             window,
             limit: self.limit,
             by: self.by,
@@ -189,16 +197,16 @@ impl LimitSettings {
 
 impl PlanSettings {
     /// Checks every limit; `field` is the plan's dotted path (`plans.free`).
-    pub fn validate(&self, field: &str) -> Result<(), Invalid> {
-        self.specs(field).map(|_| ())
+    pub fn validate(&self, field: &str, meters: &Meters) -> Result<(), Invalid> {
+        self.specs(field, meters).map(|_| ())
     }
 
     /// The plan's limits as checked specs.
-    pub fn specs(&self, field: &str) -> Result<Vec<LimitSpec>, Invalid> {
+    pub fn specs(&self, field: &str, meters: &Meters) -> Result<Vec<LimitSpec>, Invalid> {
         let mut specs: Vec<LimitSpec> = Vec::with_capacity(self.limits.len());
         for (i, limit) in self.limits.iter().enumerate() {
             let at = format!("{field}.limits[{i}]");
-            let spec = limit.spec(&at)?;
+            let spec = limit.spec(&at, meters)?;
             if specs.iter().any(|s| s.name == spec.name) {
                 return Err(Invalid::new(
                     format!("{at}.name"),
@@ -213,17 +221,14 @@ impl PlanSettings {
 }
 
 /// Checks a route's `cost` table (meter → units per request); `field` is its dotted path.
-pub fn validate_route_cost(field: &str, cost: &BTreeMap<String, u64>) -> Result<(), Invalid> {
+pub fn validate_route_cost(field: &str, cost: &BTreeMap<String, u64>, meters: &Meters) -> Result<(), Invalid> {
     for name in cost.keys() {
-        match Meter::parse(name) {
-            Some(Meter::Concurrent) | None => {
-                return Err(Invalid::new(
-                    format!("{field}.{name}"),
-                    name,
-                    "one of requests, compute_units, request_bytes, response_bytes",
-                ))
-            }
-            Some(_) => {}
+        if meters.countable(name).is_none() {
+            return Err(Invalid::new(
+                format!("{field}.{name}"),
+                name,
+                format!("a countable meter ({})", meters.countable_names()),
+            ));
         }
     }
     Ok(())
@@ -234,8 +239,12 @@ pub fn validate_route_cost(field: &str, cost: &BTreeMap<String, u64>) -> Result<
 /// `metadata` is the consumer's metadata object; its `limits` member (if any) maps a limit
 /// name to a new allowance: `{"limits": {"requests_per_minute": 20000}}`. Unknown names and
 /// values that are not whole numbers are errors (a typo in a deal must not pass silently).
-pub fn effective_limits(plan: &PlanSettings, metadata: &serde_json::Value) -> Result<Vec<LimitSpec>, Invalid> {
-    let mut specs = plan.specs("plan")?;
+pub fn effective_limits(
+    plan: &PlanSettings,
+    meters: &Meters,
+    metadata: &serde_json::Value,
+) -> Result<Vec<LimitSpec>, Invalid> {
+    let mut specs = plan.specs("plan", meters)?;
     let overrides = match metadata.get("limits") {
         None | Some(serde_json::Value::Null) => return Ok(specs),
         Some(serde_json::Value::Object(map)) => map,
@@ -285,7 +294,7 @@ mod tests {
             .plans
             .iter()
             .map(|(name, plan)| {
-                let specs = plan.specs(&format!("plans.{name}")).unwrap();
+                let specs = plan.specs(&format!("plans.{name}"), &settings.meters).unwrap();
                 assert_eq!(specs[0].window, Window::Sliding { secs: 60 });
                 assert_eq!(specs[1].window, Window::Day);
                 (name.clone(), specs[0].limit)
@@ -305,7 +314,7 @@ mod tests {
     #[test]
     fn a_bad_window_names_the_field() {
         let p = plan("[[limits]]\nname = \"rpm\"\nmeter = \"requests\"\nwindow = \"1w\"\nlimit = 5\n");
-        let err = p.validate("plans.free").unwrap_err();
+        let err = p.validate("plans.free", &Meters::default()).unwrap_err();
         assert_eq!(err.field, "plans.free.limits[0].window");
         assert!(err.to_string().contains("1s to 30d"), "{err}");
     }
@@ -316,31 +325,75 @@ mod tests {
             "[[limits]]\nname = \"a\"\nmeter = \"requests\"\nwindow = \"1m\"\nlimit = 5\n\
              [[limits]]\nname = \"a\"\nmeter = \"compute_units\"\nwindow = \"day\"\nlimit = 5\n",
         );
-        assert_eq!(p.validate("plans.x").unwrap_err().field, "plans.x.limits[1].name");
+        assert_eq!(
+            p.validate("plans.x", &Meters::default()).unwrap_err().field,
+            "plans.x.limits[1].name"
+        );
         let p = plan("[[limits]]\nname = \"a b\"\nmeter = \"requests\"\nwindow = \"1m\"\nlimit = 5\n");
         assert!(p
-            .validate("plans.x")
+            .validate("plans.x", &Meters::default())
             .unwrap_err()
             .to_string()
             .contains("1 to 64 characters"));
     }
 
     #[test]
-    fn unknown_fields_and_meters_fail_to_parse() {
+    fn unknown_fields_fail_to_parse() {
         let bad = "[[limits]]\nname = \"a\"\nmeter = \"requests\"\nwindow = \"1m\"\nlimit = 5\nlimt = 6\n";
         assert!(toml::from_str::<PlanSettings>(bad)
             .unwrap_err()
             .to_string()
             .contains("limt"));
-        let bad = "[[limits]]\nname = \"a\"\nmeter = \"tokens\"\nwindow = \"1m\"\nlimit = 5\n";
-        assert!(toml::from_str::<PlanSettings>(bad).is_err());
         assert!(toml::from_str::<LimitsSettings>("backend = \"memcached\"\n").is_err());
+    }
+
+    #[test]
+    fn a_limit_counts_only_a_built_in_or_declared_meter() {
+        let p = plan("[[limits]]\nname = \"tokens_per_day\"\nmeter = \"tokens\"\nwindow = \"day\"\nlimit = 5\n");
+        let err = p.validate("plans.x", &Meters::default()).unwrap_err();
+        assert_eq!(err.field, "plans.x.limits[0].meter");
+        assert!(err.expected.contains("compute_units"), "{err}");
+        let meters = Meters::declare([("tokens", "tokens")]);
+        let specs = p.specs("plans.x", &meters).unwrap();
+        assert_eq!(specs[0].meter, meters.get("tokens").unwrap());
+        assert_eq!(specs[0].meter.as_str(), "tokens");
+        assert_eq!(specs[0].window, Window::Day);
+    }
+
+    #[test]
+    fn declarations_are_checked() {
+        for (name, unit, field) in [
+            ("requests", "requests", "meters.requests"),
+            ("Tokens", "tokens", "meters.Tokens"),
+            ("9tokens", "tokens", "meters.9tokens"),
+            ("to-kens", "tokens", "meters.to-kens"),
+            ("tokens", "", "meters.tokens.unit"),
+            ("tokens", "a \"quoted\" unit", "meters.tokens.unit"),
+            ("tokens", "tab\tunit", "meters.tokens.unit"),
+        ] {
+            let err = Meters::declare([(name, unit)]).validate("meters").unwrap_err();
+            assert_eq!(err.field, field, "{name:?} {unit:?}");
+        }
+        let meters = Meters::declare([("tokens", "tokens"), ("premium_calls", "premium calls")]);
+        meters.validate("meters").unwrap();
+        assert_eq!(
+            meters.countable_names(),
+            "requests, compute_units, request_bytes, response_bytes, premium_calls, tokens"
+        );
+        assert!(meters.countable("concurrent").is_none());
+        assert!(meters.countable("tokenz").is_none());
+        // One declaration, one interned copy, however often the settings are read.
+        let again = Meters::declare([("tokens", "tokens")]);
+        let (Some(Meter::Custom(a)), Some(Meter::Custom(b))) = (meters.get("tokens"), again.get("tokens")) else {
+            panic!("tokens is declared");
+        };
+        assert!(std::ptr::eq(a, b));
     }
 
     #[test]
     fn concurrent_needs_no_window() {
         let p = plan("[[limits]]\nname = \"inflight\"\nmeter = \"concurrent\"\nlimit = 5\nby = \"key\"\n");
-        let specs = p.specs("plans.x").unwrap();
+        let specs = p.specs("plans.x", &Meters::default()).unwrap();
         assert_eq!(specs[0].window, Window::InFlight);
         assert_eq!(specs[0].by, KeyBy::Key);
     }
@@ -364,10 +417,20 @@ mod tests {
     fn route_cost_names_meters() {
         let mut cost = BTreeMap::new();
         cost.insert("compute_units".to_owned(), 5);
-        validate_route_cost("routes[0].cost", &cost).unwrap();
+        validate_route_cost("routes[0].cost", &cost, &Meters::default()).unwrap();
+        let tokens = BTreeMap::from([("tokens".to_owned(), 5)]);
+        assert_eq!(
+            validate_route_cost("routes[0].cost", &tokens, &Meters::default())
+                .unwrap_err()
+                .field,
+            "routes[0].cost.tokens"
+        );
+        validate_route_cost("routes[0].cost", &tokens, &Meters::declare([("tokens", "tokens")])).unwrap();
         cost.insert("concurrent".to_owned(), 1);
         assert_eq!(
-            validate_route_cost("routes[0].cost", &cost).unwrap_err().field,
+            validate_route_cost("routes[0].cost", &cost, &Meters::default())
+                .unwrap_err()
+                .field,
             "routes[0].cost.concurrent"
         );
     }
@@ -380,17 +443,26 @@ mod tests {
         );
         let specs = effective_limits(
             &p,
+            &Meters::default(),
             &serde_json::json!({"plan": "enterprise", "limits": {"requests_per_minute": 20000}}),
         )
         .unwrap();
         assert_eq!(specs[0].limit, 20000);
         assert_eq!(specs[1].limit, 5);
-        assert_eq!(effective_limits(&p, &serde_json::Value::Null).unwrap()[0].limit, 10000);
-        let err = effective_limits(&p, &serde_json::json!({"limits": {"rpm": 1}})).unwrap_err();
+        assert_eq!(
+            effective_limits(&p, &Meters::default(), &serde_json::Value::Null).unwrap()[0].limit,
+            10000
+        );
+        let err = effective_limits(&p, &Meters::default(), &serde_json::json!({"limits": {"rpm": 1}})).unwrap_err();
         assert_eq!(err.field, "metadata.limits.rpm");
         assert!(err.expected.contains("requests_per_minute"), "{err}");
-        let err = effective_limits(&p, &serde_json::json!({"limits": {"requests_per_minute": "lots"}})).unwrap_err();
+        let err = effective_limits(
+            &p,
+            &Meters::default(),
+            &serde_json::json!({"limits": {"requests_per_minute": "lots"}}),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("whole number"), "{err}");
-        assert!(effective_limits(&p, &serde_json::json!({"limits": 3})).is_err());
+        assert!(effective_limits(&p, &Meters::default(), &serde_json::json!({"limits": 3})).is_err());
     }
 }

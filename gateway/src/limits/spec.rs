@@ -1,21 +1,25 @@
-//! The limits' domain types: what a limit counts ([`Meter`]), whose counter it uses
-//! ([`KeyBy`]), how long it counts ([`Window`], UTC [`calendar_period`]s) and the checked
-//! [`LimitSpec`] the limiters work from.
+//! The limits' domain types: what a limit counts ([`Meter`], among the [`Meters`] the settings
+//! declare), whose counter it uses ([`KeyBy`]), how long it counts ([`Window`], UTC
+//! [`calendar_period`]s) and the checked [`LimitSpec`] the limiters work from.
 //!
-//! In: values already checked by `settings`. Out: types shared by the counters, the backends,
-//! the headers and the request chain. No serde settings and no IO here.
+//! In: values already checked by `settings`, and the settings' `[meters]` table (read here
+//! because [`Meters`] interns each declaration into the [`Declared`] a [`Meter`] points at).
+//! Out: types shared by the counters, the backends, the headers and the request chain. No IO.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
 
 use chrono::{Datelike, TimeZone, Utc};
 use serde::Deserialize;
+use tollgate_runtime::settings::Invalid;
 
 /// Shortest and longest sliding window, in seconds (`1s` … `30d`).
 const MIN_WINDOW_SECS: u64 = 1;
 const MAX_WINDOW_SECS: u64 = 30 * 86_400;
 const DAY_MS: i64 = 86_400_000;
 
-/// What a limit counts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
-#[serde(rename_all = "snake_case")]
+/// What a limit counts: a built-in meter, or one the operator declared (`[meters.<name>]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Meter {
     Requests,
     ComputeUnits,
@@ -23,10 +27,40 @@ pub enum Meter {
     ResponseBytes,
     /// Requests in flight at once; the window does not apply.
     Concurrent,
+    /// Declared in the settings; what upstreams report and routes charge by name.
+    Custom(&'static Declared),
+}
+
+/// A declared meter: its name (in events, limits, route costs and `x-tollgate-cost`) and the
+/// unit people read in headers and refusals. Interned once per process ([`Declared::intern`])
+/// so that [`Meter`] stays `Copy` and names it for as long as any counter may.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Declared {
+    pub name: String,
+    pub unit: String,
+}
+
+impl Declared {
+    /// The one `'static` copy of this declaration. A reload that declares the same meter again
+    /// gets the same copy, so memory grows only with distinct declarations, never with reloads.
+    pub fn intern(name: &str, unit: &str) -> &'static Declared {
+        static INTERNED: Mutex<BTreeSet<&'static Declared>> = Mutex::new(BTreeSet::new());
+        let wanted = Declared {
+            name: name.to_owned(),
+            unit: unit.to_owned(),
+        };
+        let mut interned = INTERNED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(found) = interned.get(&wanted) {
+            return found;
+        }
+        let leaked: &'static Declared = Box::leak(Box::new(wanted));
+        interned.insert(leaked);
+        leaked
+    }
 }
 
 impl Meter {
-    pub const ALL: [Meter; 5] = [
+    pub const BUILT_IN: [Meter; 5] = [
         Meter::Requests,
         Meter::ComputeUnits,
         Meter::RequestBytes,
@@ -41,11 +75,96 @@ impl Meter {
             Meter::RequestBytes => "request_bytes",
             Meter::ResponseBytes => "response_bytes",
             Meter::Concurrent => "concurrent",
+            Meter::Custom(declared) => &declared.name,
         }
     }
 
-    pub fn parse(name: &str) -> Option<Meter> {
-        Meter::ALL.into_iter().find(|m| m.as_str() == name)
+    /// The built-in meter of this name; declared meters are found through [`Meters`].
+    pub fn built_in(name: &str) -> Option<Meter> {
+        Meter::BUILT_IN.into_iter().find(|m| m.as_str() == name)
+    }
+}
+
+/// Every meter the gateway counts: the built-in ones and those declared in the settings'
+/// `[meters.<name>]` tables. A name that is neither is refused at load (in a limit or a
+/// route's cost) and ignored with a metric at run time (in `x-tollgate-cost`): it is never
+/// counted, limited or billed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Meters {
+    declared: BTreeMap<String, &'static Declared>,
+}
+
+impl Meters {
+    /// Meters declared as `name → unit`; names and units are checked by [`Meters::validate`].
+    pub fn declare<'a>(declared: impl IntoIterator<Item = (&'a str, &'a str)>) -> Meters {
+        Meters {
+            declared: declared
+                .into_iter()
+                .map(|(name, unit)| (name.to_owned(), Declared::intern(name, unit)))
+                .collect(),
+        }
+    }
+
+    /// Checks every declaration; `field` is the table's dotted path (`meters`).
+    pub fn validate(&self, field: &str) -> Result<(), Invalid> {
+        for (name, declared) in &self.declared {
+            let at = format!("{field}.{name}");
+            if Meter::built_in(name).is_some() {
+                return Err(Invalid::new(at, name, "a name other than a built-in meter's"));
+            }
+            if !tollgate_runtime::meters::valid_name(name) {
+                return Err(Invalid::new(at, name, tollgate_runtime::meters::NAME_RULE));
+            }
+            let unit = &declared.unit;
+            if unit.is_empty()
+                || unit.len() > 64
+                || !unit.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+                || unit.contains('"')
+            {
+                return Err(Invalid::new(
+                    format!("{at}.unit"),
+                    unit,
+                    "1 to 64 printable ASCII characters without a double quote",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The meter of this name, built-in or declared.
+    pub fn get(&self, name: &str) -> Option<Meter> {
+        Meter::built_in(name).or_else(|| self.declared.get(name).map(|d| Meter::Custom(d)))
+    }
+
+    /// The meter of this name if a request can be charged units of it (not `concurrent`).
+    pub fn countable(&self, name: &str) -> Option<Meter> {
+        self.get(name).filter(|m| *m != Meter::Concurrent)
+    }
+
+    /// Every countable meter's name, for messages that say what is allowed.
+    pub fn countable_names(&self) -> String {
+        let built_in = Meter::BUILT_IN.into_iter().filter(|m| *m != Meter::Concurrent);
+        built_in
+            .map(|m| m.as_str())
+            .chain(self.declared.keys().map(String::as_str))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// The settings' `[meters]` table: `[meters.tokens]` with `unit = "tokens"`.
+impl<'de> Deserialize<'de> for Meters {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Declaration {
+            /// What one unit is called in headers and refusals (`tokens`).
+            unit: String,
+        }
+        let table = BTreeMap::<String, Declaration>::deserialize(deserializer)?;
+        Ok(Meters::declare(
+            table.iter().map(|(name, d)| (name.as_str(), d.unit.as_str())),
+        ))
     }
 }
 

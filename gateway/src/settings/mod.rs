@@ -34,6 +34,10 @@ pub struct GatewaySettings {
     /// Where rate-limit counters live (`local` or `redis`) and what happens when Redis fails.
     #[serde(default)]
     pub limits: crate::limits::LimitsSettings,
+    /// Meters beyond the built-in ones (`[meters.tokens]` with `unit = "tokens"`): what
+    /// routes may charge, limits may count and upstreams may report in `x-tollgate-cost`.
+    #[serde(default)]
+    pub meters: crate::limits::Meters,
     /// Plans by name; a consumer's `plan` metadata picks one.
     #[serde(default)]
     pub plans: std::collections::BTreeMap<String, crate::limits::PlanSettings>,
@@ -324,8 +328,10 @@ pub struct ListenerSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PublicSettings {
-    /// Address of the plain HTTP listener (HTTP/1.1 and h2c), `ip:port`.
-    pub listen: String,
+    /// Address of the plain HTTP listener (HTTP/1.1 and h2c), `ip:port`. Left out, the
+    /// gateway serves TLS only, and `[public.tls]` is required.
+    #[serde(default)]
+    pub listen: Option<String>,
     /// A TLS listener beside it (HTTP/1.1 and h2 by ALPN); none without this section.
     #[serde(default)]
     pub tls: Option<crate::tls::TlsListenerSettings>,
@@ -364,10 +370,20 @@ impl Validate for GatewaySettings {
         if self.service.id.trim().is_empty() {
             return Err(Invalid::new("service.id", &self.service.id, "a non-empty gateway id"));
         }
-        let public = socket_addr("public.listen", &self.public.listen)?;
+        let public = match &self.public.listen {
+            Some(listen) => Some(socket_addr("public.listen", listen)?),
+            None if self.public.tls.is_none() => {
+                return Err(Invalid::new(
+                    "public.listen",
+                    "nothing",
+                    "an address for plain HTTP, or a [public.tls] listener (or both)",
+                ))
+            }
+            None => None,
+        };
         let admin = socket_addr("admin.listen", &self.admin.listen)?;
         // Port 0 asks the OS for a free port, distinct for each listener.
-        if public == admin && public.port() != 0 {
+        if public == Some(admin) && admin.port() != 0 {
             return Err(Invalid::new(
                 "admin.listen",
                 &self.admin.listen,
@@ -377,7 +393,7 @@ impl Validate for GatewaySettings {
         if let Some(tls) = &self.public.tls {
             tls.validate()?;
             let addr = socket_addr("public.tls.listen", &tls.listen)?;
-            if addr.port() != 0 && (addr == public || addr == admin) {
+            if addr.port() != 0 && (Some(addr) == public || addr == admin) {
                 return Err(Invalid::new(
                     "public.tls.listen",
                     &tls.listen,
@@ -496,8 +512,9 @@ impl Validate for GatewaySettings {
         if let Some(budgets) = &self.budgets {
             budgets.validate("budgets")?;
         }
+        self.meters.validate("meters")?;
         for (name, plan) in &self.plans {
-            plan.validate(&format!("plans.{name}"))?;
+            plan.validate(&format!("plans.{name}"), &self.meters)?;
         }
         // Required: a consumer whose metadata names no plan must still be limited by one, or
         // an admin typo would make a tenant unlimited.
@@ -556,7 +573,7 @@ impl Validate for GatewaySettings {
                 http_url(&format!("routes[{i}].upstreams.{name}"), url)?;
             }
             in_range(&format!("routes[{i}].timeout_ms"), route.timeout_ms, 10, 3_600_000)?;
-            crate::limits::validate_route_cost(&format!("routes[{i}].cost"), &route.cost)?;
+            crate::limits::validate_route_cost(&format!("routes[{i}].cost"), &route.cost, &self.meters)?;
         }
         Ok(())
     }

@@ -13,7 +13,7 @@ fn load(text: &str) -> Result<GatewaySettings, String> {
 #[test]
 fn example_config_is_valid() {
     let s = load(EXAMPLE).unwrap();
-    assert_eq!(s.public.listen, "127.0.0.1:8080");
+    assert_eq!(s.public.listen.as_deref(), Some("127.0.0.1:8080"));
     assert_eq!(s.admin.listen, "127.0.0.1:8081");
     assert!(s.routes.iter().any(|r| r.path == "/v1/"));
 }
