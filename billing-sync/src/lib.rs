@@ -34,6 +34,7 @@ pub mod usage;
 pub mod window;
 // Spend and quota alerts: the same prices and usage, compared with budgets and quotas.
 pub mod alerts;
+pub mod gateway_file;
 
 use std::time::Duration;
 
@@ -162,7 +163,7 @@ pub async fn run(settings: BillingSettings, api_key: String, shutdown: Shutdown)
     // Settings validation guarantees a provisioner (catalogue and keys follower) with alerts.
     let alerts_task = match (&settings.alerts, &provisioner, alert_secret) {
         (Some(alerts), Some(provisioner), Some(secret)) => {
-            let quota_plans = match &alerts.gateway_settings {
+            let quota_plans = match &settings.gateway_settings {
                 Some(path) => alerts::observe::QuotaPlans::load(path)?,
                 None => alerts::observe::QuotaPlans::default(),
             };

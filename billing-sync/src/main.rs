@@ -65,9 +65,12 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     if let Some(catalogue) = settings.catalogue.as_mut() {
         relative(&mut catalogue.path);
     }
+    settings.gateway_settings.as_mut().map(relative);
     if let Some(alerts) = settings.alerts.as_mut() {
-        alerts.gateway_settings.as_mut().map(relative);
         alerts.webhook_secret_file.as_mut().map(relative);
+    }
+    if let Some(gateway) = &settings.gateway_settings {
+        tollgate_billing_sync::gateway_file::check_meters(gateway, &settings.meters)?;
     }
     let api_key = std::env::var(STRIPE_KEY_ENV).unwrap_or_default();
     match args.command {

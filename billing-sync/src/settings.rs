@@ -18,6 +18,11 @@ pub struct BillingSettings {
     pub stripe: StripeSettings,
     #[serde(default)]
     pub billing: WindowSettings,
+    /// The gateway's settings file: every `[[meters]]` entry must be a meter it counts, and
+    /// the quota alerts watch its plans' limits (only `[meters]` and `[plans.*]` are read).
+    /// Without it neither is known here. Relative: from this file's directory.
+    #[serde(default)]
+    pub gateway_settings: Option<PathBuf>,
     /// Meters pushed to Stripe, one meter event name each.
     pub meters: Vec<MeterSettings>,
     pub admin: AdminSettings,

@@ -7,13 +7,40 @@ use tollgate_test_support::service::run_with_settings;
 const EXAMPLE: &str = include_str!("../../config/billing-sync.toml");
 const BIN: &str = env!("CARGO_BIN_EXE_tollgate-billing-sync");
 
-/// The example on a free port, its catalogue named by absolute path (the settings file is
-/// written to a temporary directory, and a relative catalogue path is read from there).
+/// The example on a free port, its catalogue and the gateway's settings named by absolute
+/// path (the settings file is written to a temporary directory, and relative paths are read
+/// from there).
 fn example_on_free_port() -> String {
-    EXAMPLE.replace("127.0.0.1:9102", "127.0.0.1:0").replace(
-        "path = \"plans.toml\"",
-        &format!("path = \"{}/../config/plans.toml\"", env!("CARGO_MANIFEST_DIR")),
-    )
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../config");
+    EXAMPLE
+        .replace("127.0.0.1:9102", "127.0.0.1:0")
+        .replace("path = \"plans.toml\"", &format!("path = \"{config}/plans.toml\""))
+        .replace(
+            "gateway_settings = \"gateway.toml\"",
+            &format!("gateway_settings = \"{config}/gateway.toml\""),
+        )
+}
+
+#[test]
+fn a_billing_meter_the_gateway_does_not_count_is_refused() {
+    let settings = example_on_free_port().replace("meter = \"tokens\"", "meter = \"tokenz\"");
+    let exit = run_with_settings(
+        BIN,
+        &settings,
+        &[("TOLLGATE_STRIPE_API_KEY", "sk_test_123")],
+        Duration::from_secs(20),
+    );
+    assert_eq!(exit.code, Some(1), "{}", exit.stderr);
+    assert!(
+        exit.last_line.contains("meters[2].meter") && exit.last_line.contains("a meter the gateway counts"),
+        "{}",
+        exit.last_line
+    );
+    assert!(
+        exit.last_line.contains("tokens"),
+        "the message lists what is counted: {}",
+        exit.last_line
+    );
 }
 
 #[test]

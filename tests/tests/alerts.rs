@@ -47,6 +47,8 @@ fn billing(stack: &CappedStack, webhook_url: &str) -> (ServiceProcess, String) {
         &config,
         format!(
             r#"
+gateway_settings = "{gateway_settings}"
+
 [clickhouse]
 url = "{clickhouse}"
 database = "{database}"
@@ -80,7 +82,6 @@ brokers = "{kafka}"
 
 [alerts]
 webhook_url = "{webhook_url}"
-gateway_settings = "{gateway_settings}"
 check_interval_secs = 1
 initial_backoff_ms = 50
 max_backoff_ms = 200

@@ -208,6 +208,14 @@ fn a_refused_start_is_one_json_error_line_too() {
     let catalogue = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/plans.toml");
     let settings = include_str!("../../config/billing-sync.toml")
         .replace("path = \"plans.toml\"", &format!("path = \"{catalogue}\""))
+        .replace(
+            "gateway_settings = \"gateway.toml\"",
+            concat!(
+                "gateway_settings = \"",
+                env!("CARGO_MANIFEST_DIR"),
+                "/../config/gateway.toml\""
+            ),
+        )
         .replace("127.0.0.1:9102", "127.0.0.1:0")
         .replace("http://127.0.0.1:8123", "http://127.0.0.1:1");
     let exit = tollgate_tests::service::run_with_settings(

@@ -25,6 +25,14 @@ fn billing_settings() -> String {
     let catalogue = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/plans.toml");
     include_str!("../../config/billing-sync.toml")
         .replace("path = \"plans.toml\"", &format!("path = \"{catalogue}\""))
+        .replace(
+            "gateway_settings = \"gateway.toml\"",
+            concat!(
+                "gateway_settings = \"",
+                env!("CARGO_MANIFEST_DIR"),
+                "/../config/gateway.toml\""
+            ),
+        )
         .replace("127.0.0.1:9102", "127.0.0.1:0")
 }
 

@@ -23,9 +23,9 @@ pub type TenantUnits = BTreeMap<String, BTreeMap<String, i64>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlansError {
-    #[error("alerts.gateway_settings {path}: cannot read: {error}")]
+    #[error("gateway_settings {path}: cannot read: {error}")]
     Read { path: String, error: std::io::Error },
-    #[error("alerts.gateway_settings {path}: {message}")]
+    #[error("gateway_settings {path}: {message}")]
     Parse { path: String, message: String },
 }
 

@@ -24,10 +24,6 @@ pub struct AlertsSettings {
     /// directory.
     #[serde(default)]
     pub webhook_secret_file: Option<PathBuf>,
-    /// The gateway's settings file, whose `[plans.*]` limits the quota alerts watch (only that
-    /// table is read); without it only spend alerts fire. Relative: from this file's directory.
-    #[serde(default)]
-    pub gateway_settings: Option<PathBuf>,
     /// Percentages of a calendar `day` / `month` quota that raise an alert, ascending.
     #[serde(default = "default_quota_thresholds")]
     pub quota_thresholds: Vec<u32>,
