@@ -57,6 +57,11 @@ pub struct RouteSettings {
     /// type `application/x-www-form-urlencoded` or `application/json` (top-level member).
     #[serde(default)]
     pub check_body_tenant: bool,
+    /// Origins of browser pages that may call this route (`https://portal.example.com`):
+    /// the gateway answers their CORS preflights and lets them read its answers. The tenant
+    /// portal's try-it console needs the portal's origin here. Empty: no CORS.
+    #[serde(default)]
+    pub cors_origins: Vec<String>,
 }
 
 /// What a route does with `%2F` inside a path segment.
@@ -91,6 +96,7 @@ impl Default for RouteSettings {
             escaped_slashes: EscapedSlashes::default(),
             non_ascii: NonAscii::default(),
             check_body_tenant: false,
+            cors_origins: Vec::new(),
         }
     }
 }

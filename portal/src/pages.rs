@@ -355,11 +355,15 @@ pub async fn docs(AxumState(state): AxumState<State>, authed: Result<Authed, Pro
     let base = state.settings.gateway.public_url.trim_end_matches('/');
     let info = &doc["info"];
     let mut body = format!(
-        "<p><strong>{}</strong> {}</p><p>{}</p><p>Base URL <code>{}</code>. Replace <code>{}</code> with your key.</p>",
+        "<p><strong>{}</strong> {}</p><p>{}</p><p>Base URL <code>{}</code>. Replace <code>{}</code> with your key.</p>\
+         <form id=\"try-key\" class=\"try-key\" autocomplete=\"off\"><label>Your API key, to try requests from this page \
+         <input type=\"password\" name=\"key\" autocomplete=\"off\" spellcheck=\"false\" placeholder=\"{}\"></label>\
+         <small>Sent only to the gateway with each request you try; never stored, not even in this browser.</small></form>",
         text(&info["title"]),
         text(&info["version"]),
         text(&info["description"]),
         escape(base),
+        escape(&key),
         escape(&key)
     );
     for (path, item) in doc["paths"].as_object().into_iter().flatten() {
@@ -381,10 +385,29 @@ pub async fn docs(AxumState(state): AxumState<State>, authed: Result<Authed, Pro
             for (lang, code) in samples(method, &url, &key) {
                 body.push_str(&format!("<h3>{lang}</h3><pre><code>{}</code></pre>", escape(&code)));
             }
+            body.push_str(&try_it(method, &url));
             body.push_str("</div></section>");
         }
     }
     page(&authed, "API docs", "/docs", &body)
+}
+
+/// The try-it console of one operation: the request is sent by the page's script straight to
+/// the gateway (which must list the portal's origin in the route's `cors_origins`), with the
+/// key typed above; the portal never sees the key or the answer.
+fn try_it(method: &str, url: &str) -> String {
+    let body = if matches!(method, "post" | "put" | "patch") {
+        "<label>Body (JSON) <textarea name=\"body\" rows=\"3\">{}</textarea></label>"
+    } else {
+        ""
+    };
+    format!(
+        "<form class=\"try\" data-method=\"{m}\" data-url=\"{u}\"><h3>Try it</h3>{body}\
+         <button type=\"submit\">Send {M}</button><output hidden><p class=\"status\"></p><pre class=\"answer\"></pre></output></form>",
+        m = escape(&method.to_ascii_uppercase()),
+        M = escape(&method.to_ascii_uppercase()),
+        u = escape(url)
+    )
 }
 
 /// `GET /api/openapi-tenant.json`: the operator's document, for a session holder.

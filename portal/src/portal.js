@@ -58,4 +58,36 @@
       }
     } catch (err) { alert(err.message); }
   });
+  // Try-it console (docs page): the request goes from this page to the gateway with the key
+  // typed in the field; nothing is stored and nothing passes through the portal.
+  document.addEventListener('submit', async (e) => {
+    const form = e.target.closest('form.try');
+    if (!form) return;
+    e.preventDefault();
+    const out = form.querySelector('output');
+    const status = out.querySelector('.status');
+    const answer = out.querySelector('.answer');
+    out.hidden = false;
+    const key = document.querySelector('#try-key input[name="key"]').value.trim();
+    if (!key) { status.textContent = 'Type your API key above first.'; answer.textContent = ''; return; }
+    const init = { method: form.dataset.method, headers: { 'Authorization': 'Bearer ' + key }, credentials: 'omit' };
+    if (form.elements.body) {
+      init.headers['Content-Type'] = 'application/json';
+      init.body = form.elements.body.value || '{}';
+    }
+    status.textContent = 'Sending…';
+    answer.textContent = '';
+    try {
+      const r = await fetch(form.dataset.url, init);
+      const shown = ['ratelimit', 'ratelimit-policy', 'retry-after', 'x-request-id']
+        .filter((h) => r.headers.get(h) !== null)
+        .map((h) => h + ': ' + r.headers.get(h));
+      let text = await r.text();
+      try { text = JSON.stringify(JSON.parse(text), null, 2); } catch (_) { /* not JSON: as sent */ }
+      status.textContent = r.status + ' ' + r.statusText;
+      answer.textContent = shown.join('\n') + (shown.length ? '\n\n' : '') + text;
+    } catch (err) {
+      status.textContent = 'No answer: the gateway refused this page (its route needs this portal in cors_origins) or is unreachable.';
+    }
+  });
 })();

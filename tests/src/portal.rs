@@ -36,7 +36,17 @@ impl PortalStack {
         let stack = CappedStack::start(prefix).await;
         let portal_port = free_port();
         let url = format!("http://127.0.0.1:{portal_port}");
-        let mut gateway = stack.gateway("gateway", ADMIN_TOKEN, &[("TOLLGATE_PORTAL__URL", url.as_str())]);
+        // The portal's pages may call both API routes (its try-it console).
+        let origins = format!("[\"{url}\"]");
+        let mut gateway = stack.gateway(
+            "gateway",
+            ADMIN_TOKEN,
+            &[
+                ("TOLLGATE_PORTAL__URL", url.as_str()),
+                ("TOLLGATE_ROUTES__0__CORS_ORIGINS", origins.as_str()),
+                ("TOLLGATE_ROUTES__1__CORS_ORIGINS", origins.as_str()),
+            ],
+        );
         gateway.process.start().await;
         let mut portal = portal_process(&stack, &gateway, portal_port, session_ttl_secs);
         portal.start().await;

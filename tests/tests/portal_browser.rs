@@ -317,6 +317,63 @@ async fn a_tenant_uses_the_portal_in_a_browser() {
     assert!(docs.contains("tg_"), "a key prefix placeholder");
     shot(&browser, "7-docs").await;
 
+    // The try-it console: with a key typed in, a GET and a POST go from the page to the
+    // gateway (its CORS grant for the portal's origin) and their answers are shown.
+    let created = s.admin("POST", "/v1/consumers/web-acme/keys", Some(json!({}))).await;
+    assert_eq!(created.status, 201, "{}", created.text());
+    let try_key = created.json()["key"].as_str().expect("plaintext").to_owned();
+    browser
+        .find(Locator::Css("#try-key input[name=key]"))
+        .await
+        .unwrap()
+        .send_keys(&try_key)
+        .await
+        .unwrap();
+    for (form, method, path) in [
+        ("form.try[data-method=GET][data-url$='/v1/hello']", "GET", "/v1/hello"),
+        (
+            "form.try[data-method=POST][data-url$='/v1/tenants/t-web-acme/reports']",
+            "POST",
+            "/v1/tenants/t-web-acme/reports",
+        ),
+    ] {
+        browser
+            .find(Locator::Css(&format!("{form} button")))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        let answer = eventually(&format!("the {method} answer is shown"), DEADLINE, || async {
+            let status = current_text(&browser, &format!("{form} output .status")).await?;
+            status.starts_with("200").then_some(())?;
+            current_text(&browser, &format!("{form} output .answer")).await
+        })
+        .await;
+        assert!(
+            answer.contains("ratelimit: "),
+            "the limit headers are readable: {answer}"
+        );
+        let echo: Value = serde_json::from_str(answer.rsplit("\n\n").next().unwrap_or_default())
+            .unwrap_or_else(|e| panic!("the echoed request as JSON ({e}): {answer}"));
+        assert_eq!(
+            (echo["method"].as_str(), echo["path"].as_str()),
+            (Some(method), Some(path))
+        );
+        assert!(
+            echo["headers"].get("authorization").is_none(),
+            "the key reached the gateway, never the upstream: {echo}"
+        );
+    }
+    browser
+        .execute(
+            "document.querySelector(\"form.try[data-method=POST] output\").scrollIntoView({block: 'center'})",
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+    shot(&browser, "7b-docs-try-it").await;
+
     // The used link again: a clear page.
     browser.goto(&link).await.unwrap();
     assert!(text_of(&browser, "main").await.contains("cannot be used"));

@@ -18,6 +18,7 @@ mod authenticate;
 mod body;
 pub mod canonical;
 mod cap;
+mod cors;
 mod forward;
 pub mod headers;
 mod isolate;
@@ -39,6 +40,7 @@ use hyper::{Request, Response};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use self::admit::LimitCharge;
+pub use self::cors::valid_origin;
 pub use self::forward::{sign, HyperUpstream, Upstream, UpstreamFuture};
 use crate::directory::{Directory, Identity};
 use crate::events::UsageSink;
@@ -84,6 +86,8 @@ pub struct RequestContext {
     pub spend: Option<crate::spend::Reservation>,
     /// The request came on the TLS listener (forwarded as `proto=https`).
     pub over_tls: bool,
+    /// The page origin the route lets read this answer (`cors_origins`).
+    pub cors_origin: Option<String>,
 }
 
 /// One set of checked limits, shared by the requests it applies to.
@@ -204,9 +208,15 @@ impl Proxy {
         self.check_request_headers(req.headers())?;
 
         // 2. Canonical path, then route: only configured upstreams are reachable, and the path
-        //    routed on is the one forwarded.
-        let (path, matched) = self.route(&req, ctx)?;
+        //    routed on is the one forwarded. A CORS preflight is routed as the request it asks
+        //    about and answered here: it carries no key, and nothing of it reaches an upstream.
+        let preflight = cors::preflight_method(&req);
+        let (path, matched) = self.route(&req, preflight.as_deref(), ctx)?;
         ctx.path = path.encoded;
+        ctx.cors_origin = cors::allowed_origin(req.headers(), &matched.route.settings);
+        if preflight.is_some() {
+            return self.preflight(&matched.route.settings, ctx);
+        }
 
         // 3. Authentication: identity comes only from the key.
         let identity = self.authenticate(req.headers())?;

@@ -15,15 +15,17 @@ use crate::routes::{EscapedSlashes, Matched, Miss, NonAscii};
 
 impl Proxy {
     /// The canonical path, the route serving it, and the route's path policies applied.
+    /// Routes `req` as a request of `method` when given (a preflight's), else of its own.
     pub(super) fn route(
         &self,
         req: &Request<RequestBody>,
+        method: Option<&str>,
         ctx: &mut RequestContext,
     ) -> Result<(CanonicalPath, Matched), Problem> {
         let path = canonicalize(req.uri().path()).map_err(|why| self.path_refused(why))?;
         let matched = self
             .routes
-            .find(req.method().as_str(), &path.segments)
+            .find(method.unwrap_or(req.method().as_str()), &path.segments)
             .map_err(miss_problem)?;
         ctx.route = Some(std::sync::Arc::clone(&matched.route));
         let settings = &matched.route.settings;

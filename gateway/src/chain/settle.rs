@@ -71,6 +71,9 @@ impl Proxy {
         if let Ok(value) = HeaderValue::from_str(&ctx.request_id) {
             response.headers_mut().insert("x-request-id", value);
         }
+        if let Some(origin) = &ctx.cors_origin {
+            super::cors::expose(response.headers_mut(), origin);
+        }
         // Every response after a limit decision says where the tenant stands.
         let mut release = None;
         if let Some(limits) = ctx.limits.take() {

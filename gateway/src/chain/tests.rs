@@ -411,3 +411,128 @@ async fn every_key_of_a_tenant_is_limited_by_one_plan_and_a_consumer_without_one
         assert_eq!(h.seen().last().unwrap().headers["x-tollgate-plan"], "free");
     }
 }
+
+/// The example's grant for the stack's portal, on its two API routes.
+const EXAMPLE_ORIGINS: &str = "cors_origins = [\"http://127.0.0.1:8082\"]\n";
+
+/// The example with another portal's origin allowed on the first route (`/v1/`), which then
+/// serves GET only, and no origin on the tenant-scoped route.
+fn with_cors(text: &str) -> String {
+    assert_eq!(
+        text.matches(EXAMPLE_ORIGINS).count(),
+        2,
+        "the example grants two routes"
+    );
+    text.replacen(
+        EXAMPLE_ORIGINS,
+        "methods = [\"GET\"]\ncors_origins = [\"https://portal.example.com\"]\n",
+        1,
+    )
+    .replacen(EXAMPLE_ORIGINS, "", 1)
+}
+
+const PORTAL: &str = "https://portal.example.com";
+
+#[tokio::test]
+async fn an_allowed_origin_gets_its_preflight_answered_at_the_edge_and_reads_every_answer() {
+    let h = Harness::with(with_cors);
+    let asks = |origin: &'static str| {
+        [
+            ("origin", origin),
+            ("access-control-request-method", "GET"),
+            ("access-control-request-headers", "authorization"),
+        ]
+    };
+    // The preflight carries no key, is routed as the GET it asks about, never reaches the
+    // upstream, and says what may be sent.
+    let preflight = h
+        .send_raw("OPTIONS", "/v1/orders", &asks(PORTAL), Full::new(Bytes::new()))
+        .await;
+    assert_eq!(preflight.status, 204);
+    assert_eq!(preflight.header("access-control-allow-origin"), Some(PORTAL));
+    assert_eq!(preflight.header("access-control-allow-methods"), Some("GET"));
+    let allowed_headers = preflight.header("access-control-allow-headers").unwrap_or_default();
+    assert!(allowed_headers.contains("authorization") && allowed_headers.contains("x-api-key"));
+    assert!(preflight.header("access-control-allow-credentials").is_none());
+    assert!(h.seen().is_empty(), "a preflight never reaches the upstream");
+    assert!(!h.last_event().billable);
+
+    // The answers themselves, refusals included, are readable by the page, limits too.
+    let ok = h.send("GET", "/v1/orders", &[("origin", PORTAL)], b"").await;
+    assert_eq!(ok.status, 200);
+    assert_eq!(ok.header("access-control-allow-origin"), Some(PORTAL));
+    assert!(ok
+        .header("access-control-expose-headers")
+        .is_some_and(|h| h.contains("ratelimit")));
+    assert_eq!(ok.header("vary"), Some("origin"));
+    let refused = h
+        .send_raw("GET", "/v1/orders", &[("origin", PORTAL)], Full::new(Bytes::new()))
+        .await;
+    assert_eq!(refused.status, 401);
+    assert_eq!(refused.header("access-control-allow-origin"), Some(PORTAL));
+}
+
+#[tokio::test]
+async fn other_origins_and_other_routes_get_no_grant() {
+    let h = Harness::with(with_cors);
+    let preflight = |origin: &'static str, target: &'static str| {
+        let h = &h;
+        async move {
+            h.send_raw(
+                "OPTIONS",
+                target,
+                &[("origin", origin), ("access-control-request-method", "GET")],
+                Full::new(Bytes::new()),
+            )
+            .await
+        }
+    };
+    // Another origin, a look-alike, and a route that names no origin: refused, no grant.
+    for (origin, target) in [
+        ("https://evil.example.com", "/v1/orders"),
+        ("https://portal.example.com.evil.example", "/v1/orders"),
+        ("null", "/v1/orders"),
+        (PORTAL, "/v1/tenants/t_acme/orders"),
+    ] {
+        let reply = preflight(origin, target).await;
+        assert_eq!(reply.status, 403, "{origin} {target}");
+        assert!(reply.json()["type"].as_str().unwrap().ends_with("cors-origin-refused"));
+        assert!(
+            reply.header("access-control-allow-origin").is_none(),
+            "{origin} {target}"
+        );
+    }
+    let ok = h
+        .send("GET", "/v1/orders", &[("origin", "https://evil.example.com")], b"")
+        .await;
+    assert_eq!(
+        ok.status, 200,
+        "a request is served whatever its origin: the key decides"
+    );
+    assert!(ok.header("access-control-allow-origin").is_none());
+    // An OPTIONS that is not a preflight is an ordinary request: it needs a key.
+    let plain = h
+        .send_raw("OPTIONS", "/v1/tenants/t_acme/orders", &[], Full::new(Bytes::new()))
+        .await;
+    assert_eq!(plain.status, 401);
+    assert_eq!(h.seen().len(), 1, "only the keyed GET reached the upstream");
+    // A preflight for a method the route does not serve is the route's 405.
+    let post = h
+        .send_raw(
+            "OPTIONS",
+            "/v1/orders",
+            &[("origin", PORTAL), ("access-control-request-method", "POST")],
+            Full::new(Bytes::new()),
+        )
+        .await;
+    assert_eq!(post.status, 405);
+}
+
+#[test]
+fn a_route_origin_must_be_one_browsers_send() {
+    let text = EXAMPLE.replacen(EXAMPLE_ORIGINS, "cors_origins = [\"https://portal.example.com/\"]\n", 1);
+    let err = tollgate_runtime::settings::from_str_with_env::<GatewaySettings>(&text, "gateway.toml", Vec::new())
+        .expect_err("refused")
+        .to_string();
+    assert!(err.contains("routes[0].cors_origins[0]"), "{err}");
+}

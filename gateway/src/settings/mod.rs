@@ -573,6 +573,15 @@ impl Validate for GatewaySettings {
                 http_url(&format!("routes[{i}].upstreams.{name}"), url)?;
             }
             in_range(&format!("routes[{i}].timeout_ms"), route.timeout_ms, 10, 3_600_000)?;
+            for (j, origin) in route.cors_origins.iter().enumerate() {
+                if !crate::chain::valid_origin(origin) {
+                    return Err(Invalid::new(
+                        format!("routes[{i}].cors_origins[{j}]"),
+                        origin,
+                        "an origin as browsers send it: http(s)://host[:port], lower-case, no path",
+                    ));
+                }
+            }
             crate::limits::validate_route_cost(&format!("routes[{i}].cost"), &route.cost, &self.meters)?;
         }
         Ok(())
