@@ -19,6 +19,12 @@
 //! outcome we wanted, so it counts as success. No lock is needed, and none would survive a
 //! crash of its holder anyway.
 //!
+//! Idempotent statements can still interleave badly. While one instance replaces a view
+//! (version 4 drops `invoice_preview` and creates its new form), another still running version
+//! 3 can create the old form in between; the first one's next statement, reading the new form,
+//! fails. [`migrate`] then starts again from the versions recorded, a few times: it re-runs
+//! the whole version, whose drop and create leave the new form, so the instances converge.
+//!
 //! # Compatibility
 //! Every statement runs on Debian's ClickHouse 18.16 and on current releases: `DateTime`
 //! (seconds) plus a millisecond column instead of `DateTime64`, `Nested` instead of `Map`, no
@@ -385,6 +391,21 @@ struct AppliedRow<'a> {
 /// Brings the database to the latest schema version. Idempotent; safe to run from several
 /// instances at once (see the module docs).
 pub async fn migrate(client: &Client) -> Result<(), SchemaError> {
+    const ATTEMPTS: u32 = 5;
+    let mut attempt = 1;
+    loop {
+        match migrate_once(client).await {
+            Err(err @ SchemaError::Statement { .. }) if attempt < ATTEMPTS => {
+                tracing::warn!(error = %err, attempt, "schema migration interleaved with another instance's; again");
+                tokio::time::sleep(std::time::Duration::from_millis(200 * u64::from(attempt))).await;
+                attempt += 1;
+            }
+            done => return done,
+        }
+    }
+}
+
+async fn migrate_once(client: &Client) -> Result<(), SchemaError> {
     client
         .query(
             "CREATE TABLE IF NOT EXISTS schema_migrations (
