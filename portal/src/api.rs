@@ -70,7 +70,7 @@ impl Authed {
 }
 
 /// The session as `GET /api/session` shows it.
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SessionView {
     pub consumer: String,
@@ -153,6 +153,15 @@ pub async fn open_link(AxumState(state): AxumState<State>, Path(token): Path<Str
 }
 
 /// `GET /api/session`.
+#[utoipa::path(
+    get,
+    path = "/api/session",
+    summary = "The session: its consumer, tenant, CSRF token and expiry",
+    responses(
+        (status = 200, description = "the session", body = SessionView),
+        (status = 401, description = "no live portal session", body = tollgate_runtime::admin_api::Problem, content_type = "application/problem+json")
+    )
+)]
 pub async fn session(authed: Authed) -> Json<SessionView> {
     let s = authed.session;
     Json(SessionView {
@@ -164,6 +173,16 @@ pub async fn session(authed: Authed) -> Json<SessionView> {
 }
 
 /// `DELETE /api/session`: signs out.
+#[utoipa::path(
+    delete,
+    path = "/api/session",
+    summary = "Sign out",
+    responses(
+        (status = 204, description = "signed out; the cookie is cleared"),
+        (status = 401, description = "no live portal session", body = tollgate_runtime::admin_api::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "X-CSRF-Token is missing or not the session's", body = tollgate_runtime::admin_api::Problem, content_type = "application/problem+json")
+    )
+)]
 pub async fn sign_out(
     AxumState(state): AxumState<State>,
     authed: Authed,
@@ -214,12 +233,22 @@ fn pass(reply: Result<AdminReply, crate::admin_client::AdminError>, what: &'stat
 }
 
 /// `GET /api/keys`: the session's consumer's keys (never a secret: the admin API has none).
+#[utoipa::path(
+    get,
+    path = "/api/keys",
+    summary = "The consumer's keys (never their secrets)",
+    responses(
+        (status = 200, description = "the keys", body = tollgate_runtime::admin_api::KeyList),
+        (status = 401, description = "no live portal session", body = tollgate_runtime::admin_api::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the gateway's admin API is unavailable", body = tollgate_runtime::admin_api::Problem, content_type = "application/problem+json")
+    )
+)]
 pub async fn list_keys(AxumState(state): AxumState<State>, authed: Authed) -> Result<Response, Problem> {
     let path = AdminClient::consumer_path(&authed.session.consumer, "/keys");
     pass(state.admin.call(Method::GET, &path, None, None).await, "the key list")
 }
 
-#[derive(Deserialize, Serialize)]
+#[derive(Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct NewKey {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -230,6 +259,20 @@ pub struct NewKey {
 }
 
 /// `POST /api/keys`: a new key; its plaintext is in this answer only.
+#[utoipa::path(
+    post,
+    path = "/api/keys",
+    summary = "Issue a key; the answer is the only place it is ever shown",
+    request_body = NewKey,
+    responses(
+        (status = 201, description = "the key, with `key`", body = tollgate_runtime::admin_api::ApiKey),
+        (status = 400, description = "the body or a value in it is not acceptable", body = tollgate_runtime::admin_api::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "no live portal session", body = tollgate_runtime::admin_api::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "X-CSRF-Token is missing or not the session's", body = tollgate_runtime::admin_api::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "the body is not sent as JSON", body = tollgate_runtime::admin_api::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the gateway's admin API is unavailable", body = tollgate_runtime::admin_api::Problem, content_type = "application/problem+json")
+    )
+)]
 pub async fn create_key(
     AxumState(state): AxumState<State>,
     authed: Authed,
@@ -252,7 +295,7 @@ pub async fn create_key(
     )
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RollKey {
     /// How long the old key keeps working, in seconds (0: it stops now).
@@ -261,6 +304,22 @@ pub struct RollKey {
 }
 
 /// `POST /api/keys/{id}/roll`: a new key; the old one works for the grace period chosen.
+#[utoipa::path(
+    post,
+    path = "/api/keys/{id}/roll",
+    summary = "Replace a key; the old one works for the grace period chosen",
+    params(("id" = String, Path, description = "the key's id")),
+    request_body = RollKey,
+    responses(
+        (status = 201, description = "the new key, with `key`", body = tollgate_runtime::admin_api::ApiKey),
+        (status = 400, description = "the body or a value in it is not acceptable", body = tollgate_runtime::admin_api::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "no live portal session", body = tollgate_runtime::admin_api::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "X-CSRF-Token is missing or not the session's", body = tollgate_runtime::admin_api::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such key of this consumer", body = tollgate_runtime::admin_api::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "the body is not sent as JSON", body = tollgate_runtime::admin_api::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the gateway's admin API is unavailable", body = tollgate_runtime::admin_api::Problem, content_type = "application/problem+json")
+    )
+)]
 pub async fn roll_key(
     AxumState(state): AxumState<State>,
     authed: Authed,
@@ -298,6 +357,19 @@ pub async fn roll_key(
 }
 
 /// `DELETE /api/keys/{id}`: revokes at once, on every gateway.
+#[utoipa::path(
+    delete,
+    path = "/api/keys/{id}",
+    summary = "Revoke a key at once, on every gateway",
+    params(("id" = String, Path, description = "the key's id")),
+    responses(
+        (status = 204, description = "revoked"),
+        (status = 401, description = "no live portal session", body = tollgate_runtime::admin_api::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "X-CSRF-Token is missing or not the session's", body = tollgate_runtime::admin_api::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such key of this consumer", body = tollgate_runtime::admin_api::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the gateway's admin API is unavailable", body = tollgate_runtime::admin_api::Problem, content_type = "application/problem+json")
+    )
+)]
 pub async fn revoke_key(
     AxumState(state): AxumState<State>,
     authed: Authed,
@@ -319,6 +391,16 @@ pub async fn revoke_key(
 }
 
 /// `GET /api/limits`: every limit of the tenant's plan, live (read without charging).
+#[utoipa::path(
+    get,
+    path = "/api/limits",
+    summary = "Every limit of the tenant's plan, live, read without charging",
+    responses(
+        (status = 200, description = "the limit status", body = tollgate_runtime::admin_api::LimitStatus),
+        (status = 401, description = "no live portal session", body = tollgate_runtime::admin_api::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the gateway's admin API is unavailable", body = tollgate_runtime::admin_api::Problem, content_type = "application/problem+json")
+    )
+)]
 pub async fn limits(AxumState(state): AxumState<State>, authed: Authed) -> Result<Response, Problem> {
     let path = AdminClient::consumer_path(&authed.session.consumer, "/limits");
     pass(

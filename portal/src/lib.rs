@@ -27,7 +27,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::routing::{get, post};
+use axum::routing::get;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use axum::Router;
 use tollgate_runtime::shutdown::Shutdown;
 
@@ -93,19 +95,59 @@ impl Portal {
     }
 }
 
-/// The portal's routes.
+/// The portal's JSON API, as an OpenAPI 3.1 document: the `/api/` routes are registered
+/// from their handlers' annotations ([`app`]), so the document lists exactly what is served.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "Tollgate portal API",
+        description = "A tenant's keys, usage and live limits, for the consumer of the session. \
+            Every call needs the session cookie that a portal link sets; every state-changing \
+            call also needs the session's CSRF token (GET /api/session) in X-CSRF-Token. Every \
+            refusal is an RFC 9457 problem."
+    ),
+    modifiers(&SessionCookie),
+    security(("session" = []))
+)]
+pub struct PortalApi;
+
+struct SessionCookie;
+
+impl utoipa::Modify for SessionCookie {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "session",
+            SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::new(sessions::COOKIE))),
+        );
+    }
+}
+
+/// The portal's routes, and the OpenAPI document of its `/api/` ones.
 pub fn app(state: State) -> Router {
+    let (api_routes, document) = OpenApiRouter::with_openapi(<PortalApi as utoipa::OpenApi>::openapi())
+        .routes(routes!(api::session, api::sign_out))
+        .routes(routes!(api::list_keys, api::create_key))
+        .routes(routes!(api::roll_key))
+        .routes(routes!(api::revoke_key))
+        .routes(routes!(api::limits))
+        .routes(routes!(usage::usage_json))
+        .routes(routes!(usage::usage_csv))
+        .split_for_parts();
+    let document = Arc::new(document);
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/session/{token}", get(api::open_link))
-        .route("/api/session", get(api::session).delete(api::sign_out))
-        .route("/api/keys", get(api::list_keys).post(api::create_key))
-        .route("/api/keys/{id}/roll", post(api::roll_key))
-        .route("/api/keys/{id}", axum::routing::delete(api::revoke_key))
-        .route("/api/limits", get(api::limits))
-        .route("/api/usage", get(usage::usage_json))
-        .route("/api/usage.csv", get(usage::usage_csv))
+        .merge(api_routes)
         .route("/api/openapi-tenant.json", get(pages::tenant_openapi))
+        .route(
+            "/openapi.json",
+            get(move || {
+                let document = Arc::clone(&document);
+                async move { axum::Json(document.as_ref().clone()) }
+            }),
+        )
         .route("/", get(pages::home))
         .route("/keys", get(pages::keys))
         .route("/usage", get(pages::usage))

@@ -26,7 +26,7 @@ use crate::State;
 const HOUR: i64 = 3600;
 const DAY: i64 = 86_400;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Granularity {
     Hour,
@@ -58,11 +58,15 @@ impl Granularity {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct UsageQuery {
+    /// `hour` (default) or `day`.
     pub granularity: Option<Granularity>,
+    /// RFC 3339 start of the range (default: 48 hours or 30 days back).
     pub from: Option<String>,
+    /// RFC 3339 end of the range (default: now).
     pub to: Option<String>,
 }
 
@@ -120,7 +124,7 @@ impl Range {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Point {
     pub start: String,
@@ -129,13 +133,13 @@ pub struct Point {
     pub billable_units: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Series {
     pub meter: String,
     pub points: Vec<Point>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Total {
     pub meter: String,
@@ -144,14 +148,14 @@ pub struct Total {
     pub billable_units: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Period {
     pub start: String,
     pub end: String,
     pub meters: Vec<Total>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Usage {
     pub tenant_id: String,
@@ -326,6 +330,18 @@ pub async fn for_request(
 }
 
 /// `GET /api/usage`.
+#[utoipa::path(
+    get,
+    path = "/api/usage",
+    summary = "The tenant's usage per meter and bucket, and this billing period's totals",
+    params(UsageQuery),
+    responses(
+        (status = 200, description = "the usage", body = Usage),
+        (status = 400, description = "a query parameter is not acceptable", body = tollgate_runtime::admin_api::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "no live portal session", body = tollgate_runtime::admin_api::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the usage store is unavailable", body = tollgate_runtime::admin_api::Problem, content_type = "application/problem+json")
+    )
+)]
 pub async fn usage_json(
     AxumState(state): AxumState<State>,
     authed: Authed,
@@ -335,6 +351,18 @@ pub async fn usage_json(
 }
 
 /// `GET /api/usage.csv`: the same series, one line per meter and bucket.
+#[utoipa::path(
+    get,
+    path = "/api/usage.csv",
+    summary = "The same series as CSV: meter,start,events,units,billable_units",
+    params(UsageQuery),
+    responses(
+        (status = 200, description = "the usage as CSV, as an attachment", body = String, content_type = "text/csv"),
+        (status = 400, description = "a query parameter is not acceptable", body = tollgate_runtime::admin_api::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "no live portal session", body = tollgate_runtime::admin_api::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the usage store is unavailable", body = tollgate_runtime::admin_api::Problem, content_type = "application/problem+json")
+    )
+)]
 pub async fn usage_csv(
     AxumState(state): AxumState<State>,
     authed: Authed,

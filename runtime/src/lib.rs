@@ -6,6 +6,7 @@
 //! readiness, Prometheus metrics) and a shutdown signal the service's tasks can wait on.
 #![forbid(unsafe_code)]
 
+pub mod admin_api;
 pub mod backoff;
 pub mod catalogue;
 pub mod clickhouse;

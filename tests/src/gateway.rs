@@ -72,6 +72,12 @@ pub struct TestGateway {
 impl TestGateway {
     /// Starts a gateway and waits until it has replayed its keys topic.
     pub async fn start(settings: GatewaySettings, signing_secret: Option<&str>) -> Self {
+        // The gateway's warnings go into the test's captured output, so a failing test shows
+        // what the gateway said (libtest prints it only on failure).
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+            .with_test_writer()
+            .try_init();
         let gateway = Gateway::bind(
             settings,
             Some(ADMIN_TOKEN.to_owned()),

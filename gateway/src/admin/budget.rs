@@ -11,17 +11,18 @@
 use hyper::StatusCode;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use tollgate_runtime::admin_api as api;
 use tollgate_schemas::{encode, BudgetRecord, EntityKey};
 
-use super::{bad_request, empty, from_json, json_response, not_found, now_ms, time_json, Admin, Reply, ACTOR};
+use super::{bad_request, empty, from_json, json_response, not_found, now_ms, Admin, Reply, ACTOR};
 use crate::spend::Month;
 
 /// Most thresholds one budget may have.
 const MAX_ALERTS: usize = 10;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct BudgetBody {
+pub(super) struct BudgetBody {
     /// Minor units of the plan's currency; signed here so a negative cap gets its own message.
     monthly_cap: i64,
     #[serde(default)]
@@ -84,18 +85,18 @@ impl Admin {
             .spend
             .as_ref()
             .map(|ledger| ledger.status(&budget.tenant_id, plan, now));
-        json!({
-            "tenantId": budget.tenant_id,
-            "monthlyCap": budget.monthly_cap_minor,
-            "alertAt": budget.alert_at,
-            "updatedOn": time_json(budget.updated_at_ms),
+        json!(api::Budget {
+            tenant_id: budget.tenant_id.clone(),
+            monthly_cap: budget.monthly_cap_minor,
+            alert_at: budget.alert_at.clone(),
+            updated_on: api::time(budget.updated_at_ms),
             // Without `[budgets]` the cap is stored but not enforced by this gateway.
-            "enforced": status.is_some(),
-            "currency": status.as_ref().and_then(|s| s.currency.clone()),
-            "monthToDate": {
-                "spent": status.as_ref().and_then(|s| s.spent_minor),
-                "periodStart": time_json(month.start_ms()),
-                "periodEnd": time_json(month.end_ms()),
+            enforced: status.is_some(),
+            currency: status.as_ref().and_then(|s| s.currency.clone()),
+            month_to_date: api::MonthToDate {
+                spent: status.as_ref().and_then(|s| s.spent_minor),
+                period_start: api::time(month.start_ms()),
+                period_end: api::time(month.end_ms()),
             },
         })
     }

@@ -9,18 +9,22 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use subtle::ConstantTimeEq;
 use tollgate_schemas::{encode, ApiKeyRecord, ConsumerRecord, EntityKey};
 
 mod budget;
+mod operations;
 pub mod portal;
 mod terms;
+
+use self::operations::Op;
+use tollgate_runtime::admin_api as api;
 
 use crate::apikey;
 use crate::directory::Consumer;
@@ -58,62 +62,37 @@ impl Admin {
     }
 
     async fn route(&self, req: Request<Incoming>) -> Reply {
-        self.authorize(&req)?;
         let path = req.uri().path().trim_end_matches('/').to_owned();
-        let segments: Vec<&str> = path.split('/').skip(1).collect();
         let method = req.method().clone();
+        let (op, params) = operations::resolve(&method, &path)?;
+        if op == Op::OpenApi {
+            return Ok(json_response(StatusCode::OK, json!(operations::document())));
+        }
+        self.authorize(&req)?;
+        let name = params.first().copied().unwrap_or_default().to_owned();
+        let id = params.get(1).copied().unwrap_or_default().to_owned();
         let actor = portal::actor(
             req.headers().get("tollgate-actor").and_then(|v| v.to_str().ok()),
-            match segments.as_slice() {
-                ["v1", "consumers", name, ..] => Some(name),
-                _ => None,
-            },
+            path.starts_with("/v1/consumers/").then_some(name.as_str()),
         )?;
-        match (method, segments.as_slice()) {
-            (Method::POST, ["v1", "consumers"]) => self.create_consumer(read_json(req).await?).await,
-            (Method::GET, ["v1", "consumers"]) => Ok(self.list_consumers()),
-            (Method::GET, ["v1", "consumers", name]) => {
-                Ok(json_response(StatusCode::OK, consumer_json(&*self.consumer(name)?)))
-            }
-            (Method::PATCH, ["v1", "consumers", name]) => {
-                let name = name.to_string();
-                self.patch_consumer(&name, read_json(req).await?).await
-            }
-            (Method::DELETE, ["v1", "consumers", name]) => self.delete_consumer(name).await,
-            (Method::POST, ["v1", "consumers", name, "keys"]) => {
-                let name = name.to_string();
-                self.create_key(&name, read_json(req).await?, &actor).await
-            }
-            (Method::GET, ["v1", "consumers", name, "keys"]) => self.list_keys(name),
-            (Method::POST, ["v1", "consumers", name, "roll-key"]) => {
-                let name = name.to_string();
-                self.roll_key(&name, read_json(req).await?, &actor).await
-            }
-            (Method::DELETE, ["v1", "consumers", name, "keys", id]) => self.revoke_key(name, id, &actor).await,
-            (Method::POST, ["v1", "consumers", name, "keys", id, "roll"]) => {
-                let (name, id) = (name.to_string(), id.to_string());
-                self.roll_one_key(&name, &id, read_json(req).await?, &actor).await
-            }
-            (Method::GET, ["v1", "consumers", name, "limits"]) => self.limits(name).await,
-            (Method::POST, ["v1", "consumers", name, "portal-sessions"]) => {
-                let name = name.to_string();
-                self.mint_portal_session(&name, read_json(req).await?).await
-            }
-            (Method::POST, ["v1", "portal-sessions", "exchange"]) => {
-                self.exchange_portal_session(read_json(req).await?).await
-            }
-            (Method::PUT, ["v1", "consumers", name, "budget"]) => {
-                let name = name.to_string();
-                self.put_budget(&name, read_json(req).await?).await
-            }
-            (Method::GET, ["v1", "consumers", name, "budget"]) => self.get_budget(name),
-            (Method::DELETE, ["v1", "consumers", name, "budget"]) => self.delete_budget(name).await,
-            (_, ["v1", "consumers", ..]) => Err(Problem::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method-not-allowed",
-                "Method Not Allowed",
-            )),
-            _ => Err(Problem::new(StatusCode::NOT_FOUND, "not-found", "Not Found")),
+        match op {
+            Op::OpenApi => unreachable!("answered above"),
+            Op::CreateConsumer => self.create_consumer(read_json(req).await?).await,
+            Op::ListConsumers => Ok(self.list_consumers()),
+            Op::GetConsumer => Ok(json_response(StatusCode::OK, consumer_json(&*self.consumer(&name)?))),
+            Op::PatchConsumer => self.patch_consumer(&name, read_json(req).await?).await,
+            Op::DeleteConsumer => self.delete_consumer(&name).await,
+            Op::CreateKey => self.create_key(&name, read_json(req).await?, &actor).await,
+            Op::ListKeys => self.list_keys(&name),
+            Op::RollKeys => self.roll_key(&name, read_json(req).await?, &actor).await,
+            Op::RevokeKey => self.revoke_key(&name, &id, &actor).await,
+            Op::RollKey => self.roll_one_key(&name, &id, read_json(req).await?, &actor).await,
+            Op::Limits => self.limits(&name).await,
+            Op::MintPortalSession => self.mint_portal_session(&name, read_json(req).await?).await,
+            Op::ExchangePortalSession => self.exchange_portal_session(read_json(req).await?).await,
+            Op::PutBudget => self.put_budget(&name, read_json(req).await?).await,
+            Op::GetBudget => self.get_budget(&name),
+            Op::DeleteBudget => self.delete_budget(&name).await,
         }
     }
 
@@ -245,7 +224,9 @@ impl Admin {
         let all = self.store.directory().read().expect("directory lock").consumers();
         json_response(
             StatusCode::OK,
-            json!({ "data": all.iter().map(|c| consumer_json(c)).collect::<Vec<_>>() }),
+            json!(api::ConsumerList {
+                data: all.iter().map(|c| consumer_view(c)).collect()
+            }),
         )
     }
 
@@ -343,7 +324,9 @@ impl Admin {
             .keys_of(&consumer.id);
         Ok(json_response(
             StatusCode::OK,
-            json!({ "data": keys.iter().map(|k| key_json(k, None)).collect::<Vec<_>>() }),
+            json!(api::KeyList {
+                data: keys.iter().map(|k| key_view(k, None)).collect()
+            }),
         ))
     }
 
@@ -399,33 +382,33 @@ impl Admin {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct NewConsumer {
+pub(super) struct NewConsumer {
     name: String,
     #[serde(default)]
     metadata: Map<String, Value>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ConsumerPatch {
+pub(super) struct ConsumerPatch {
     #[serde(default)]
     metadata: Map<String, Value>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct NewKeyBody {
+pub(super) struct NewKeyBody {
     description: Option<String>,
     expires_on: Option<String>,
     #[serde(default)]
     labels: BTreeMap<String, String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RollBody {
+pub(super) struct RollBody {
     /// Grace deadline for the keys being replaced.
     expires_on: String,
     description: Option<String>,
@@ -489,36 +472,35 @@ fn now_ms() -> i64 {
     Utc::now().timestamp_millis()
 }
 
-fn time_json(ms: i64) -> Value {
-    DateTime::<Utc>::from_timestamp_millis(ms)
-        .map(|t| Value::String(t.to_rfc3339_opts(SecondsFormat::Millis, true)))
-        .unwrap_or(Value::Null)
+fn consumer_view(c: &Consumer) -> api::Consumer {
+    api::Consumer {
+        id: c.id.clone(),
+        name: c.name.clone(),
+        metadata: c.metadata.clone(),
+        created_on: api::time(c.created_at_ms),
+        updated_on: api::time(c.updated_at_ms),
+    }
 }
 
 fn consumer_json(c: &Consumer) -> Value {
-    json!({
-        "id": c.id,
-        "name": c.name,
-        "metadata": c.metadata,
-        "createdOn": time_json(c.created_at_ms),
-        "updatedOn": time_json(c.updated_at_ms),
-    })
+    json!(consumer_view(c))
+}
+
+fn key_view(k: &ApiKeyRecord, plaintext: Option<&str>) -> api::ApiKey {
+    api::ApiKey {
+        id: k.id.clone(),
+        prefix: k.prefix.clone(),
+        description: k.description.clone(),
+        labels: k.labels.clone(),
+        created_on: api::time(k.created_at_ms),
+        expires_on: k.expires_at_ms.map(api::time),
+        revoked_on: k.revoked_at_ms.map(api::time),
+        key: plaintext.map(str::to_owned),
+    }
 }
 
 fn key_json(k: &ApiKeyRecord, plaintext: Option<&str>) -> Value {
-    let mut v = json!({
-        "id": k.id,
-        "prefix": k.prefix,
-        "description": k.description,
-        "labels": k.labels,
-        "createdOn": time_json(k.created_at_ms),
-        "expiresOn": k.expires_at_ms.map_or(Value::Null, time_json),
-        "revokedOn": k.revoked_at_ms.map_or(Value::Null, time_json),
-    });
-    if let Some(plaintext) = plaintext {
-        v["key"] = Value::String(plaintext.to_owned());
-    }
-    v
+    json!(key_view(k, plaintext))
 }
 
 fn json_response(status: StatusCode, body: Value) -> Response<Full<Bytes>> {

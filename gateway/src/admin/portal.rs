@@ -25,10 +25,11 @@ use hyper::StatusCode;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+use tollgate_runtime::admin_api as api;
 use tollgate_runtime::settings::{http_url, in_range, Invalid};
 use tollgate_schemas::{encode, ApiKeyRecord, EntityKey};
 
-use super::{bad_request, from_json, json_response, key_json, not_found, now_ms, parse_time, time_json, Admin, Reply};
+use super::{bad_request, from_json, json_response, key_json, not_found, now_ms, parse_time, Admin, Reply};
 use crate::problem::Problem;
 
 /// `[portal]` in the gateway's settings: where session links point and how long they last.
@@ -133,21 +134,21 @@ fn digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct MintBody {
+pub(super) struct MintBody {
     return_url: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ExchangeBody {
+pub(super) struct ExchangeBody {
     token: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RollOneBody {
+pub(super) struct RollOneBody {
     /// Until when the rolled key keeps working.
     expires_on: String,
     description: Option<String>,
@@ -175,7 +176,10 @@ impl Admin {
         let (token, expires_at_ms) = links.mint(&consumer.id, body.return_url, now_ms());
         Ok(json_response(
             StatusCode::CREATED,
-            json!({"url": links.url(&token), "expiresAt": time_json(expires_at_ms)}),
+            json!(api::PortalLink {
+                url: links.url(&token),
+                expires_at: api::time(expires_at_ms),
+            }),
         ))
     }
 
@@ -197,11 +201,11 @@ impl Admin {
             })?;
         Ok(json_response(
             StatusCode::OK,
-            json!({
-                "consumer": consumer.name,
-                "tenantId": consumer.tenant_id,
-                "returnUrl": return_url,
-                "keyEnvironment": self.key_env,
+            json!(api::PortalSession {
+                consumer: consumer.name.clone(),
+                tenant_id: consumer.tenant_id.clone(),
+                return_url,
+                key_environment: self.key_env.clone(),
             }),
         ))
     }
@@ -245,7 +249,7 @@ impl Admin {
 
     pub(super) async fn limits(&self, name: &str) -> Reply {
         let consumer = self.consumer(name)?;
-        Ok(json_response(StatusCode::OK, self.proxy.limit_status(&consumer).await))
+        Ok(json_response(StatusCode::OK, json!(self.proxy.limit_status(&consumer).await)))
     }
 }
 

@@ -12,15 +12,15 @@
 
 use std::sync::Arc;
 
-use serde_json::{json, Value};
+use tollgate_runtime::admin_api as api;
 
 use super::Proxy;
 use crate::directory::{Consumer, Identity};
-use crate::limits::{Backend, Charge, KeyBy, Subject};
+use crate::limits::{Backend, Charge, KeyBy, LimitSpec, Subject};
 
 impl Proxy {
-    /// The consumer's limits with used, remaining, reset and window, as JSON for the admin API.
-    pub async fn limit_status(&self, consumer: &Arc<Consumer>) -> Value {
+    /// The consumer's limits with used, remaining, reset and window, for the admin API.
+    pub async fn limit_status(&self, consumer: &Arc<Consumer>) -> api::LimitStatus {
         let now_ms = chrono::Utc::now().timestamp_millis();
         let (terms, keys) = {
             let directory = self.directory.read().expect("directory lock");
@@ -67,60 +67,52 @@ impl Proxy {
                     cost: 0,
                 });
                 subjects.push(match spec.by {
-                    KeyBy::Key => json!({"by": "key", "keyId": key}),
-                    _ => json!({"by": "tenant"}),
+                    KeyBy::Key => api::LimitSubject::Key { key_id: key.to_owned() },
+                    _ => api::LimitSubject::Tenant,
                 });
             }
         }
         let decision = self.limiter.peek(&charges, now_ms).await;
-        let mut limits: Vec<Value> = Vec::new();
+        let mut limits = Vec::new();
         for (i, (charge, subject)) in charges.iter().zip(subjects).enumerate() {
-            let mut entry = spec_json(charge);
-            entry["subject"] = subject;
+            let mut entry = entry(&charge.spec, subject);
             if let Some(state) = decision.states.get(i) {
-                entry["used"] = json!(state.limit.saturating_sub(state.remaining));
-                entry["remaining"] = json!(state.remaining);
-                entry["resetSeconds"] = json!(state.reset_secs);
-                entry["windowSeconds"] = json!(state.window_secs);
+                entry.used = Some(state.limit.saturating_sub(state.remaining));
+                entry.remaining = Some(state.remaining);
+                entry.reset_seconds = Some(state.reset_secs);
+                entry.window_seconds = Some(state.window_secs);
             }
             limits.push(entry);
         }
-        for spec in per_ip {
-            let mut entry = spec_json(&Charge {
-                spec: Arc::clone(spec),
-                key: String::new(),
-                cost: 0,
-            });
-            entry["subject"] = json!({"by": "ip"});
-            limits.push(entry);
-        }
-        json!({
-            "consumer": consumer.name,
-            "tenantId": consumer.tenant_id,
-            "plan": plan,
-            "backend": match self.settings.limits.backend {
-                Backend::Local => "local",
-                Backend::Redis => "redis",
-            },
+        limits.extend(per_ip.into_iter().map(|spec| entry(spec, api::LimitSubject::Ip)));
+        let (backend, scope) = match self.settings.limits.backend {
             // Local counters are this process's alone: other gateways count on their own.
-            "scope": match self.settings.limits.backend {
-                Backend::Local => "this gateway's counters",
-                Backend::Redis => "counters shared by every gateway on this Redis",
-            },
-            "degraded": decision.degraded,
-            "at": chrono::DateTime::<chrono::Utc>::from_timestamp_millis(now_ms)
-                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
-            "limits": limits,
-        })
+            Backend::Local => (api::LimitBackend::Local, "this gateway's counters"),
+            Backend::Redis => (api::LimitBackend::Redis, "counters shared by every gateway on this Redis"),
+        };
+        api::LimitStatus {
+            consumer: consumer.name.clone(),
+            tenant_id: consumer.tenant_id.clone(),
+            plan,
+            backend,
+            scope: scope.to_owned(),
+            degraded: decision.degraded,
+            at: api::time(now_ms),
+            limits,
+        }
     }
 }
 
-fn spec_json(charge: &Charge) -> Value {
-    let spec = &charge.spec;
-    json!({
-        "name": spec.name,
-        "meter": spec.meter.as_str(),
-        "window": spec.window.code(),
-        "limit": spec.limit,
-    })
+fn entry(spec: &LimitSpec, subject: api::LimitSubject) -> api::LimitEntry {
+    api::LimitEntry {
+        name: spec.name.clone(),
+        meter: spec.meter.as_str().to_owned(),
+        window: spec.window.code(),
+        limit: spec.limit,
+        subject,
+        used: None,
+        remaining: None,
+        reset_seconds: None,
+        window_seconds: None,
+    }
 }
