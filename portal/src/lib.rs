@@ -28,10 +28,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::routing::get;
-use utoipa_axum::router::OpenApiRouter;
-use utoipa_axum::routes;
 use axum::Router;
 use tollgate_runtime::shutdown::Shutdown;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub use settings::PortalSettings;
 

@@ -75,7 +75,8 @@ impl TestGateway {
         // The gateway's warnings go into the test's captured output, so a failing test shows
         // what the gateway said (libtest prints it only on failure).
         let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+            // librdkafka's lines arrive twice: as its own and as rdkafka's "global error".
+            .with_env_filter(tracing_subscriber::EnvFilter::new("warn,rdkafka::client=off"))
             .with_test_writer()
             .try_init();
         let gateway = Gateway::bind(

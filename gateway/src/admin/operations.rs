@@ -87,29 +87,172 @@ fn table() -> Vec<Operation> {
     };
     let created = |what, body| (StatusCode::CREATED, what, Some(body));
     let ok = |what, body| (StatusCode::OK, what, Some(body));
-    let gone = (StatusCode::NO_CONTENT, "done (also when there was nothing to remove)", None);
+    let gone = (
+        StatusCode::NO_CONTENT,
+        "done (also when there was nothing to remove)",
+        None,
+    );
     let consumer = shape::<api::Consumer>();
     let key = shape::<api::ApiKey>();
     let budget = shape::<api::Budget>();
     let exists: &[_] = &[(StatusCode::CONFLICT, "a consumer of that name exists")];
     vec![
-        op(OpenApi, Method::GET, "/openapi.json", "This document", None, (StatusCode::OK, "the OpenAPI 3.1 document", None), &[]),
-        op(CreateConsumer, Method::POST, "/v1/consumers", "Create a consumer", Some(shape::<super::NewConsumer>()), created("the consumer", consumer), exists),
-        op(ListConsumers, Method::GET, "/v1/consumers", "List consumers", None, ok("every consumer", shape::<api::ConsumerList>()), &[]),
-        op(GetConsumer, Method::GET, "/v1/consumers/{name}", "Read a consumer", None, ok("the consumer", consumer), &[]),
-        op(PatchConsumer, Method::PATCH, "/v1/consumers/{name}", "Change a consumer's metadata (JSON merge patch: null removes a member)", Some(shape::<super::ConsumerPatch>()), ok("the consumer as changed", consumer), &[]),
-        op(DeleteConsumer, Method::DELETE, "/v1/consumers/{name}", "Delete a consumer and its keys", None, gone, &[]),
-        op(CreateKey, Method::POST, "/v1/consumers/{name}/keys", "Issue a key; the answer is the only place it is ever shown", Some(shape::<super::NewKeyBody>()), created("the key, with `key`", key), &[]),
-        op(ListKeys, Method::GET, "/v1/consumers/{name}/keys", "List a consumer's keys (never their secrets)", None, ok("the keys", shape::<api::KeyList>()), &[]),
-        op(RollKeys, Method::POST, "/v1/consumers/{name}/roll-key", "Issue a new key and let every active one expire at `expiresOn`", Some(shape::<super::RollBody>()), created("the new key, with `key`", key), &[]),
-        op(RevokeKey, Method::DELETE, "/v1/consumers/{name}/keys/{id}", "Revoke a key at once", None, gone, &[]),
-        op(RollKey, Method::POST, "/v1/consumers/{name}/keys/{id}/roll", "Replace one key; the old one works until `expiresOn`", Some(shape::<super::portal::RollOneBody>()), created("the new key, with `key`", key), &[]),
-        op(Limits, Method::GET, "/v1/consumers/{name}/limits", "Where the consumer's tenant stands against each limit, without charging", None, ok("the limit status", shape::<api::LimitStatus>()), &[]),
-        op(MintPortalSession, Method::POST, "/v1/consumers/{name}/portal-sessions", "Mint a one-time portal sign-in link", Some(shape::<super::portal::MintBody>()), created("the link", shape::<api::PortalLink>()), &[(StatusCode::CONFLICT, "this gateway has no [portal] section")]),
-        op(ExchangePortalSession, Method::POST, "/v1/portal-sessions/exchange", "Redeem a portal link's token (once)", Some(shape::<super::portal::ExchangeBody>()), ok("who the link signs in", shape::<api::PortalSession>()), &[(StatusCode::GONE, "the link was used, expired, or its consumer is gone"), (StatusCode::CONFLICT, "this gateway has no [portal] section")]),
-        op(PutBudget, Method::PUT, "/v1/consumers/{name}/budget", "Set the tenant's monthly spend cap", Some(shape::<super::budget::BudgetBody>()), ok("the budget", budget), &[]),
-        op(GetBudget, Method::GET, "/v1/consumers/{name}/budget", "Read the tenant's budget and month-to-date spend", None, ok("the budget", budget), &[]),
-        op(DeleteBudget, Method::DELETE, "/v1/consumers/{name}/budget", "Remove the tenant's budget", None, gone, &[]),
+        op(
+            OpenApi,
+            Method::GET,
+            "/openapi.json",
+            "This document",
+            None,
+            (StatusCode::OK, "the OpenAPI 3.1 document", None),
+            &[],
+        ),
+        op(
+            CreateConsumer,
+            Method::POST,
+            "/v1/consumers",
+            "Create a consumer",
+            Some(shape::<super::NewConsumer>()),
+            created("the consumer", consumer),
+            exists,
+        ),
+        op(
+            ListConsumers,
+            Method::GET,
+            "/v1/consumers",
+            "List consumers",
+            None,
+            ok("every consumer", shape::<api::ConsumerList>()),
+            &[],
+        ),
+        op(
+            GetConsumer,
+            Method::GET,
+            "/v1/consumers/{name}",
+            "Read a consumer",
+            None,
+            ok("the consumer", consumer),
+            &[],
+        ),
+        op(
+            PatchConsumer,
+            Method::PATCH,
+            "/v1/consumers/{name}",
+            "Change a consumer's metadata (JSON merge patch: null removes a member)",
+            Some(shape::<super::ConsumerPatch>()),
+            ok("the consumer as changed", consumer),
+            &[],
+        ),
+        op(
+            DeleteConsumer,
+            Method::DELETE,
+            "/v1/consumers/{name}",
+            "Delete a consumer and its keys",
+            None,
+            gone,
+            &[],
+        ),
+        op(
+            CreateKey,
+            Method::POST,
+            "/v1/consumers/{name}/keys",
+            "Issue a key; the answer is the only place it is ever shown",
+            Some(shape::<super::NewKeyBody>()),
+            created("the key, with `key`", key),
+            &[],
+        ),
+        op(
+            ListKeys,
+            Method::GET,
+            "/v1/consumers/{name}/keys",
+            "List a consumer's keys (never their secrets)",
+            None,
+            ok("the keys", shape::<api::KeyList>()),
+            &[],
+        ),
+        op(
+            RollKeys,
+            Method::POST,
+            "/v1/consumers/{name}/roll-key",
+            "Issue a new key and let every active one expire at `expiresOn`",
+            Some(shape::<super::RollBody>()),
+            created("the new key, with `key`", key),
+            &[],
+        ),
+        op(
+            RevokeKey,
+            Method::DELETE,
+            "/v1/consumers/{name}/keys/{id}",
+            "Revoke a key at once",
+            None,
+            gone,
+            &[],
+        ),
+        op(
+            RollKey,
+            Method::POST,
+            "/v1/consumers/{name}/keys/{id}/roll",
+            "Replace one key; the old one works until `expiresOn`",
+            Some(shape::<super::portal::RollOneBody>()),
+            created("the new key, with `key`", key),
+            &[],
+        ),
+        op(
+            Limits,
+            Method::GET,
+            "/v1/consumers/{name}/limits",
+            "Where the consumer's tenant stands against each limit, without charging",
+            None,
+            ok("the limit status", shape::<api::LimitStatus>()),
+            &[],
+        ),
+        op(
+            MintPortalSession,
+            Method::POST,
+            "/v1/consumers/{name}/portal-sessions",
+            "Mint a one-time portal sign-in link",
+            Some(shape::<super::portal::MintBody>()),
+            created("the link", shape::<api::PortalLink>()),
+            &[(StatusCode::CONFLICT, "this gateway has no [portal] section")],
+        ),
+        op(
+            ExchangePortalSession,
+            Method::POST,
+            "/v1/portal-sessions/exchange",
+            "Redeem a portal link's token (once)",
+            Some(shape::<super::portal::ExchangeBody>()),
+            ok("who the link signs in", shape::<api::PortalSession>()),
+            &[
+                (StatusCode::GONE, "the link was used, expired, or its consumer is gone"),
+                (StatusCode::CONFLICT, "this gateway has no [portal] section"),
+            ],
+        ),
+        op(
+            PutBudget,
+            Method::PUT,
+            "/v1/consumers/{name}/budget",
+            "Set the tenant's monthly spend cap",
+            Some(shape::<super::budget::BudgetBody>()),
+            ok("the budget", budget),
+            &[],
+        ),
+        op(
+            GetBudget,
+            Method::GET,
+            "/v1/consumers/{name}/budget",
+            "Read the tenant's budget and month-to-date spend",
+            None,
+            ok("the budget", budget),
+            &[],
+        ),
+        op(
+            DeleteBudget,
+            Method::DELETE,
+            "/v1/consumers/{name}/budget",
+            "Remove the tenant's budget",
+            None,
+            gone,
+            &[],
+        ),
     ]
 }
 
@@ -132,11 +275,13 @@ pub(super) fn resolve<'p>(method: &Method, path: &'p str) -> Result<(Op, Vec<&'p
     if allowed.is_empty() {
         return Err(Problem::new(StatusCode::NOT_FOUND, "not-found", "Not Found"));
     }
-    Err(
-        Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "Method Not Allowed")
-            .with_detail(format!("{path} answers {}", allowed.join(", ")))
-            .with_header("allow", allowed.join(", ")),
+    Err(Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "Method Not Allowed",
     )
+    .with_detail(format!("{path} answers {}", allowed.join(", ")))
+    .with_header("allow", allowed.join(", ")))
 }
 
 fn matches<'p>(template: &str, segments: &[&'p str]) -> Option<Vec<&'p str>> {
@@ -161,13 +306,17 @@ fn matches<'p>(template: &str, segments: &[&'p str]) -> Option<Vec<&'p str>> {
 /// The OpenAPI 3.1 document of the admin API, generated from the table.
 pub(super) fn document() -> OpenApi {
     let mut schemas = Vec::new();
-    shape::<api::Problem>().collect.clone()(&mut schemas);
+    (shape::<api::Problem>().collect)(&mut schemas);
     let mut paths = PathsBuilder::new();
     for operation in OPERATIONS.iter() {
         let mut built = OperationBuilder::new()
             .operation_id(Some(operation_id(operation.op)))
             .summary(Some(operation.summary));
-        for name in operation.path.split('/').filter_map(|p| p.strip_prefix('{')?.strip_suffix('}')) {
+        for name in operation
+            .path
+            .split('/')
+            .filter_map(|p| p.strip_prefix('{')?.strip_suffix('}'))
+        {
             built = built.parameter(
                 ParameterBuilder::new()
                     .name(name)
@@ -217,10 +366,8 @@ pub(super) fn document() -> OpenApi {
             utoipa::openapi::PathItem::new(http_method(&operation.method), built.build()),
         );
     }
-    let mut components = ComponentsBuilder::new().security_scheme(
-        "adminToken",
-        SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
-    );
+    let mut components =
+        ComponentsBuilder::new().security_scheme("adminToken", SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
     schemas.sort_by(|a, b| a.0.cmp(&b.0));
     schemas.dedup_by(|a, b| a.0 == b.0);
     for (name, schema) in schemas {
@@ -273,7 +420,10 @@ fn refusals(operation: &Operation) -> Vec<(StatusCode, &'static str)> {
         all.push((StatusCode::NOT_FOUND, "no such consumer (or key)"));
     }
     if operation.method != Method::GET {
-        all.push((StatusCode::SERVICE_UNAVAILABLE, "the change could not be stored; retry later"));
+        all.push((
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the change could not be stored; retry later",
+        ));
     }
     all.extend_from_slice(operation.refusals);
     all
@@ -320,7 +470,11 @@ mod tests {
         assert_eq!(missing.status, StatusCode::NOT_FOUND);
         let wrong = resolve(&Method::PUT, "/v1/consumers/acme/keys").unwrap_err();
         assert_eq!(wrong.status, StatusCode::METHOD_NOT_ALLOWED);
-        assert!(wrong.headers.iter().any(|(n, v)| *n == "allow" && v == "POST, GET"), "{:?}", wrong.headers);
+        assert!(
+            wrong.headers.iter().any(|(n, v)| *n == "allow" && v == "POST, GET"),
+            "{:?}",
+            wrong.headers
+        );
         // An empty parameter is no consumer name.
         assert_eq!(
             resolve(&Method::GET, "/v1/consumers//keys").unwrap_err().status,

@@ -249,7 +249,10 @@ impl Admin {
 
     pub(super) async fn limits(&self, name: &str) -> Reply {
         let consumer = self.consumer(name)?;
-        Ok(json_response(StatusCode::OK, json!(self.proxy.limit_status(&consumer).await)))
+        Ok(json_response(
+            StatusCode::OK,
+            json!(self.proxy.limit_status(&consumer).await),
+        ))
     }
 }
 

@@ -88,7 +88,10 @@ impl Proxy {
         let (backend, scope) = match self.settings.limits.backend {
             // Local counters are this process's alone: other gateways count on their own.
             Backend::Local => (api::LimitBackend::Local, "this gateway's counters"),
-            Backend::Redis => (api::LimitBackend::Redis, "counters shared by every gateway on this Redis"),
+            Backend::Redis => (
+                api::LimitBackend::Redis,
+                "counters shared by every gateway on this Redis",
+            ),
         };
         api::LimitStatus {
             consumer: consumer.name.clone(),
