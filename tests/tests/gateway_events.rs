@@ -192,6 +192,20 @@ async fn load(
 
 #[tokio::test]
 async fn a_broker_crash_loses_no_event_and_duplicates_none() {
+    crash_the_broker_under_load(Duration::from_secs(20)).await;
+}
+
+/// Longer than the transaction timeout: the coordinator aborts the transaction the shipper
+/// had open at the crash and fences its producer; the shipper replaces it and ships on.
+#[tokio::test]
+async fn an_outage_longer_than_the_transaction_timeout_loses_no_event() {
+    let outage = Duration::from_millis(tollgate_gateway::events::transactions::TRANSACTION_TIMEOUT_MS + 15_000);
+    crash_the_broker_under_load(outage).await;
+}
+
+/// Tenants call through a gateway whose private broker is killed (SIGKILL) for `outage`,
+/// then restarted: every answered request has exactly one event, none extra.
+async fn crash_the_broker_under_load(outage: Duration) {
     let mut kafka = tokio::task::spawn_blocking(PrivateKafka::start).await.unwrap();
     let upstream = EchoUpstream::start().await;
     let keys_topic = unique("test.keys");
@@ -223,8 +237,8 @@ async fn a_broker_crash_loses_no_event_and_duplicates_none() {
     .await
     .unwrap();
     let at_kill = count.load(Ordering::Relaxed);
-    // The broker stays down for 20 s while tenants keep calling.
-    tokio::time::sleep(Duration::from_secs(20)).await;
+    // The broker stays down while tenants keep calling.
+    tokio::time::sleep(outage).await;
     let during_outage = count.load(Ordering::Relaxed) - at_kill;
     kafka = tokio::task::spawn_blocking(move || {
         kafka.restart();

@@ -167,14 +167,32 @@ pub(crate) async fn ship_loop(
                     tracing::error!(error = %err, "spool: cannot save the shipped position");
                 }
             }
-            Err(transactions::ShipError::Fatal(reason)) => {
-                tracing::error!(%reason, "usage topic: shipping stopped; events stay in the spool");
-                return;
-            }
-            Err(transactions::ShipError::Stuck) => {
+            Err(failure @ (transactions::ShipError::Fatal(_) | transactions::ShipError::Stuck)) => {
+                if let transactions::ShipError::Fatal(reason) = &failure {
+                    // librdkafka makes "fenced" fatal both when another producer took this
+                    // id and when the coordinator aborted our open transaction on its timeout
+                    // (an outage longer than it). Only the first is for good, and it shows:
+                    // the other producer commits its own spool's epoch.
+                    match transactions::committed_epoch(Arc::clone(&positions), &topic).await {
+                        Ok(Some(other)) if other != epoch => {
+                            tracing::error!(%reason, "usage topic: another gateway with this service id ships to this topic; shipping stopped, events stay in the spool");
+                            return;
+                        }
+                        Ok(_) => tracing::warn!(%reason, "usage topic: the producer failed for good; replacing it"),
+                        Err(err) => {
+                            tracing::warn!(%reason, error = %err, "usage topic: the producer failed for good and the committed position is unreadable; retrying");
+                            tokio::select! {
+                                _ = tokio::time::sleep(retry) => {}
+                                _ = control.stop.notified() => return,
+                            }
+                            continue;
+                        }
+                    }
+                } else {
+                    tracing::warn!("usage topic: the producer is stuck in a transactional call; replacing it");
+                }
                 // The batch is shipped again (the reader did not move) by a new producer,
-                // whose registration fences the stuck one and aborts its transaction.
-                tracing::warn!("usage topic: the producer is stuck in a transactional call; replacing it");
+                // whose registration fences the old one and aborts its transaction.
                 producer = match producer_config.create() {
                     Ok(new) => new,
                     Err(err) => {

@@ -16,8 +16,10 @@
 //! never become visible.
 //!
 //! The transactional id is `tollgate-gateway-<service id>`: two gateways with one service id
-//! fence each other (the older one stops shipping, loudly), so the id must be unique per
-//! replica, as its spool directory already is.
+//! fence each other, and the one whose spool did not commit the topic's position last stops
+//! shipping, loudly; so the id must be unique per replica, as its spool directory already is.
+//! A fence without another gateway (the coordinator aborting a transaction left open through
+//! an outage longer than `TRANSACTION_TIMEOUT_MS`) replaces the producer and ships on.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -209,16 +211,27 @@ pub async fn committed_position(
     topic: &str,
     epoch: &str,
 ) -> Result<Option<Position>, KafkaError> {
+    Ok(committed(positions, topic)
+        .await?
+        .filter(|(_, committed_epoch)| committed_epoch == epoch)
+        .map(|(offset, _)| decode(offset)))
+}
+
+/// The epoch of the spool whose position was committed last, if any was.
+pub async fn committed_epoch(positions: Arc<BaseConsumer>, topic: &str) -> Result<Option<String>, KafkaError> {
+    Ok(committed(positions, topic).await?.map(|(_, epoch)| epoch))
+}
+
+/// The committed offset and its metadata (a spool epoch).
+async fn committed(positions: Arc<BaseConsumer>, topic: &str) -> Result<Option<(i64, String)>, KafkaError> {
     let mut partitions = TopicPartitionList::new();
     partitions.add_partition(topic, 0);
-    let epoch = epoch.to_owned();
     tokio::task::spawn_blocking(move || {
         let committed = positions.committed_offsets(partitions, CALL_TIMEOUT)?;
-        let position = committed.elements().first().and_then(|element| match element.offset() {
-            Offset::Offset(offset) if element.metadata() == epoch => Some(decode(offset)),
+        Ok(committed.elements().first().and_then(|element| match element.offset() {
+            Offset::Offset(offset) => Some((offset, element.metadata().to_owned())),
             _ => None,
-        });
-        Ok(position)
+        }))
     })
     .await
     .map_err(|_| KafkaError::Canceled)?
