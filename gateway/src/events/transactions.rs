@@ -100,6 +100,10 @@ pub struct TransactionalShipper {
     group: Arc<ConsumerGroupMetadata>,
     topic: String,
     epoch: String,
+    /// An abort that timed out: librdkafka goes on with it in the background and refuses
+    /// every other transactional call ("conflicting abort_transaction call in progress")
+    /// until the abort is called again and completes.
+    abort_pending: std::sync::atomic::AtomicBool,
 }
 
 impl TransactionalShipper {
@@ -121,11 +125,18 @@ impl TransactionalShipper {
             group: Arc::new(group),
             topic: topic.to_owned(),
             epoch: epoch.to_owned(),
+            abort_pending: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
     /// Ships `records` (key and body each) and the position after them in one transaction.
     pub async fn ship(&self, records: &[(&[u8], &[u8])], next: Position) -> Result<(), ShipError> {
+        use std::sync::atomic::Ordering;
+        if self.abort_pending.load(Ordering::Acquire) {
+            let producer = self.producer.clone();
+            run_blocking(move || producer.abort_transaction(CALL_TIMEOUT)).await?;
+            self.abort_pending.store(false, Ordering::Release);
+        }
         let producer = self.producer.clone();
         run_blocking(move || producer.begin_transaction()).await?;
         match self.produce_and_commit(records, next).await {
@@ -134,9 +145,10 @@ impl TransactionalShipper {
             Err(ShipError::Retry(reason)) => {
                 let producer = self.producer.clone();
                 // Abort so none of the batch becomes visible; if the broker cannot be reached
-                // now, the next begin fails and init at the next start aborts it instead.
+                // now, the next ship finishes the abort before it begins anew.
                 if let Err(err) = run_blocking(move || producer.abort_transaction(CALL_TIMEOUT)).await {
                     tracing::warn!(error = %err, "usage topic: could not abort a failed transaction yet");
+                    self.abort_pending.store(true, Ordering::Release);
                 }
                 Err(ShipError::Retry(reason))
             }
