@@ -161,12 +161,17 @@ target_dir() {
 
 tollgate_bin() { printf '%s/release/%s\n' "$(target_dir)" "$1"; }
 
+# `scripts/stack test` sets BUILD_FOR_TESTS: the services are then built in one cargo call
+# with the tests. Cargo resolves features once per call, and the tests' dev-dependencies
+# turn on features of shared crates (regex-syntax, time, rustix...) that a bins-only build
+# leaves off; built apart, every crate above those would be compiled twice.
 build_tollgate() {
     command -v cargo >/dev/null 2>&1 || die "no cargo on PATH (install Rust with rustup, or source ~/.cargo/env)"
-    log "building Tollgate: cargo build --release --workspace --bins"
+    local -a build=(cargo build --release --workspace --bins)
+    [[ -z ${BUILD_FOR_TESTS:-} ]] || build+=(--tests --features "$STACK_TEST_FEATURES")
+    log "building Tollgate: ${build[*]}"
     local started=$SECONDS
-    (cd "$REPO" && cargo build --release --workspace --bins) >&2 9>&- ||
-        die "cargo build --release --workspace --bins failed"
+    (cd "$REPO" && "${build[@]}") >&2 9>&- || die "${build[*]} failed"
     log "Tollgate built in $((SECONDS - started))s"
 }
 

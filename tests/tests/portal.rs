@@ -185,7 +185,9 @@ async fn a_tenant_manages_its_keys_sees_its_limits_and_usage_and_nothing_of_anot
         "{page}"
     );
 
-    // Usage: the calls, once, when meter-consumer has them.
+    // Usage: the calls, once, when meter-consumer has them. The consumer writes the hour and
+    // day rollups side by side, so the period total (from days) can show the calls a moment
+    // before the hourly series does: wait for both.
     let usage = eventually("the calls are in the portal's usage", DEADLINE, || async {
         let u = acme.get("/api/usage?granularity=hour").await.json();
         let requests = u["period"]["meters"]
@@ -193,7 +195,14 @@ async fn a_tenant_manages_its_keys_sees_its_limits_and_usage_and_nothing_of_anot
             .iter()
             .find(|m| m["meter"] == "requests")?
             .clone();
-        (requests["events"].as_u64()? >= CALLS).then_some(u)
+        let hourly: u64 = u["meters"]
+            .as_array()?
+            .iter()
+            .filter(|m| m["meter"] == "requests")
+            .flat_map(|m| m["points"].as_array().into_iter().flatten())
+            .filter_map(|p| p["events"].as_u64())
+            .sum();
+        (requests["events"].as_u64()? >= CALLS && hourly >= CALLS).then_some(u)
     })
     .await;
     assert_eq!(usage["tenantId"], "t-keys-acme");
