@@ -13,6 +13,7 @@
 
 pub mod batch;
 pub mod dlq;
+pub mod flush;
 pub mod keys;
 pub mod metrics;
 pub mod partition;
@@ -107,11 +108,23 @@ pub async fn run(settings: MeterSettings, shutdown: Shutdown) -> Result<(), Mete
         metrics.clone(),
     );
     let (commands_tx, commands_rx) = std::sync::mpsc::channel();
+    let (batches_tx, batches_rx) = tokio::sync::mpsc::channel(flush::QUEUE);
+    // Ends when the last builder and the Kafka thread's context are gone.
+    tokio::spawn(flush::run(
+        flush::FlushContext {
+            sink: sink.clone(),
+            dead_letters: dead_letters.clone(),
+            metrics: metrics.clone(),
+            commands: commands_tx,
+            max_rows: batch.max_rows as usize,
+        },
+        batches_rx,
+    ));
     let workers_ctx = partition::WorkerContext {
         sink,
         dead_letters,
         metrics: metrics.clone(),
-        commands: commands_tx,
+        batches: batches_tx,
         max_rows: batch.max_rows as usize,
         max_wait: Duration::from_millis(batch.max_wait_ms),
     };

@@ -17,6 +17,7 @@ use crate::table::{PerTable, Table};
 pub struct Metrics {
     recorder: Arc<PrometheusRecorder>,
     rows_written: PerTable<Counter>,
+    inserts: PerTable<Counter>,
     insert_retries: PerTable<Counter>,
     batches: Counter,
     freshness: Histogram,
@@ -32,7 +33,14 @@ impl Metrics {
                 "meter_consumer_rows_written_total",
                 "Rows inserted into ClickHouse, by table."
             );
-            metrics::describe_counter!("meter_consumer_batches_total", "Batches written to usage_events.");
+            metrics::describe_counter!(
+                "meter_consumer_inserts_total",
+                "ClickHouse inserts stored, by table: one per flush, however many partitions it holds."
+            );
+            metrics::describe_counter!(
+                "meter_consumer_batches_total",
+                "Partition batches written to every table."
+            );
             metrics::describe_counter!(
                 "meter_consumer_insert_retries_total",
                 "ClickHouse inserts retried after a failure, by table."
@@ -58,6 +66,7 @@ impl Metrics {
                 rows_written: PerTable::from_fn(
                     |t| metrics::counter!("meter_consumer_rows_written_total", "table" => t.name()),
                 ),
+                inserts: PerTable::from_fn(|t| metrics::counter!("meter_consumer_inserts_total", "table" => t.name())),
                 insert_retries: PerTable::from_fn(
                     |t| metrics::counter!("meter_consumer_insert_retries_total", "table" => t.name()),
                 ),
@@ -75,8 +84,10 @@ impl Metrics {
         self.recorder.handle()
     }
 
-    pub fn rows_written(&self, table: Table, rows: usize) {
+    /// One insert of `rows` rows stored in `table`.
+    pub fn written(&self, table: Table, rows: usize) {
         self.rows_written[table].increment(rows as u64);
+        self.inserts[table].increment(1);
     }
 
     pub fn insert_retry(&self, table: Table) {

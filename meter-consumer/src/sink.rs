@@ -1,23 +1,25 @@
-//! `ClickhouseSink`: exactly-once inserts of one partition's batches into each table.
+//! `ClickhouseSink`: exactly-once inserts of batches into each table.
 //!
-//! In: rows of one contiguous offset range of one Kafka partition, for one table. Out: one
-//! `INSERT` per range, and per (table, partition) the watermark: the highest Kafka offset
+//! In: for one table, rows of contiguous offset ranges, one per Kafka partition, each in
+//! offset order (`crate::flush` groups several partitions' batches into one insert). Out: one
+//! `INSERT` per group, and per (table, partition) the watermark: the highest Kafka offset
 //! stored in that table. A consumer resumes each partition after the lowest watermark of its
 //! tables, and writes to each table only the rows past that table's own watermark.
 //!
 //! # Why this counts every event exactly once
-//! - Atomic: a range is one `INSERT` of at most `batch.max_rows` (≤ 1,000,000) rows, below
+//! - Atomic: a group is one `INSERT` of at most `batch.max_rows` (≤ 1,000,000) rows, below
 //!   the server's `max_insert_block_size` (set explicitly on each insert), inside one month,
 //!   so it is one block in one partition: one part, renamed into place at once. Either every
-//!   row of the range is visible or none is.
+//!   row of the group is visible or none is, so an ambiguous failure is settled on the
+//!   watermark of any one partition in it (the last row's).
 //! - Ordered: ranges of a partition are written in offset order, each after the previous one
 //!   succeeded, so "max offset stored" means "everything up to it is stored".
 //! - Rollups too: the consumer writes `usage_meter_*` and `usage_route_day` itself, each row
 //!   stamped with its batch's partition and last offset, so every rollup table has its own
 //!   watermark. Materialized views would be filled after the raw part is written, not
 //!   atomically with it: a crash between the two would leave the raw watermark past rows the
-//!   rollup never got (docs/ARCHITECTURE.md, "Exactly once into ClickHouse"). Here a crash between the raw insert and a rollup
-//!   insert leaves that rollup's watermark behind, and the restarted consumer replays exactly
+//!   rollup never got (docs/ARCHITECTURE.md, "Exactly once into ClickHouse"). Here a crash between the raw
+//!   insert and a rollup insert leaves that rollup's watermark behind, and the restarted consumer replays exactly
 //!   the missing range into it, and nothing into the raw table.
 //! - Ambiguous failures: a timeout or broken connection does not say whether the server
 //!   committed. Each attempt carries its own `query_id`; before retrying, the sink waits until
@@ -177,9 +179,10 @@ impl ClickhouseSink {
         Ok((mark.rows > 0).then_some(mark.max_offset as i64))
     }
 
-    /// Inserts `rows` (one contiguous range of `partition`, ending at `last_offset`) into
-    /// `table` exactly once: retries until the range is stored, unless ClickHouse refuses
-    /// the data or `stop` fires while ClickHouse cannot say whether it was stored.
+    /// Inserts `rows` into `table` exactly once, as one insert; `partition` and `last_offset`
+    /// are those of the last row (every row of the insert lands with it or none does).
+    /// Retries until the rows are stored, unless ClickHouse refuses the data or `stop` fires
+    /// while ClickHouse cannot say whether they were stored.
     pub async fn write<R>(
         &self,
         table: Table,
@@ -202,7 +205,7 @@ impl ClickhouseSink {
             let query_id = uuid::Uuid::now_v7().simple().to_string();
             let err = match self.insert_once(table, rows, &query_id).await {
                 Ok(()) => {
-                    self.metrics.rows_written(table, rows.len());
+                    self.metrics.written(table, rows.len());
                     return Ok(());
                 }
                 Err(err) => err,
@@ -218,7 +221,7 @@ impl ClickhouseSink {
                 tokio::time::sleep(backoff.next_delay()).await;
                 match self.settle(table, partition, &query_id).await {
                     Ok(Some(stored)) if stored >= last_offset => {
-                        self.metrics.rows_written(table, rows.len());
+                        self.metrics.written(table, rows.len());
                         return Ok(());
                     }
                     Ok(_) => break,
@@ -298,7 +301,8 @@ impl ClickhouseSink {
     }
 }
 
-/// Everything one batch writes, per table.
+/// Everything one batch (or a group of them) writes, per table.
+#[derive(Default)]
 pub struct TableRows {
     pub minute: Vec<MeterMinuteRow>,
     pub hour: Vec<MeterHourRow>,
@@ -324,6 +328,15 @@ impl TableRows {
             route: crate::batch::route_day(topic, tail(Table::RouteDay)),
             touched: crate::batch::minutes_touched(topic, tail(Table::MinutesTouched)),
         }
+    }
+
+    /// Adds another partition's rows: one insert per table then writes both.
+    pub fn extend(&mut self, other: TableRows) {
+        self.minute.extend(other.minute);
+        self.hour.extend(other.hour);
+        self.day.extend(other.day);
+        self.route.extend(other.route);
+        self.touched.extend(other.touched);
     }
 }
 
