@@ -25,8 +25,11 @@
 //! - A partition's [`Member`] lock is held for the whole of a write that includes it, and a
 //!   stopped member is never written again: a revocation stops the member, then takes the
 //!   lock, so when it returns no insert of the partition is in flight and none will start.
-//!   If a write gives up because a member stopped, the other members' watermarks are read
-//!   again from ClickHouse before their rows are written, so nothing is skipped or doubled.
+//!   If a write gives up because a member stopped, the flusher first waits until every insert
+//!   ClickHouse could not confirm has ended (holding the locks, so a revocation returns only
+//!   then), and reads the other members' watermarks again from ClickHouse before their rows
+//!   are written, so nothing is skipped or doubled; a member that stops meanwhile is dropped,
+//!   never a running one.
 
 use std::borrow::Cow;
 use std::collections::{HashSet, VecDeque};
@@ -199,16 +202,25 @@ impl FlushContext {
         loop {
             match self.write(&mut group).await {
                 Ok(()) => return,
-                Err(WriteError::Stopped) => {
-                    group.parts.retain(|p| !p.member.stopped());
-                    if group.parts.is_empty() {
-                        return;
+                Err(stopped @ (WriteError::Stopped | WriteError::Unsettled(_))) => {
+                    // Inserts that may still land must end before any watermark is read.
+                    if let WriteError::Unsettled(queries) = stopped {
+                        if !self.wait_finished(&group, &queries).await {
+                            return;
+                        }
                     }
-                    // What landed of the others is unknown: read their watermarks again.
-                    for part in &mut group.parts {
-                        match self.reload(part.member.partition, &part.member).await {
-                            Some(watermarks) => *part.watermarks = watermarks,
-                            None => return,
+                    // What landed of the others is unknown: read their watermarks again,
+                    // dropping every member that stops meanwhile (never a running one).
+                    loop {
+                        group.parts.retain(|p| !p.member.stopped());
+                        if group.parts.is_empty() {
+                            return;
+                        }
+                        if let Some(reloaded) = self.reload(&group.parts).await {
+                            for (part, watermarks) in group.parts.iter_mut().zip(reloaded) {
+                                *part.watermarks = watermarks;
+                            }
+                            break;
                         }
                     }
                 }
@@ -264,22 +276,50 @@ impl FlushContext {
         })
     }
 
-    /// A member's watermarks from ClickHouse, retried until it answers; `None` once the
-    /// member has stopped.
-    async fn reload(&self, partition: i32, member: &Member) -> Option<Watermarks> {
+    /// The parts' watermarks from ClickHouse, retried until it answers; `None` as soon as any
+    /// of their members has stopped (the caller drops it, releasing its lock, and asks again).
+    async fn reload(&self, parts: &[Part]) -> Option<Vec<Watermarks>> {
+        let mut reloaded = Vec::with_capacity(parts.len());
         let mut backoff = self.sink.retry_backoff();
-        loop {
-            if member.stopped() {
-                return None;
-            }
-            match self.sink.watermarks(partition).await {
-                Ok(watermarks) => return Some(watermarks),
-                Err(err) => {
-                    tracing::warn!(partition, error = %err, "cannot read watermarks; retrying");
-                    tokio::time::sleep(backoff.next_delay()).await;
+        for part in parts {
+            loop {
+                if parts.iter().any(|p| p.member.stopped()) {
+                    return None;
+                }
+                match self.sink.watermarks(part.member.partition).await {
+                    Ok(watermarks) => {
+                        reloaded.push(watermarks);
+                        break;
+                    }
+                    Err(err) => {
+                        tracing::warn!(partition = part.member.partition, error = %err, "cannot read watermarks; retrying");
+                        tokio::time::sleep(backoff.next_delay()).await;
+                    }
                 }
             }
         }
+        Some(reloaded)
+    }
+
+    /// Waits until none of `queries` runs on the server; false if every member of the group
+    /// stopped first (then nothing of the group is written again here).
+    async fn wait_finished(&self, group: &Group, queries: &[String]) -> bool {
+        let mut backoff = self.sink.retry_backoff();
+        for query_id in queries {
+            loop {
+                if group.parts.iter().all(|p| p.member.stopped()) {
+                    return false;
+                }
+                match self.sink.wait_finished(query_id).await {
+                    Ok(()) => break,
+                    Err(err) => {
+                        tracing::warn!(error = %err, "cannot tell whether an insert still runs; retrying");
+                        tokio::time::sleep(backoff.next_delay()).await;
+                    }
+                }
+            }
+        }
+        true
     }
 
     async fn write(&self, group: &mut Group) -> Result<(), WriteError> {
@@ -336,10 +376,7 @@ impl FlushContext {
                 &stop
             ),
         );
-        minute?;
-        hour?;
-        day?;
-        route?;
+        WriteError::merge([minute, hour, day, route])?;
         self.write_rollup(
             Table::MinutesTouched,
             &rollups.touched,

@@ -85,6 +85,33 @@ pub enum WriteError {
     Rejected(String),
     #[error("stopped before the rows were stored")]
     Stopped,
+    /// Stopped while ClickHouse could not say whether these inserts (by `query_id`) were
+    /// stored: they may still be running, so nobody may read a watermark and write the same
+    /// rows again before [`ClickhouseSink::wait_finished`] says they ended.
+    #[error("stopped while clickhouse could not confirm inserts {0:?}")]
+    Unsettled(Vec<String>),
+}
+
+impl WriteError {
+    /// The outcome of several writes done side by side: an unsettled insert first (every one
+    /// of them must be waited out), then a refusal, then a stop.
+    pub fn merge(results: impl IntoIterator<Item = Result<(), WriteError>>) -> Result<(), WriteError> {
+        let mut worst: Option<WriteError> = None;
+        for result in results {
+            let Err(err) = result else { continue };
+            worst = Some(match (worst, err) {
+                (Some(WriteError::Unsettled(mut a)), WriteError::Unsettled(b)) => {
+                    a.extend(b);
+                    WriteError::Unsettled(a)
+                }
+                (Some(unsettled @ WriteError::Unsettled(_)), _) => unsettled,
+                (_, unsettled @ WriteError::Unsettled(_)) => unsettled,
+                (Some(rejected @ WriteError::Rejected(_)), _) => rejected,
+                (_, err) => err,
+            });
+        }
+        worst.map_or(Ok(()), Err)
+    }
 }
 
 #[derive(Clone)]
@@ -227,7 +254,7 @@ impl ClickhouseSink {
                     Ok(_) => break,
                     Err(err) if stop.stopped() => {
                         tracing::warn!(table = table.name(), partition, error = %err, "stopping while clickhouse cannot confirm an insert");
-                        return Err(WriteError::Stopped);
+                        return Err(WriteError::Unsettled(vec![query_id]));
                     }
                     Err(err) => {
                         tracing::warn!(table = table.name(), partition, error = %err, "clickhouse still unavailable");
@@ -241,7 +268,12 @@ impl ClickhouseSink {
     where
         R: RowOwned + RowWrite + Serialize,
     {
-        let block = self.settings.max_rows.max(1_048_576).to_string();
+        // Rollup rows can outnumber the raw rows they sum (one per meter): the block must hold
+        // whatever this insert carries, or the server would cut it into several parts.
+        let block = (rows.len() as u64)
+            .max(self.settings.max_rows)
+            .max(1_048_576)
+            .to_string();
         let mut insert = self
             .client
             .insert::<R>(table.name())
@@ -263,6 +295,13 @@ impl ClickhouseSink {
         partition: i32,
         query_id: &str,
     ) -> Result<Option<i64>, clickhouse::error::Error> {
+        self.wait_finished(query_id).await?;
+        self.watermark(table, partition).await
+    }
+
+    /// Waits until the insert `query_id` no longer runs on the server, killing it once it has
+    /// run longer than the insert timeout: after this it has either landed or never will.
+    pub async fn wait_finished(&self, query_id: &str) -> Result<(), clickhouse::error::Error> {
         let started = tokio::time::Instant::now();
         loop {
             let running: u64 = self
@@ -288,7 +327,7 @@ impl ClickhouseSink {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-        self.watermark(table, partition).await
+        Ok(())
     }
 
     async fn timed<T>(
@@ -343,6 +382,26 @@ impl TableRows {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn side_by_side_writes_report_every_unsettled_insert_before_a_refusal_or_a_stop() {
+        use WriteError::{Rejected, Stopped, Unsettled};
+        assert_eq!(WriteError::merge([Ok(()), Ok(())]), Ok(()));
+        assert_eq!(WriteError::merge([Ok(()), Err(Stopped)]), Err(Stopped));
+        assert_eq!(
+            WriteError::merge([Err(Stopped), Err(Rejected("x".into()))]),
+            Err(Rejected("x".into()))
+        );
+        assert_eq!(
+            WriteError::merge([
+                Err(Unsettled(vec!["a".into()])),
+                Err(Rejected("x".into())),
+                Err(Stopped),
+                Err(Unsettled(vec!["b".into()])),
+            ]),
+            Err(Unsettled(vec!["a".into(), "b".into()]))
+        );
+    }
 
     #[test]
     fn data_errors_are_final_and_the_rest_retried() {
