@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tollgate_schemas::UsageEvent;
 use tracing::Instrument;
 
 use crate::batch::{Batch, BatchBuilder};
@@ -74,6 +73,7 @@ impl PartitionWorker {
         let member = Arc::new(Member::new(partition, stop_rx.clone(), watermarks));
         let span = tracing::info_span!("partition", topic = ctx.sink.topic(), partition);
         let builder = Builder {
+            topic: ctx.sink.topic().into(),
             ctx,
             partition,
             raw_watermark,
@@ -126,6 +126,8 @@ struct Builder {
     raw_watermark: i64,
     member: Arc<Member>,
     stop: watch::Receiver<bool>,
+    /// The topic's name, shared by every row this builder makes.
+    topic: Arc<str>,
 }
 
 impl Builder {
@@ -224,13 +226,12 @@ impl Builder {
             return Err(letter("empty", "record has no payload".to_owned()));
         };
         let event =
-            tollgate_schemas::decode::<UsageEvent>(payload).map_err(|e| letter(decode_kind(&e), e.to_string()))?;
+            tollgate_schemas::decode_usage_event(payload).map_err(|e| letter(decode_kind(&e), e.to_string()))?;
         let origin = Origin {
             partition: self.partition,
             offset: record.offset,
         };
-        UsageRow::from_event(event, self.ctx.sink.topic(), origin)
-            .map_err(|e| letter("time_out_of_range", e.to_string()))
+        UsageRow::from_event(&event, &self.topic, origin).map_err(|e| letter("time_out_of_range", e.to_string()))
     }
 }
 

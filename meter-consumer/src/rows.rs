@@ -1,11 +1,14 @@
 //! The rows meter-consumer inserts into ClickHouse, and how a usage event becomes one.
 //!
-//! In: decoded [`UsageEvent`]s with the Kafka partition and offset they came from. Out:
+//! In: usage events read in place ([`UsageEventRef`]) with the Kafka partition and offset they
+//! came from. Out:
 //! [`UsageRow`]s for `usage_events` and rollup rows for `usage_meter_*` and
 //! `usage_route_day`, field for field the columns `crate::schema` creates.
 
+use std::sync::Arc;
+
 use serde::Serialize;
-use tollgate_schemas::{Outcome, UsageEvent};
+use tollgate_schemas::{Outcome, UsageEventRef};
 
 /// Where a record came from: the topic, partition and offset stored with the data it produced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,7 +47,8 @@ pub struct UsageRow {
     pub request_id: String,
     pub kafka_partition: u32,
     pub kafka_offset: u64,
-    pub kafka_topic: String,
+    /// Shared by every row of the consumer's topic: one allocation, not one per row.
+    pub kafka_topic: Arc<str>,
 }
 
 /// Why a decoded event cannot become a row (it is dead-lettered instead).
@@ -55,34 +59,34 @@ pub enum RowError {
 }
 
 impl UsageRow {
-    pub fn from_event(event: UsageEvent, topic: &str, origin: Origin) -> Result<Self, RowError> {
+    pub fn from_event(event: &UsageEventRef<'_>, topic: &Arc<str>, origin: Origin) -> Result<Self, RowError> {
         let secs = event.timestamp_ms.div_euclid(1000);
         let time = u32::try_from(secs).map_err(|_| RowError::TimeOutOfRange(event.timestamp_ms))?;
-        let (units_meter, units_value) = event.units.into_iter().unzip();
+        let text = |s: Option<&str>| s.unwrap_or_default().to_owned();
         Ok(Self {
             event_id: event.event_id.hyphenated().to_string(),
             time,
             time_ms: event.timestamp_ms.rem_euclid(1000) as u16,
-            tenant_id: event.tenant_id.unwrap_or_default(),
-            consumer: event.consumer.unwrap_or_default(),
-            key_id: event.key_id.unwrap_or_default(),
-            plan: event.plan.unwrap_or_default(),
-            route: event.route,
-            method: event.method,
+            tenant_id: text(event.tenant_id),
+            consumer: text(event.consumer),
+            key_id: text(event.key_id),
+            plan: text(event.plan),
+            route: event.route.to_owned(),
+            method: event.method.to_owned(),
             status: event.status,
             outcome: event.outcome.as_str(),
             billable: u8::from(event.billable),
-            units_meter,
-            units_value,
+            units_meter: event.units.iter().map(|(meter, _)| (*meter).to_owned()).collect(),
+            units_value: event.units.iter().map(|(_, value)| *value).collect(),
             request_bytes: event.request_bytes,
             response_bytes: event.response_bytes,
             latency_ms: event.latency_ms,
             upstream_latency_ms: event.upstream_latency_ms.unwrap_or(-1),
-            gateway_id: event.gateway_id,
-            request_id: event.request_id.unwrap_or_default(),
+            gateway_id: event.gateway_id.to_owned(),
+            request_id: text(event.request_id),
             kafka_partition: origin.partition as u32,
             kafka_offset: origin.offset as u64,
-            kafka_topic: topic.to_owned(),
+            kafka_topic: topic.clone(),
         })
     }
 
@@ -179,6 +183,8 @@ pub struct RouteDayRow {
 mod tests {
     use std::collections::BTreeMap;
 
+    use tollgate_schemas::UsageEvent;
+
     use super::*;
 
     fn event(timestamp_ms: i64) -> UsageEvent {
@@ -207,8 +213,8 @@ mod tests {
     #[test]
     fn unauthenticated_event_becomes_a_row_with_empty_identity() {
         let row = UsageRow::from_event(
-            event(1_795_000_000_123),
-            "t",
+            &(&event(1_795_000_000_123)).into(),
+            &"t".into(),
             Origin {
                 partition: 2,
                 offset: 9,
@@ -230,10 +236,10 @@ mod tests {
             offset: 0,
         };
         assert_eq!(
-            UsageRow::from_event(event(-1), "t", origin).unwrap_err(),
+            UsageRow::from_event(&(&event(-1)).into(), &"t".into(), origin).unwrap_err(),
             RowError::TimeOutOfRange(-1)
         );
-        assert!(UsageRow::from_event(event(5_000_000_000_000), "t", origin).is_err());
+        assert!(UsageRow::from_event(&(&event(5_000_000_000_000)).into(), &"t".into(), origin).is_err());
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::AvroRecord;
 /// The two bytes that open every single-object encoded datum (Avro specification).
 pub(crate) const MAGIC: [u8; 2] = [0xC3, 0x01];
 /// Magic plus the 8-byte fingerprint.
-const HEADER_LEN: usize = 10;
+pub(crate) const HEADER_LEN: usize = 10;
 
 /// The most apache-avro may allocate for one string, byte array, array or map while decoding.
 ///
@@ -61,6 +61,10 @@ pub enum DecodeError {
 pub enum BodyError {
     #[error("truncated: the bytes end inside the record")]
     Truncated,
+    /// Bytes the hand-written usage event reader refused; names the field, never its value
+    /// (a garbage value can be megabytes long).
+    #[error("{field}: {problem}")]
+    Invalid { field: &'static str, problem: &'static str },
     /// Garbage bytes, or a value the record type cannot hold (e.g. an `event_id` that is not
     /// a UUID).
     #[error(transparent)]

@@ -38,7 +38,7 @@ pub use codec::{
 pub use entity_key::{EntityKey, UnknownEntityKey};
 pub use records::{ApiKeyRecord, BudgetRecord, ConsumerRecord, Outcome, UsageEvent};
 pub use registry::{fingerprint_of, shipped, ShippedSchema};
-pub use usage_wire::encode_usage_event;
+pub use usage_wire::{decode_usage_event, encode_usage_event, UsageEventRef};
 
 /// A record type with shipped Avro schemas. Sealed: only this crate's records implement it, so
 /// every implementor is covered by the round-trip and evolution tests.

@@ -3,7 +3,9 @@
 mod common;
 
 use proptest::prelude::*;
-use tollgate_schemas::{decode, encode, shipped, ApiKeyRecord, BodyError, ConsumerRecord, DecodeError, UsageEvent};
+use tollgate_schemas::{
+    decode, decode_usage_event, encode, shipped, ApiKeyRecord, BodyError, ConsumerRecord, DecodeError, UsageEvent,
+};
 
 fn sample_event() -> UsageEvent {
     UsageEvent {
@@ -177,6 +179,7 @@ fn decode_all_without_panicking(bytes: &[u8]) -> Result<(), TestCaseError> {
             })
         )
     };
+    same_verdict(bytes)?;
     let results = [
         decode::<UsageEvent>(bytes).map(drop),
         decode::<ConsumerRecord>(bytes).map(drop),
@@ -186,6 +189,80 @@ fn decode_all_without_panicking(bytes: &[u8]) -> Result<(), TestCaseError> {
         prop_assert!(!panicked(r), "{:?}", r);
     }
     Ok(())
+}
+
+/// The hand-written usage event reader accepts exactly what the generic one accepts, with the
+/// same event, and refuses the rest with the same kind of error.
+fn same_verdict(bytes: &[u8]) -> Result<(), TestCaseError> {
+    let generic = decode::<UsageEvent>(bytes);
+    let hand = decode_usage_event(bytes).map(|e| e.to_event());
+    match (&generic, &hand) {
+        (Ok(a), Ok(b)) => prop_assert_eq!(a, b),
+        (Err(a), Err(b)) => prop_assert_eq!(
+            std::mem::discriminant(a),
+            std::mem::discriminant(b),
+            "generic {} / hand {}",
+            a,
+            b
+        ),
+        _ => prop_assert!(false, "generic {:?} / hand {:?}", generic, hand),
+    }
+    Ok(())
+}
+
+/// Every byte of a valid body set to every value, in events of both versions with and without
+/// optional fields and units: the hand-written reader's verdict is the generic one's each time.
+#[test]
+fn every_single_byte_change_gets_the_same_verdict_from_both_readers() {
+    let full = sample_event();
+    let bare = UsageEvent {
+        tenant_id: None,
+        plan: None,
+        units: Default::default(),
+        upstream_latency_ms: None,
+        request_id: None,
+        ..sample_event()
+    };
+    let v1 = |event: &UsageEvent| tollgate_schemas::encode_value::<UsageEvent>(common::v1_value(event), 1).unwrap();
+    for bytes in [encode(&full), encode(&bare), v1(&full), v1(&bare)] {
+        for at in 10..bytes.len() {
+            for value in 0..=255u8 {
+                let mut changed = bytes.clone();
+                changed[at] = value;
+                same_verdict(&changed)
+                    .map_err(|e| format!("byte {at} set to {value:#04x}: {e}"))
+                    .unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn hand_reader_names_the_field_and_never_the_value() {
+    // The garbage event_id of `garbage_body_is_a_body_error`.
+    let mut bytes = encode(&sample_event())[..10].to_vec();
+    bytes.extend_from_slice(&[0x08, b'n', b'o', b'p', b'e']);
+    bytes.extend_from_slice(&encode(&sample_event())[47..]);
+    let err = decode_usage_event(&bytes).unwrap_err();
+    assert_eq!(err.to_string(), "dev.tollgate.UsageEvent v2 body: event_id: not a UUID");
+    let bytes = encode(&sample_event());
+    for len in 10..bytes.len() {
+        assert!(
+            matches!(
+                decode_usage_event(&bytes[..len]),
+                Err(DecodeError::Body {
+                    version: 2,
+                    source: BodyError::Truncated,
+                    ..
+                })
+            ),
+            "cut at {len}"
+        );
+    }
+    assert!(matches!(
+        decode_usage_event(&[0xC3, 0x01, 0, 0]),
+        Err(DecodeError::TooShort { len: 4 })
+    ));
 }
 
 proptest! {

@@ -2,57 +2,12 @@
 
 mod common;
 
-use std::collections::HashMap;
-
 use apache_avro::{reader::datum::GenericDatumReader, types::Value};
 use proptest::prelude::*;
 use tollgate_schemas::{
-    decode, encode, encode_usage_event, encode_value, fingerprint_of, shipped, ApiKeyRecord, AvroRecord, BudgetRecord,
-    ConsumerRecord, Outcome, UsageEvent,
+    decode, decode_usage_event, encode, encode_usage_event, encode_value, fingerprint_of, shipped, ApiKeyRecord,
+    AvroRecord, BudgetRecord, ConsumerRecord, Outcome, UsageEvent,
 };
-
-/// What a v1 writer (which predates `request_id`) would have sent for `event`.
-fn v1_value(event: &UsageEvent) -> Value {
-    let text = |s: &str| Value::String(s.to_owned());
-    let nullable = |s: &Option<String>| s.as_deref().map_or(Value::Null, text);
-    let outcome = [
-        Outcome::Allowed,
-        Outcome::RateLimited,
-        Outcome::Unauthenticated,
-        Outcome::Forbidden,
-        Outcome::UpstreamError,
-        Outcome::Rejected,
-    ]
-    .iter()
-    .position(|o| *o == event.outcome)
-    .unwrap();
-    let units: HashMap<String, Value> = event.units.iter().map(|(k, v)| (k.clone(), Value::Long(*v))).collect();
-    Value::Record(vec![
-        ("event_id".into(), text(&event.event_id.to_string())),
-        ("timestamp_ms".into(), Value::TimestampMillis(event.timestamp_ms)),
-        ("tenant_id".into(), nullable(&event.tenant_id)),
-        ("consumer".into(), nullable(&event.consumer)),
-        ("key_id".into(), nullable(&event.key_id)),
-        ("plan".into(), nullable(&event.plan)),
-        ("route".into(), text(&event.route)),
-        ("method".into(), text(&event.method)),
-        ("status".into(), Value::Int(event.status.into())),
-        (
-            "outcome".into(),
-            Value::Enum(outcome as u32, event.outcome.as_str().to_owned()),
-        ),
-        ("billable".into(), Value::Boolean(event.billable)),
-        ("units".into(), Value::Map(units)),
-        ("request_bytes".into(), Value::Long(event.request_bytes)),
-        ("response_bytes".into(), Value::Long(event.response_bytes)),
-        ("latency_ms".into(), Value::Long(event.latency_ms)),
-        (
-            "upstream_latency_ms".into(),
-            event.upstream_latency_ms.map_or(Value::Null, Value::Long),
-        ),
-        ("gateway_id".into(), text(&event.gateway_id)),
-    ])
-}
 
 proptest! {
     #[test]
@@ -69,6 +24,18 @@ proptest! {
         let mut out = vec![7u8];
         encode_usage_event(&event, &mut out);
         prop_assert_eq!(&out[1..], &encode(&event)[..]);
+    }
+
+    /// The meter consumer's hand-written reader reads what either writer of either version
+    /// wrote as the generic reader does.
+    #[test]
+    fn hand_written_usage_event_reader_matches_the_generic_one(event in common::usage_event()) {
+        let current = encode(&event);
+        prop_assert_eq!(decode_usage_event(&current).unwrap().to_event(), event.clone());
+        let v1 = encode_value::<UsageEvent>(common::v1_value(&event), 1).unwrap();
+        let read = decode_usage_event(&v1).unwrap();
+        prop_assert_eq!(read.request_id, None);
+        prop_assert_eq!(read.to_event(), decode::<UsageEvent>(&v1).unwrap());
     }
 
     #[test]
@@ -95,7 +62,7 @@ proptest! {
     /// A v1 writer's event decodes to the same values, `request_id` taking its default.
     #[test]
     fn v1_usage_event_resolves_to_the_current_reader(event in common::usage_event()) {
-        let bytes = encode_value::<UsageEvent>(v1_value(&event), 1).unwrap();
+        let bytes = encode_value::<UsageEvent>(common::v1_value(&event), 1).unwrap();
         prop_assert_eq!(&bytes[2..10], &fingerprint_of::<UsageEvent>(1).unwrap().to_le_bytes());
         let decoded = decode::<UsageEvent>(&bytes).unwrap();
         prop_assert_eq!(decoded, UsageEvent { request_id: None, ..event });
@@ -118,7 +85,7 @@ proptest! {
             .unwrap()
             .read_value(&mut &bytes[10..])
             .unwrap();
-        prop_assert_eq!(value, v1_value(&event).resolve(schema(1)).unwrap());
+        prop_assert_eq!(value, common::v1_value(&event).resolve(schema(1)).unwrap());
     }
 }
 

@@ -92,7 +92,7 @@ pub fn usage_row(time: u32, tenant: &str, billable: bool, units: &[(&str, i64)])
         request_id: String::new(),
         kafka_partition: 0,
         kafka_offset: 0,
-        kafka_topic: FIXTURE_TOPIC.to_owned(),
+        kafka_topic: FIXTURE_TOPIC.into(),
     }
 }
 

@@ -26,7 +26,6 @@ use tollgate_meter_consumer::sink::{ClickhouseSink, SinkSettings};
 use tollgate_meter_consumer::MeterSettings;
 use tollgate_runtime::ops::Ops;
 use tollgate_runtime::shutdown::Shutdown;
-use tollgate_schemas::UsageEvent;
 use tollgate_test_support::meter as support;
 
 const PARTITIONS: i32 = 3;
@@ -73,13 +72,13 @@ fn batches(topic: &str, placed: Vec<(i32, Record)>) -> BTreeMap<i32, (Batch, Vec
             records.sort_by_key(|r| r.offset);
             let mut builder = BatchBuilder::new(MAX_ROWS as usize, Duration::from_secs(60));
             for record in &records {
-                let event: UsageEvent =
-                    tollgate_schemas::decode(record.payload.as_deref().expect("payload")).expect("event decodes");
+                let event = tollgate_schemas::decode_usage_event(record.payload.as_deref().expect("payload"))
+                    .expect("event decodes");
                 let origin = Origin {
                     partition,
                     offset: record.offset,
                 };
-                let row = UsageRow::from_event(event, topic, origin).expect("row");
+                let row = UsageRow::from_event(&event, &topic.into(), origin).expect("row");
                 assert!(builder.push(row).is_none(), "one month, one batch");
             }
             (partition, (builder.take().expect("a batch"), records))

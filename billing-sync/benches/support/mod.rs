@@ -29,7 +29,7 @@ pub fn usage_row(time: u32, tenant: &str, offset: u64) -> UsageRow {
         request_id: String::new(),
         kafka_partition: 1,
         kafka_offset: offset,
-        kafka_topic: "bench".to_owned(),
+        kafka_topic: "bench".into(),
     }
 }
 

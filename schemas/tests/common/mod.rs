@@ -1,6 +1,9 @@
 //! proptest strategies for the records, shared by the integration tests.
 #![allow(dead_code)] // each test file uses its own subset
 
+use std::collections::HashMap;
+
+use apache_avro::types::Value;
 use proptest::{collection::btree_map, option, prelude::*};
 use tollgate_schemas::{ApiKeyRecord, BudgetRecord, ConsumerRecord, Outcome, UsageEvent};
 use uuid::Uuid;
@@ -152,4 +155,47 @@ pub fn budget_record() -> impl Strategy<Value = BudgetRecord> {
                 updated_by,
             },
         )
+}
+
+/// What a v1 writer (which predates `request_id`) would have sent for `event`.
+pub fn v1_value(event: &UsageEvent) -> Value {
+    let text = |s: &str| Value::String(s.to_owned());
+    let nullable = |s: &Option<String>| s.as_deref().map_or(Value::Null, text);
+    let outcome = [
+        Outcome::Allowed,
+        Outcome::RateLimited,
+        Outcome::Unauthenticated,
+        Outcome::Forbidden,
+        Outcome::UpstreamError,
+        Outcome::Rejected,
+    ]
+    .iter()
+    .position(|o| *o == event.outcome)
+    .unwrap();
+    let units: HashMap<String, Value> = event.units.iter().map(|(k, v)| (k.clone(), Value::Long(*v))).collect();
+    Value::Record(vec![
+        ("event_id".into(), text(&event.event_id.to_string())),
+        ("timestamp_ms".into(), Value::TimestampMillis(event.timestamp_ms)),
+        ("tenant_id".into(), nullable(&event.tenant_id)),
+        ("consumer".into(), nullable(&event.consumer)),
+        ("key_id".into(), nullable(&event.key_id)),
+        ("plan".into(), nullable(&event.plan)),
+        ("route".into(), text(&event.route)),
+        ("method".into(), text(&event.method)),
+        ("status".into(), Value::Int(event.status.into())),
+        (
+            "outcome".into(),
+            Value::Enum(outcome as u32, event.outcome.as_str().to_owned()),
+        ),
+        ("billable".into(), Value::Boolean(event.billable)),
+        ("units".into(), Value::Map(units)),
+        ("request_bytes".into(), Value::Long(event.request_bytes)),
+        ("response_bytes".into(), Value::Long(event.response_bytes)),
+        ("latency_ms".into(), Value::Long(event.latency_ms)),
+        (
+            "upstream_latency_ms".into(),
+            event.upstream_latency_ms.map_or(Value::Null, Value::Long),
+        ),
+        ("gateway_id".into(), text(&event.gateway_id)),
+    ])
 }
