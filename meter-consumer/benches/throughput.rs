@@ -30,6 +30,10 @@ use tollgate_meter_consumer::rows::{Origin, UsageRow};
 use tollgate_runtime::shutdown::Shutdown;
 use tollgate_test_support::meter as support;
 
+/// The service binary's allocator (`src/main.rs`), so the consumer runs here as it does there.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }

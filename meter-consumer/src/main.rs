@@ -9,6 +9,12 @@ use clap::Parser;
 use tollgate_meter_consumer::MeterSettings;
 use tollgate_runtime::shutdown::Shutdown;
 
+/// mimalloc rather than glibc's allocator: every event becomes a row of a dozen small strings
+/// that live until its batch is written, and glibc's malloc, free and consolidation were a
+/// sixth of the consumer's CPU in the throughput benchmark (`perf record`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "tollgate-meter-consumer",
