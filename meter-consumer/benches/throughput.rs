@@ -16,12 +16,16 @@
 //!   settings) starts; the rate is measured from the first stored row to the last row
 //!   visible in every table (raw and every rollup), and also from the consumer's start.
 //!   Traffic is steady (no late events): every late event cuts a batch at its month.
-//! - Freshness: with the consumer caught up, events are produced at a steady rate, each
-//!   timestamped when produced; the minute rollup is polled, and an event's freshness is when
-//!   the rollup first counts it minus when it was produced.
+//! - Steady CPU: with the consumer caught up, events are produced at a steady rate for 10 s
+//!   (each timestamped when produced); CPU per event of the broker, ClickHouse and the
+//!   consumer from the first event sent until the minute rollup counts the last (polled once a
+//!   second). This process also produces them: its CPU for producing the same stream alone,
+//!   measured just before, is taken off its figure.
+//! - Freshness: the same steady stream again, the minute rollup polled every 20 ms; an event's
+//!   freshness is when the rollup first counts it minus when it was produced.
 //!
-//! `TOLLGATE_BENCH_EVENTS` (default 400000) and `TOLLGATE_BENCH_FRESH_RATE` (events/s,
-//! default 5000) size it.
+//! `TOLLGATE_BENCH_EVENTS` (default 400000) and `TOLLGATE_BENCH_RATE` (events/s of the steady
+//! phases, default 10000) size it.
 
 use std::time::{Duration, Instant};
 
@@ -74,6 +78,43 @@ fn cpu_now(pids: &[(&'static str, Option<u32>)]) -> Vec<f64> {
     pids.iter().map(|(_, pid)| pid.map_or(0.0, cpu_secs)).collect()
 }
 
+/// Sends `count` copies of `template` at `rate` per second, spread over `partitions`, each
+/// with a fresh id, tenant `tenant` and the time it is sent; returns when each was handed to
+/// the producer (delivery is awaited in the background).
+async fn steady_stream(
+    kafka: &rdkafka::producer::FutureProducer,
+    (topic, partitions): (&str, u64),
+    template: &tollgate_schemas::UsageEvent,
+    tenant: &str,
+    rate: u64,
+    count: u64,
+) -> Vec<Instant> {
+    let mut event = template.clone();
+    event.tenant_id = Some(tenant.to_owned());
+    let mut sent = Vec::with_capacity(count as usize);
+    let mut payload = Vec::with_capacity(256);
+    let start = Instant::now();
+    for i in 0..count {
+        let due = start + Duration::from_secs_f64(i as f64 / rate as f64);
+        tokio::time::sleep_until(due.into()).await;
+        event.event_id = uuid::Uuid::now_v7();
+        event.timestamp_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        payload.clear();
+        tollgate_schemas::encode_usage_event(&event, &mut payload);
+        let record = rdkafka::producer::FutureRecord::to(topic)
+            .key("steady-key")
+            .payload(&payload)
+            .partition((i % partitions) as i32);
+        let delivery = kafka.send_result(record).map_err(|(e, _)| e).expect("enqueued");
+        tokio::spawn(delivery);
+        sent.push(Instant::now());
+    }
+    sent
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i]
@@ -82,7 +123,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let events = env_u64("TOLLGATE_BENCH_EVENTS", 400_000);
-    let fresh_rate = env_u64("TOLLGATE_BENCH_FRESH_RATE", 5_000);
+    let rate = env_u64("TOLLGATE_BENCH_RATE", 10_000);
     let env = Env::new("meter_bench", 4).await;
     let settings: tollgate_meter_consumer::MeterSettings = env.settings(&env.clickhouse, 50_000, 1_000);
     let client = env.client();
@@ -247,9 +288,32 @@ async fn main() {
     let consume_rate = events as f64 / consume_secs;
     let cold_rate = events as f64 / consumer_start.elapsed().as_secs_f64();
 
-    // Freshness: a steady stream, each event stamped when produced (tenant `fresh`).
-    let fresh_events = fresh_rate * 10;
-    let mut produced_at = Vec::with_capacity(fresh_events as usize);
+    let template = tollgate_schemas::decode::<tollgate_schemas::UsageEvent>(&workload.events[0].1).unwrap();
+    let steady_events = rate * 10;
+
+    // Steady traffic, CPU: first the producing alone (to the DLQ topic, which nothing here
+    // reads), for what this process spends on it; then the same stream consumed, polled once a
+    // second so the polling's queries stay out of ClickHouse's figure.
+    let own = [("bench producer", Some(std::process::id()))];
+    let producer_before = cpu_now(&own);
+    steady_stream(&kafka, (&env.dlq, 1), &template, "idle", rate, steady_events).await;
+    let producer_us = (cpu_now(&own)[0] - producer_before[0]) * 1e6 / steady_events as f64;
+    let steady_before = cpu_now(&pids);
+    steady_stream(&kafka, (&env.usage, 4), &template, "steady", rate, steady_events).await;
+    let steady_sql =
+        "SELECT toUInt64(sum(events)) FROM usage_meter_minute WHERE tenant_id = 'steady' AND meter = 'requests'";
+    let steady_deadline = Instant::now() + Duration::from_secs(120);
+    while count(&client, steady_sql).await < steady_events {
+        assert!(
+            Instant::now() < steady_deadline,
+            "steady events not counted within 2 minutes"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let steady_after = cpu_now(&pids);
+
+    // Freshness: the same stream (tenant `fresh`), the minute rollup polled every 20 ms.
+    let fresh_events = steady_events;
     let poller = tokio::spawn({
         let client = env.client();
         async move {
@@ -268,28 +332,7 @@ async fn main() {
             }
         }
     });
-    let stream_start = Instant::now();
-    for i in 0..fresh_events {
-        let due = stream_start + Duration::from_secs_f64(i as f64 / fresh_rate as f64);
-        tokio::time::sleep_until(due.into()).await;
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as i64;
-        let mut event = tollgate_schemas::decode::<tollgate_schemas::UsageEvent>(&workload.events[0].1).unwrap();
-        event.event_id = uuid::Uuid::now_v7();
-        event.timestamp_ms = now_ms;
-        event.tenant_id = Some("fresh".to_owned());
-        let payload = tollgate_schemas::encode(&event);
-        // Keys spread over the partitions; delivery is awaited in the background.
-        let record = rdkafka::producer::FutureRecord::to(&env.usage)
-            .key("fresh-key")
-            .payload(&payload);
-        let record = record.partition((i % 4) as i32);
-        let delivery = kafka.send_result(record).map_err(|(e, _)| e).expect("enqueued");
-        tokio::spawn(delivery);
-        produced_at.push(Instant::now());
-    }
+    let produced_at = steady_stream(&kafka, (&env.usage, 4), &template, "fresh", rate, fresh_events).await;
     let seen = tokio::time::timeout(Duration::from_secs(120), poller)
         .await
         .expect("fresh events visible")
@@ -336,8 +379,20 @@ async fn main() {
     }
     println!("  cpu per event, pipeline total            {total_us:>7.2} us (consuming a full topic)");
     println!("  ratio vs produce           {:>10.2}", consume_rate / produce_rate);
+    println!("steady {rate} events/s for 10 s, cpu per event from the first event sent to the last counted:");
+    let mut steady_total = 0.0;
+    for (i, (name, pid)) in pids.iter().enumerate() {
+        let mut us = (steady_after[i] - steady_before[i]) * 1e6 / steady_events as f64;
+        if pid == &own[0].1 {
+            us -= producer_us;
+        }
+        steady_total += us;
+        println!("  cpu per event {name:<30} {us:>7.2} us");
+    }
+    println!("  (this process less its producing alone at the same rate: {producer_us:.2} us per event)");
+    println!("  cpu per event, pipeline total            {steady_total:>7.2} us (steady {rate} events/s)");
     println!(
-        "freshness at {fresh_rate} events/s (produced -> counted in usage_meter_minute): p50 {:.3} s, p99 {:.3} s, max {:.3} s",
+        "freshness at {rate} events/s (produced -> counted in usage_meter_minute): p50 {:.3} s, p99 {:.3} s, max {:.3} s",
         percentile(&ages, 0.5),
         percentile(&ages, 0.99),
         ages.last().copied().unwrap_or_default()
