@@ -188,6 +188,7 @@ pub fn start(
         Arc::clone(&metrics),
         Arc::clone(&control),
         recovery.pending_records,
+        Duration::from_millis(settings.ship_interval_ms),
     ));
     let sink = UsageSink {
         tx: Some(tx.clone()),

@@ -38,6 +38,12 @@ pub struct EventSettings {
     /// start.
     #[serde(default = "default_shutdown_flush_ms")]
     pub shutdown_flush_ms: u64,
+    /// Least time between the starts of two Kafka transactions while the spool holds less
+    /// than a full batch: each transaction costs the broker as much as thousands of events,
+    /// so under steady traffic a few large ones are cheaper than many small ones. Events wait
+    /// in the (durable) spool meanwhile; 0 ships each batch as soon as the last one is in.
+    #[serde(default = "default_ship_interval_ms")]
+    pub ship_interval_ms: u64,
 }
 
 impl Default for EventSettings {
@@ -52,6 +58,7 @@ impl Default for EventSettings {
             when_full: FullPolicy::default(),
             billable_below_status: default_billable_below_status(),
             shutdown_flush_ms: default_shutdown_flush_ms(),
+            ship_interval_ms: default_ship_interval_ms(),
         }
     }
 }
@@ -76,6 +83,9 @@ fn default_billable_below_status() -> u16 {
 }
 fn default_shutdown_flush_ms() -> u64 {
     10_000
+}
+fn default_ship_interval_ms() -> u64 {
+    100
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -115,6 +125,7 @@ impl EventSettings {
             600,
         )?;
         in_range("events.shutdown_flush_ms", self.shutdown_flush_ms, 0, 600_000)?;
+        in_range("events.ship_interval_ms", self.ship_interval_ms, 0, 10_000)?;
         Ok(())
     }
 }

@@ -18,6 +18,9 @@ use super::record::split_record;
 use super::spool::{self, SpoolReader};
 use super::transactions;
 
+/// Most spool records shipped in one Kafka transaction.
+const SHIP_BATCH_RECORDS: usize = 2000;
+
 /// How the pipeline tells the shipper to finish: `closing` ships what is spooled and ends;
 /// `stop` ends at once (what is left stays in the spool).
 #[derive(Default)]
@@ -53,6 +56,7 @@ pub(crate) async fn ship_loop(
     metrics: Arc<EventMetrics>,
     control: Arc<ShipperControl>,
     mut from_earlier_run: u64,
+    ship_interval: Duration,
 ) {
     let Shipping {
         mut producer,
@@ -121,8 +125,17 @@ pub(crate) async fn ship_loop(
     {
         return;
     }
+    let mut next_ship = Instant::now();
     loop {
-        let batch = match reader.read_batch(2000) {
+        // Writes wake the wait only to see whether SIGTERM's closing came with them.
+        while Instant::now() < next_ship && !control.closing.load(Ordering::Acquire) {
+            tokio::select! {
+                _ = tokio::time::sleep_until(next_ship.into()) => {}
+                _ = control.written.notified() => {}
+                _ = control.stop.notified() => return,
+            }
+        }
+        let batch = match reader.read_batch(SHIP_BATCH_RECORDS) {
             Ok(batch) => batch,
             Err(err) => {
                 tracing::error!(error = %err, "spool read failed; retrying");
@@ -155,6 +168,11 @@ pub(crate) async fn ship_loop(
         match shipped {
             Ok(()) => {
                 let count = batch.records.len() as u64;
+                // A short batch means the spool is drained: let the next one gather (a full
+                // batch, or SIGTERM's closing, goes at once).
+                if batch.records.len() < SHIP_BATCH_RECORDS && !control.closing.load(Ordering::Acquire) {
+                    next_ship = started + ship_interval;
+                }
                 metrics.produced.increment(count);
                 let replayed = count.min(from_earlier_run);
                 from_earlier_run -= replayed;
