@@ -321,3 +321,69 @@ async fn graceful_stop_under_load_ships_every_answered_event() {
     }
     let _ = std::fs::remove_dir_all(spool);
 }
+
+/// Steady traffic ships in few transactions: after a short batch the shipper waits
+/// `ship_interval_ms` before the next one, and every event still arrives once. Shipping each
+/// batch as soon as the previous one is in would commit a transaction every few requests.
+#[tokio::test]
+async fn steady_traffic_ships_in_transactions_at_most_one_per_interval() {
+    let upstream = EchoUpstream::start().await;
+    let usage_topic = unique("test.usage");
+    create_topic(&usage_topic, 3, &[]).await;
+    let mut s = settings(&create_keys_topic().await, &upstream.url());
+    s.topics.usage = usage_topic.clone();
+    s.events.ship_interval_ms = 250;
+    let gw = TestGateway::start(s, None).await;
+    let (key, _) = gw
+        .consumer_with_key("acme-corp", json!({"tenantId": "tenant_abc123", "plan": "enterprise"}))
+        .await;
+    let transactions = || async {
+        let metrics = gw.admin("GET", "/metrics", None).await.text();
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix("gateway_events_delivery_seconds_count "))
+            .map_or(0, |n| n.trim().parse::<u64>().expect("a count"))
+    };
+    let before = transactions().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..4)
+        .map(|c| {
+            tokio::spawn(load(
+                gw.public.clone(),
+                format!("Bearer {key}"),
+                format!("steady-{c}"),
+                Arc::clone(&stop),
+                Arc::clone(&count),
+            ))
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut answered = Vec::new();
+    for client in clients {
+        answered.extend(client.await.expect("client"));
+    }
+    let elapsed = started.elapsed();
+    let events = collect_events(
+        &tollgate_tests::kafka(),
+        &usage_topic,
+        answered.len(),
+        Duration::from_secs(30),
+    )
+    .await;
+    let shipped = transactions().await - before;
+    let seen = by_request_id(&events);
+    assert_eq!(seen.len(), answered.len(), "one event per answered request");
+    assert!(seen.values().all(|n| *n == 1), "no event twice");
+    assert!(answered.len() > 100, "steady traffic: {} requests", answered.len());
+    // One transaction per interval while traffic lasts, plus what was left when it ended.
+    let most = elapsed.as_millis() as u64 / 250 + 3;
+    assert!(
+        (1..=most).contains(&shipped),
+        "{} events in {shipped} transactions over {elapsed:?}: at most {most}",
+        answered.len()
+    );
+    gw.stop().await;
+}
