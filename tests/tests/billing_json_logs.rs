@@ -57,7 +57,7 @@ fn usage_row(time: u32) -> UsageRow {
         request_id: "req-1".to_owned(),
         kafka_partition: 0,
         kafka_offset: 0,
-        kafka_topic: "tollgate.usage.v1".to_owned(),
+        kafka_topic: "tollgate.usage.v1".into(),
     }
 }
 
