@@ -361,12 +361,13 @@ async fn write_usage(client: &Client, events: &[UsageEvent]) {
     let (_stop_tx, stop) = tokio::sync::watch::channel(false);
     let mut builder = BatchBuilder::new(10_000, Duration::from_secs(60));
     let mut batches = Vec::new();
+    let topic: std::sync::Arc<str> = TOPIC.into();
     for (offset, event) in events.iter().enumerate() {
         let origin = Origin {
             partition: 0,
             offset: offset as i64,
         };
-        let row = UsageRow::from_event(event.clone(), TOPIC, origin).expect("row");
+        let row = UsageRow::from_event(&event.into(), &topic, origin).expect("row");
         batches.extend(builder.push(row));
         if offset == events.len() / 2 {
             batches.extend(builder.take());
