@@ -9,15 +9,6 @@ use tollgate_schemas::Outcome;
 
 const METADATA: Metadata<'static> = Metadata::new(module_path!(), metrics::Level::INFO, None);
 
-const OUTCOMES: [Outcome; 6] = [
-    Outcome::Allowed,
-    Outcome::RateLimited,
-    Outcome::Unauthenticated,
-    Outcome::Forbidden,
-    Outcome::UpstreamError,
-    Outcome::Rejected,
-];
-
 pub struct GatewayMetrics {
     /// Requests by outcome, counted when their usage event is recorded.
     requests: [(Outcome, Counter); 6],
@@ -27,7 +18,7 @@ pub struct GatewayMetrics {
 
 impl GatewayMetrics {
     pub fn new(recorder: std::sync::Arc<dyn Recorder + Send + Sync>) -> Self {
-        let requests = OUTCOMES.map(|outcome| {
+        let requests = Outcome::ALL.map(|outcome| {
             let key = Key::from_parts(
                 "gateway_requests_total",
                 vec![Label::new("outcome", outcome.as_str().to_ascii_lowercase())],
@@ -44,7 +35,7 @@ impl GatewayMetrics {
     /// Metrics that go nowhere (benchmarks, tests that do not read them).
     pub fn noop() -> Self {
         Self {
-            requests: OUTCOMES.map(|o| (o, Counter::noop())),
+            requests: Outcome::ALL.map(|o| (o, Counter::noop())),
             recorder_counters: Default::default(),
             recorder: None,
         }

@@ -60,6 +60,17 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Every outcome, in the order of the schema's symbols: an Avro enum is written as its
+    /// symbol's position in this list.
+    pub const ALL: [Outcome; 6] = [
+        Outcome::Allowed,
+        Outcome::RateLimited,
+        Outcome::Unauthenticated,
+        Outcome::Forbidden,
+        Outcome::UpstreamError,
+        Outcome::Rejected,
+    ];
+
     /// The Avro symbol, e.g. `RATE_LIMITED`: the same text in Kafka, ClickHouse and logs.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -156,14 +167,7 @@ mod tests {
 
     #[test]
     fn outcome_text_is_its_serde_name() {
-        for outcome in [
-            Outcome::Allowed,
-            Outcome::RateLimited,
-            Outcome::Unauthenticated,
-            Outcome::Forbidden,
-            Outcome::UpstreamError,
-            Outcome::Rejected,
-        ] {
+        for outcome in Outcome::ALL {
             assert_eq!(serde_json::to_value(outcome).unwrap(), outcome.as_str());
         }
     }

@@ -65,26 +65,12 @@ pub fn encode_usage_event(event: &UsageEvent, out: &mut Vec<u8>) {
     optional_string(out, event.request_id.as_deref());
 }
 
-/// The schema's `Outcome` symbols, in order: an enum is written as its symbol's position.
-const OUTCOMES: [Outcome; 6] = [
-    Outcome::Allowed,
-    Outcome::RateLimited,
-    Outcome::Unauthenticated,
-    Outcome::Forbidden,
-    Outcome::UpstreamError,
-    Outcome::Rejected,
-];
-
 /// The symbol's position in the schema's `Outcome` enum.
 fn outcome_index(outcome: Outcome) -> i64 {
-    match outcome {
-        Outcome::Allowed => 0,
-        Outcome::RateLimited => 1,
-        Outcome::Unauthenticated => 2,
-        Outcome::Forbidden => 3,
-        Outcome::UpstreamError => 4,
-        Outcome::Rejected => 5,
-    }
+    Outcome::ALL
+        .iter()
+        .position(|o| *o == outcome)
+        .expect("every outcome is in Outcome::ALL") as i64
 }
 
 /// A `["null", "string"]` union.
@@ -265,7 +251,7 @@ impl<'a> Cursor<'a> {
             status: u16::try_from(self.int("status")?).map_err(|_| invalid("status", "outside 0 to 65535"))?,
             outcome: *usize::try_from(self.int("outcome")?)
                 .ok()
-                .and_then(|i| OUTCOMES.get(i))
+                .and_then(|i| Outcome::ALL.get(i))
                 .ok_or(invalid("outcome", "no such symbol"))?,
             billable: match self.byte()? {
                 0 => false,

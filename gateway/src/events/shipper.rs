@@ -169,8 +169,8 @@ pub(crate) async fn ship_loop(
             Ok(()) => {
                 let count = batch.records.len() as u64;
                 // A short batch means the spool is drained: let the next one gather (a full
-                // batch, or SIGTERM's closing, goes at once).
-                if batch.records.len() < SHIP_BATCH_RECORDS && !control.closing.load(Ordering::Acquire) {
+                // batch goes at once; the wait ends early for SIGTERM's closing).
+                if batch.records.len() < SHIP_BATCH_RECORDS {
                     next_ship = started + ship_interval;
                 }
                 metrics.produced.increment(count);

@@ -161,17 +161,7 @@ pub fn budget_record() -> impl Strategy<Value = BudgetRecord> {
 pub fn v1_value(event: &UsageEvent) -> Value {
     let text = |s: &str| Value::String(s.to_owned());
     let nullable = |s: &Option<String>| s.as_deref().map_or(Value::Null, text);
-    let outcome = [
-        Outcome::Allowed,
-        Outcome::RateLimited,
-        Outcome::Unauthenticated,
-        Outcome::Forbidden,
-        Outcome::UpstreamError,
-        Outcome::Rejected,
-    ]
-    .iter()
-    .position(|o| *o == event.outcome)
-    .unwrap();
+    let outcome = Outcome::ALL.iter().position(|o| *o == event.outcome).unwrap();
     let units: HashMap<String, Value> = event.units.iter().map(|(k, v)| (k.clone(), Value::Long(*v))).collect();
     Value::Record(vec![
         ("event_id".into(), text(&event.event_id.to_string())),
