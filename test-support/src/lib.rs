@@ -12,6 +12,7 @@
 
 pub mod meter;
 pub mod private_kafka;
+pub mod redis_cluster;
 pub mod service;
 
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -93,6 +94,25 @@ pub async fn create_topic(brokers: &str, topic: &str, partitions: i32, config: &
     for result in results {
         result.unwrap_or_else(|(name, err)| panic!("topic {name} not created: {err}"));
     }
+    // The controller answers once the topic is committed; the broker serves it a moment later.
+    // A service started in that moment would find the topic missing and exit.
+    let topic = topic.to_owned();
+    eventually(
+        &format!("topic {topic} served with {partitions} partitions"),
+        Duration::from_secs(30),
+        || {
+            let metadata = admin.inner().fetch_metadata(Some(&topic), Duration::from_secs(5));
+            let served = metadata.ok().is_some_and(|m| {
+                m.topics().iter().any(|t| {
+                    t.error().is_none()
+                        && t.partitions().len() == partitions as usize
+                        && t.partitions().iter().all(|p| p.leader() >= 0 && p.error().is_none())
+                })
+            });
+            std::future::ready(served.then_some(()))
+        },
+    )
+    .await;
 }
 
 /// Polls `check` until it returns `Some` or `deadline` passes; the last `None` is a failure.

@@ -77,15 +77,32 @@ impl ServiceProcess {
             .spawn()
             .unwrap_or_else(|e| panic!("start {}: {e}", self.name));
         self.child = Some(child);
-        let (name, health) = (self.name, self.health.clone());
-        crate::eventually(&format!("{name} healthy at {health}"), START_DEADLINE, || {
-            let health = health.clone();
-            async move {
-                let reply = try_send_with(false, "GET", &health, &[], b"").await.ok()?;
-                (reply.status == 200).then_some(())
+        let started = std::time::Instant::now();
+        loop {
+            if let Ok(reply) = try_send_with(false, "GET", &self.health, &[], b"").await {
+                if reply.status == 200 {
+                    return;
+                }
             }
-        })
-        .await;
+            // A service that exits while starting will never answer: say why at once, from its
+            // own log, instead of waiting out the deadline.
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                self.child = None;
+                panic!(
+                    "{} exited while starting ({status}); the end of its log:\n{}",
+                    self.name,
+                    log_tail(&self.output())
+                );
+            }
+            assert!(
+                started.elapsed() < START_DEADLINE,
+                "{} not healthy at {} within {START_DEADLINE:?}; the end of its log:\n{}",
+                self.name,
+                self.health,
+                log_tail(&self.output())
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// SIGKILL: the process dies as in a crash, with whatever it held in memory.
@@ -130,6 +147,12 @@ impl ServiceProcess {
     pub fn output(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+}
+
+/// The last lines of a service log, enough to show why it stopped.
+fn log_tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
 impl Drop for ServiceProcess {
