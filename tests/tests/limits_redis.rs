@@ -48,6 +48,7 @@ fn charge(spec: &Arc<LimitSpec>, key: &str, cost: u64) -> Charge {
     Charge {
         spec: spec.clone(),
         key: key.into(),
+        scope: "t".into(),
         cost,
     }
 }

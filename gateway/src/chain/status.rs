@@ -64,6 +64,7 @@ impl Proxy {
                 charges.push(Charge {
                     spec: Arc::clone(spec),
                     key: subject.key_for(spec.by),
+                    scope: subject.scope().to_owned(),
                     cost: 0,
                 });
                 subjects.push(match spec.by {
@@ -91,6 +92,10 @@ impl Proxy {
             Backend::Redis => (
                 api::LimitBackend::Redis,
                 "counters shared by every gateway on this Redis",
+            ),
+            Backend::RedisCluster => (
+                api::LimitBackend::Redis,
+                "counters shared by every gateway on this Redis Cluster",
             ),
         };
         api::LimitStatus {

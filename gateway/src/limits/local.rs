@@ -215,6 +215,7 @@ mod tests {
         Charge {
             spec: spec.clone(),
             key: key.into(),
+            scope: "t".into(),
             cost,
         }
     }

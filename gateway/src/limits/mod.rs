@@ -77,6 +77,9 @@ pub struct Charge {
     pub spec: Arc<LimitSpec>,
     /// The subject's counter key, e.g. `tenant:t1`, `key:k_123`, `ip:203.0.113.7`.
     pub key: String,
+    /// The tenant the request belongs to (its client address when it has none): on Redis
+    /// Cluster every counter of one decision lives in this value's hash slot.
+    pub scope: String,
     pub cost: u64,
 }
 
@@ -127,6 +130,15 @@ impl Subject<'_> {
         };
         format!("{}:{id}", by.as_str())
     }
+
+    /// What [`Charge::scope`] holds: the tenant, or the address of a request without one.
+    pub fn scope(&self) -> &str {
+        if self.tenant.is_empty() {
+            self.ip
+        } else {
+            self.tenant
+        }
+    }
 }
 
 /// Units a request is charged before it is proxied: the route's cost table (meter name →
@@ -157,6 +169,7 @@ pub fn charges(specs: &[Arc<LimitSpec>], subject: &Subject<'_>, units: &BTreeMap
         .map(|spec| Charge {
             spec: spec.clone(),
             key: subject.key_for(spec.by),
+            scope: subject.scope().to_owned(),
             cost: units.get(&spec.meter).copied().unwrap_or(0),
         })
         .collect()
@@ -219,7 +232,7 @@ impl CostReportError {
 pub fn build(settings: &LimitsSettings, metrics: LimitsMetrics) -> Result<Arc<dyn Limiter>, LimitsError> {
     Ok(match settings.backend {
         Backend::Local => Arc::new(LocalLimiter::new()),
-        Backend::Redis => Arc::new(RedisLimiter::new(settings, metrics)?),
+        Backend::Redis | Backend::RedisCluster => Arc::new(RedisLimiter::new(settings, metrics)?),
     })
 }
 
@@ -233,6 +246,8 @@ pub enum LimitsError {
 /// up), sorted by counter id: the fixed order in which counters are locked.
 pub(crate) struct Group {
     pub id: String,
+    /// The charges' [`Charge::scope`] (one subject's, so the same for every charge).
+    pub scope: String,
     pub spec: Arc<LimitSpec>,
     pub cost: u64,
     /// Indexes of the charges in this group.
@@ -250,6 +265,7 @@ pub(crate) fn group(charges: &[Charge]) -> Vec<Group> {
             }
             None => groups.push(Group {
                 id,
+                scope: charge.scope.clone(),
                 spec: charge.spec.clone(),
                 cost: charge.cost,
                 members: vec![i],

@@ -9,16 +9,24 @@
 //!
 //! In-flight (`concurrent`) counters expire 10 minutes after their last admission, so a
 //! gateway that dies with requests in flight cannot block a tenant for longer than that.
-//! All keys of one decision must live on one Redis node (no Redis Cluster support).
+//!
+//! On Redis Cluster (`backend = "redis_cluster"`) a script may only touch keys of one hash
+//! slot, so every key is `<prefix>:{<scope>}:<counter>`: the braces put all counters of a
+//! tenant (or, on routes without one, of an address) in one slot, and a decision stays one
+//! atomic script on one master. The cluster client follows MOVED and ASK redirections and
+//! reloads the slot map after a failover. The exactness argument is the single node's, per
+//! slot; what a failover may lose is in docs/ARCHITECTURE.md.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use metrics::Counter;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClient, ClusterConfig};
+use redis::cluster_async::ClusterConnection;
 
 use super::counter::{bucket_ms, Check};
-use super::settings::{FailPolicy, LimitsSettings};
+use super::settings::{Backend, FailPolicy, LimitsSettings};
 use super::spec::Window;
 use super::{assemble, group, Charge, Decision, Group, LimitFuture, Limiter, LimitsError};
 
@@ -64,8 +72,15 @@ impl LimitsMetrics {
     }
 }
 
+/// One Redis server, or a cluster whose client routes each script to the master of its slot.
+#[derive(Clone)]
+enum Connection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
 pub struct RedisLimiter {
-    connection: ConnectionManager,
+    connection: Connection,
     script: redis::Script,
     prefix: String,
     timeout: Duration,
@@ -82,17 +97,29 @@ impl RedisLimiter {
     /// No IO: the connection is made on first use (and remade after failures). Call it inside
     /// the Tokio runtime (the connection manager spawns its task there).
     pub fn new(settings: &LimitsSettings, metrics: LimitsMetrics) -> Result<Self, LimitsError> {
-        let client =
-            redis::Client::open(settings.redis_url.as_str()).map_err(|e| LimitsError::RedisUrl(e.to_string()))?;
         let timeout = Duration::from_millis(settings.redis_timeout_ms);
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(10))
-            .set_max_delay(Duration::from_millis(500));
-        let connection = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| LimitsError::RedisUrl(e.to_string()))?;
+        let url_error = |e: redis::RedisError| LimitsError::RedisUrl(e.to_string());
+        let connection = if settings.backend == Backend::RedisCluster {
+            let client = ClusterClient::builder(settings.redis_nodes())
+                .retries(2)
+                .min_retry_wait(10)
+                .max_retry_wait(500)
+                .build()
+                .map_err(url_error)?;
+            let config = ClusterConfig::new()
+                .set_connection_timeout(timeout)
+                .set_response_timeout(timeout);
+            Connection::Cluster(client.get_pending_async_connection_with_config(config))
+        } else {
+            let client = redis::Client::open(settings.redis_url.as_str()).map_err(url_error)?;
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(timeout))
+                .set_response_timeout(Some(timeout))
+                .set_number_of_retries(1)
+                .set_min_delay(Duration::from_millis(10))
+                .set_max_delay(Duration::from_millis(500));
+            Connection::Single(ConnectionManager::new_lazy_with_config(client, config).map_err(url_error)?)
+        };
         Ok(Self {
             connection,
             script: redis::Script::new(include_str!("decide.lua")),
@@ -130,7 +157,10 @@ impl RedisLimiter {
                 Window::Month => ("m", 0, 0),
                 Window::InFlight => ("c", 0, 0),
             };
-            invocation.key(format!("{}:{}", self.prefix, g.id));
+            match self.connection {
+                Connection::Single(_) => invocation.key(format!("{}:{}", self.prefix, g.id)),
+                Connection::Cluster(_) => invocation.key(cluster_key(&self.prefix, &g.scope, &g.id)),
+            };
             invocation
                 .arg(kind)
                 .arg(window_ms)
@@ -138,8 +168,15 @@ impl RedisLimiter {
                 .arg(g.spec.limit)
                 .arg(g.cost);
         }
-        let mut connection = self.connection.clone();
-        match tokio::time::timeout(self.timeout, invocation.invoke_async::<Vec<i64>>(&mut connection)).await {
+        let reply = match self.connection.clone() {
+            Connection::Single(mut connection) => {
+                tokio::time::timeout(self.timeout, invocation.invoke_async::<Vec<i64>>(&mut connection)).await
+            }
+            Connection::Cluster(mut connection) => {
+                tokio::time::timeout(self.timeout, invocation.invoke_async::<Vec<i64>>(&mut connection)).await
+            }
+        };
+        match reply {
             Ok(Ok(reply)) if reply.len() >= 2 => Ok(reply),
             Ok(Ok(reply)) => Err(format!("unexpected script reply of {} values", reply.len())),
             Ok(Err(err)) => Err(err.to_string()),
@@ -240,6 +277,14 @@ impl RedisLimiter {
             self.warn(mode, &error);
         }
     }
+}
+
+/// A counter's key on Redis Cluster: the scope in braces is the hash tag, so one decision's
+/// keys share a slot. An empty scope would make Redis hash the whole key (keys of one decision
+/// in different slots), so it becomes `_`.
+fn cluster_key(prefix: &str, scope: &str, id: &str) -> String {
+    let scope = if scope.is_empty() { "_" } else { scope };
+    format!("{prefix}:{{{scope}}}:{id}")
 }
 
 /// The per-key checks of a script reply (after `allowed, now`: five values per key).

@@ -51,6 +51,9 @@ pub enum Backend {
     Local,
     /// Counters in Redis, shared by every gateway using the same `key_prefix`.
     Redis,
+    /// Counters in a Redis Cluster (`redis_url` lists seed nodes, comma-separated): one
+    /// decision's counters share a hash slot, the tenant's.
+    RedisCluster,
 }
 
 /// What a decision is when Redis fails or is slower than `redis_timeout_ms`.
@@ -71,7 +74,8 @@ pub struct LimitsSettings {
     /// `local` (in-process, the default) or `redis` (shared by several gateways).
     #[serde(default)]
     pub backend: Backend,
-    /// Redis URL for the `redis` backend.
+    /// Redis URL for the `redis` backend; for `redis_cluster`, one or more seed nodes'
+    /// URLs separated by commas (the client learns the rest of the cluster from them).
     #[serde(default = "default_redis_url")]
     pub redis_url: String,
     /// Longest wait for one Redis decision before `on_redis_error` applies, in milliseconds.
@@ -88,6 +92,17 @@ pub struct LimitsSettings {
     /// and the route's cost applies instead.
     #[serde(default = "default_max_reported_units")]
     pub max_reported_units: u64,
+}
+
+/// `url` (or a comma-separated list of URLs) with any password replaced, for error messages.
+fn without_password(url: &str) -> String {
+    url.split(',')
+        .map(|one| match (one.find("://"), one.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => format!("{}://***{}", &one[..scheme], &one[at..]),
+            _ => one.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn default_max_reported_units() -> u64 {
@@ -120,16 +135,41 @@ impl Default for LimitsSettings {
 }
 
 impl LimitsSettings {
+    /// The seed nodes of `redis_url` for the `redis_cluster` backend.
+    pub fn redis_nodes(&self) -> impl Iterator<Item = &str> {
+        self.redis_url.split(',').map(str::trim)
+    }
+
     /// Checks the table without IO; `field` is its dotted path (`limits`).
     pub fn validate(&self, field: &str) -> Result<(), Invalid> {
-        if self.backend == Backend::Redis
-            && !(self.redis_url.starts_with("redis://") || self.redis_url.starts_with("rediss://"))
-        {
-            return Err(Invalid::new(
-                format!("{field}.redis_url"),
-                &self.redis_url,
-                "a redis:// or rediss:// URL",
-            ));
+        let redis_url = |url: &str| url.starts_with("redis://") || url.starts_with("rediss://");
+        match self.backend {
+            Backend::Local => {}
+            Backend::Redis if !redis_url(&self.redis_url) => {
+                return Err(Invalid::new(
+                    format!("{field}.redis_url"),
+                    without_password(&self.redis_url),
+                    "a redis:// or rediss:// URL",
+                ));
+            }
+            Backend::Redis => {}
+            Backend::RedisCluster => {
+                if !self.redis_nodes().all(redis_url) {
+                    return Err(Invalid::new(
+                        format!("{field}.redis_url"),
+                        without_password(&self.redis_url),
+                        "redis:// or rediss:// URLs of cluster nodes, separated by commas",
+                    ));
+                }
+                // A brace in the prefix would move the hash tag off the tenant.
+                if self.key_prefix.contains(['{', '}']) {
+                    return Err(Invalid::new(
+                        format!("{field}.key_prefix"),
+                        &self.key_prefix,
+                        "no { or } on Redis Cluster (the limiter puts the tenant in braces)",
+                    ));
+                }
+            }
         }
         if !(1..=10_000).contains(&self.redis_timeout_ms) {
             return Err(Invalid::new(
@@ -411,6 +451,36 @@ mod tests {
         assert!(s.validate("limits").unwrap_err().to_string().contains("1 to 10000"));
         let s: LimitsSettings = toml::from_str("key_prefix = \"\"\n").unwrap();
         assert_eq!(s.validate("limits").unwrap_err().field, "limits.key_prefix");
+    }
+
+    #[test]
+    fn cluster_settings_list_seed_nodes_and_keep_braces_out_of_the_prefix() {
+        let s: LimitsSettings = toml::from_str(
+            "backend = \"redis_cluster\"\nredis_url = \"redis://127.0.0.1:7000, redis://127.0.0.1:7001\"\n",
+        )
+        .unwrap();
+        s.validate("limits").unwrap();
+        assert_eq!(
+            s.redis_nodes().collect::<Vec<_>>(),
+            ["redis://127.0.0.1:7000", "redis://127.0.0.1:7001"]
+        );
+        let s: LimitsSettings =
+            toml::from_str("backend = \"redis_cluster\"\nredis_url = \"redis://127.0.0.1:7000,127.0.0.1:7001\"\n")
+                .unwrap();
+        assert_eq!(s.validate("limits").unwrap_err().field, "limits.redis_url");
+        let s: LimitsSettings = toml::from_str("backend = \"redis_cluster\"\nkey_prefix = \"rl:{all}\"\n").unwrap();
+        assert_eq!(s.validate("limits").unwrap_err().field, "limits.key_prefix");
+    }
+
+    #[test]
+    fn a_refused_redis_url_never_shows_its_password() {
+        let s: LimitsSettings = toml::from_str(
+            "backend = \"redis_cluster\"\nredis_url = \"redis://:hunter2@127.0.0.1:7000,http://u:pw2@x\"\n",
+        )
+        .unwrap();
+        let message = s.validate("limits").unwrap_err().to_string();
+        assert!(!message.contains("hunter2") && !message.contains("pw2"), "{message}");
+        assert!(message.contains("redis://***@127.0.0.1:7000"), "{message}");
     }
 
     #[test]
