@@ -21,6 +21,9 @@ pub struct RedisCluster {
 
 struct Node {
     port: u16,
+    /// The cluster bus port, chosen free like `port`: Redis's default (`port` + 10000) may be
+    /// taken, or past 65535 for a high free port.
+    bus: u16,
     child: Option<Child>,
 }
 
@@ -62,6 +65,7 @@ impl RedisCluster {
             nodes: (0..6)
                 .map(|_| Node {
                     port: free_port(),
+                    bus: free_port(),
                     child: None,
                 })
                 .collect(),
@@ -104,13 +108,14 @@ impl RedisCluster {
     }
 
     fn spawn(&mut self, i: usize) {
-        let port = self.nodes[i].port;
+        let (port, bus) = (self.nodes[i].port, self.nodes[i].bus);
         let dir = self.dir.join(port.to_string());
         std::fs::create_dir_all(&dir).expect("node directory");
         let log = std::fs::File::create(dir.join("redis.log")).expect("node log");
         let child = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
             .args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
+            .args(["--cluster-port", &bus.to_string()])
             .args(["--cluster-node-timeout", &NODE_TIMEOUT_MS.to_string()])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
             .arg("--dir")
