@@ -55,12 +55,19 @@ fn wait_until(what: &str, deadline: Duration, mut done: impl FnMut() -> bool) {
 }
 
 impl RedisCluster {
-    /// Starts 6 nodes and creates the cluster (3 masters, one replica each); returns once
-    /// every node reports `cluster_state:ok`.
+    /// A cluster of 6 nodes, planned and launched.
     pub fn start() -> Self {
+        let mut cluster = Self::planned();
+        cluster.launch();
+        cluster
+    }
+
+    /// The cluster's ports and directory, with no node running yet: its [`Self::url`] is
+    /// known before [`Self::launch`] starts it.
+    pub fn planned() -> Self {
         let dir = std::env::temp_dir().join(format!("tollgate-redis-cluster-{}", uuid::Uuid::now_v7().simple()));
         std::fs::create_dir_all(&dir).expect("cluster directory");
-        let mut cluster = Self {
+        Self {
             dir,
             nodes: (0..6)
                 .map(|_| Node {
@@ -69,17 +76,22 @@ impl RedisCluster {
                     child: None,
                 })
                 .collect(),
-        };
-        for i in 0..cluster.nodes.len() {
-            cluster.spawn(i);
         }
-        for node in &cluster.nodes {
+    }
+
+    /// Starts the planned nodes and creates the cluster (3 masters, one replica each);
+    /// returns once every node reports `cluster_state:ok` and every replica is in sync.
+    pub fn launch(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.spawn(i);
+        }
+        for node in &self.nodes {
             let port = node.port;
             wait_until(&format!("redis node :{port} answers"), Duration::from_secs(20), || {
                 cli(port, &["ping"]).trim() == "PONG"
             });
         }
-        let addrs: Vec<String> = cluster.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let addrs: Vec<String> = self.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
         let created = Command::new("redis-cli")
             .arg("--cluster")
             .arg("create")
@@ -93,18 +105,17 @@ impl RedisCluster {
             "cluster create failed: {}",
             String::from_utf8_lossy(&created.stdout)
         );
-        cluster.wait_healthy();
+        self.wait_healthy();
         // A replica that has not finished its first sync cannot take over: a failover test
         // would wait for nothing.
         wait_until("3 replicas in sync with their masters", Duration::from_secs(60), || {
-            let synced = cluster
+            let synced = self
                 .nodes
                 .iter()
                 .filter(|n| cli(n.port, &["info", "replication"]).contains("master_link_status:up"))
                 .count();
             synced == 3
         });
-        cluster
     }
 
     fn spawn(&mut self, i: usize) {

@@ -241,3 +241,37 @@ async fn a_killed_master_fails_over_and_the_allowance_holds_within_what_replicat
         .await;
     assert!(d.allowed && !d.degraded, "decisions go on after the node rejoins");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_started_before_its_cluster_decides_once_the_cluster_is_up() {
+    // The limiter is built on seeds where nothing listens yet, as a gateway started before
+    // Redis is: it refuses (closed) without hanging, then finds the cluster once it exists.
+    let mut cluster = RedisCluster::planned();
+    let gateway = limiter(&cluster, &unique("rld"), 200);
+    let rpm = spec("rpm", Meter::Requests, Window::Sliding { secs: 60 }, 10, KeyBy::Tenant);
+    let c = [charge(&rpm, "tenant:t", "t", 1)];
+    let d = tokio::time::timeout(Duration::from_secs(5), gateway.decide(&c, now_ms()))
+        .await
+        .expect("a decision while no node answers");
+    assert!(d.degraded && !d.allowed);
+    let _cluster = tokio::task::spawn_blocking(move || {
+        cluster.launch();
+        cluster
+    })
+    .await
+    .unwrap();
+    let start = Instant::now();
+    loop {
+        let d = gateway.decide(&c, now_ms()).await;
+        if !d.degraded {
+            assert!(d.allowed);
+            assert_eq!(d.states[0].remaining, 9);
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the limiter never reached the cluster"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
