@@ -56,7 +56,7 @@ fn charges(n: usize, tenant: &str) -> Vec<Charge> {
             Charge {
                 spec,
                 key: format!("tenant:{tenant}"),
-                scope: tenant.to_owned(),
+                scope: tenant.into(),
                 cost,
             }
         })

@@ -64,7 +64,7 @@ impl Proxy {
                 charges.push(Charge {
                     spec: Arc::clone(spec),
                     key: subject.key_for(spec.by),
-                    scope: subject.scope().to_owned(),
+                    scope: subject.scope().into(),
                     cost: 0,
                 });
                 subjects.push(match spec.by {

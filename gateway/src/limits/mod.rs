@@ -78,8 +78,9 @@ pub struct Charge {
     /// The subject's counter key, e.g. `tenant:t1`, `key:k_123`, `ip:203.0.113.7`.
     pub key: String,
     /// The tenant the request belongs to (its client address when it has none): on Redis
-    /// Cluster every counter of one decision lives in this value's hash slot.
-    pub scope: String,
+    /// Cluster every counter of one decision lives in this value's hash slot. Shared by the
+    /// charges of one request (one allocation, not one per charge).
+    pub scope: Arc<str>,
     pub cost: u64,
 }
 
@@ -164,12 +165,13 @@ pub fn upfront_units(
 /// One charge per limit, with the units of its meter (0 when the request has none, so that a
 /// used-up quota still refuses).
 pub fn charges(specs: &[Arc<LimitSpec>], subject: &Subject<'_>, units: &BTreeMap<Meter, u64>) -> Vec<Charge> {
+    let scope: Arc<str> = Arc::from(subject.scope());
     specs
         .iter()
         .map(|spec| Charge {
             spec: spec.clone(),
             key: subject.key_for(spec.by),
-            scope: subject.scope().to_owned(),
+            scope: scope.clone(),
             cost: units.get(&spec.meter).copied().unwrap_or(0),
         })
         .collect()
@@ -247,7 +249,7 @@ pub enum LimitsError {
 pub(crate) struct Group {
     pub id: String,
     /// The charges' [`Charge::scope`] (one subject's, so the same for every charge).
-    pub scope: String,
+    pub scope: Arc<str>,
     pub spec: Arc<LimitSpec>,
     pub cost: u64,
     /// Indexes of the charges in this group.

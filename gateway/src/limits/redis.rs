@@ -21,9 +21,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use metrics::Counter;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
+use redis::RedisFuture;
 
 use super::counter::{bucket_ms, Check};
 use super::settings::{Backend, FailPolicy, LimitsSettings};
@@ -77,6 +78,35 @@ impl LimitsMetrics {
 enum Connection {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
+}
+
+/// Either connection runs a script the same way; the cluster one also follows MOVED and ASK.
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, redis::Value> {
+        match self {
+            Connection::Single(c) => c.req_packed_command(cmd),
+            Connection::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Connection::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Connection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Single(c) => c.get_db(),
+            Connection::Cluster(c) => c.get_db(),
+        }
+    }
 }
 
 pub struct RedisLimiter {
@@ -168,14 +198,8 @@ impl RedisLimiter {
                 .arg(g.spec.limit)
                 .arg(g.cost);
         }
-        let reply = match self.connection.clone() {
-            Connection::Single(mut connection) => {
-                tokio::time::timeout(self.timeout, invocation.invoke_async::<Vec<i64>>(&mut connection)).await
-            }
-            Connection::Cluster(mut connection) => {
-                tokio::time::timeout(self.timeout, invocation.invoke_async::<Vec<i64>>(&mut connection)).await
-            }
-        };
+        let mut connection = self.connection.clone();
+        let reply = tokio::time::timeout(self.timeout, invocation.invoke_async::<Vec<i64>>(&mut connection)).await;
         match reply {
             Ok(Ok(reply)) if reply.len() >= 2 => Ok(reply),
             Ok(Ok(reply)) => Err(format!("unexpected script reply of {} values", reply.len())),
