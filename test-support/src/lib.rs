@@ -43,6 +43,23 @@ pub fn clickhouse() -> String {
     url
 }
 
+/// The cluster stack's ClickHouse replicas, one URL each (`scripts/stack up --cluster`);
+/// panics at once when one does not listen.
+pub fn cluster_clickhouse() -> Vec<String> {
+    let urls = var_or(
+        "TOLLGATE_TEST_CLUSTER_CLICKHOUSE",
+        "http://127.0.0.1:19123,http://127.0.0.1:19124",
+    );
+    let urls: Vec<String> = urls.split(',').map(str::to_owned).collect();
+    for url in &urls {
+        assert!(
+            listening(url.trim_start_matches("http://").trim_end_matches('/')),
+            "the cluster stack's ClickHouse replica {url} is not reachable: start it with `scripts/stack up --cluster`"
+        );
+    }
+    urls
+}
+
 /// The stack's ClickHouse user with a password (`scripts/clickhouse/users.xml`): services run
 /// as it in the tests that check the password never shows in their output.
 pub const CLICKHOUSE_SECRETS_USER: &str = "tollgate_secrets";
@@ -65,9 +82,15 @@ pub fn redis() -> String {
 
 /// Panics, naming the server and how to start it, when nothing accepts on `host_port`.
 pub fn require_listening(what: &str, host_port: &str) {
+    assert!(
+        listening(host_port),
+        "{what} is not reachable at {host_port}: {START_HINT}"
+    );
+}
+
+fn listening(host_port: &str) -> bool {
     let addr: Option<SocketAddr> = host_port.to_socket_addrs().ok().and_then(|mut a| a.next());
-    let up = addr.is_some_and(|a| TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok());
-    assert!(up, "{what} is not reachable at {host_port}: {START_HINT}");
+    addr.is_some_and(|a| TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok())
 }
 
 /// A name no other test (or earlier run) uses: `<prefix>_<uuid v7 simple>`.
@@ -113,6 +136,14 @@ pub async fn create_topic(brokers: &str, topic: &str, partitions: i32, config: &
         },
     )
     .await;
+}
+
+/// A loopback port free right now (bound and released: a service given it binds it next).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
 }
 
 /// Polls `check` until it returns `Some` or `deadline` passes; the last `None` is a failure.

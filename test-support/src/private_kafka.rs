@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
 
+use crate::free_port;
+
 pub struct PrivateKafka {
     pub brokers: String,
     dir: PathBuf,
@@ -35,14 +37,6 @@ fn libs() -> PathBuf {
         crate::START_HINT
     );
     libs
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
 }
 
 fn java(log4j: &str) -> Command {

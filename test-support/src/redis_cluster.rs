@@ -10,6 +10,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::free_port;
+
 /// How long a node may go unanswered before its replica is promoted. Short, so a failover
 /// test is quick; long enough that a busy 2-core machine does not fail nodes over by itself.
 const NODE_TIMEOUT_MS: u64 = 3000;
@@ -27,14 +29,6 @@ struct Node {
     child: Option<Child>,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 /// `redis-cli -p port args...`, its output; panics when the tool cannot run.
 fn cli(port: u16, args: &[&str]) -> String {
     let out = Command::new("redis-cli")
@@ -44,6 +38,13 @@ fn cli(port: u16, args: &[&str]) -> String {
         .output()
         .expect("redis-cli (Debian's redis-tools) runs");
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Waits until the node on `port` answers PING (it has started listening).
+fn wait_answers(port: u16) {
+    wait_until(&format!("redis node :{port} answers"), Duration::from_secs(20), || {
+        cli(port, &["ping"]).trim() == "PONG"
+    });
 }
 
 fn wait_until(what: &str, deadline: Duration, mut done: impl FnMut() -> bool) {
@@ -86,10 +87,7 @@ impl RedisCluster {
             self.spawn(i);
         }
         for node in &self.nodes {
-            let port = node.port;
-            wait_until(&format!("redis node :{port} answers"), Duration::from_secs(20), || {
-                cli(port, &["ping"]).trim() == "PONG"
-            });
+            wait_answers(node.port);
         }
         let addrs: Vec<String> = self.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
         let created = Command::new("redis-cli")
@@ -172,12 +170,7 @@ impl RedisCluster {
 
     /// The healthy master serving `tag`'s slot, if one does (none while a failover is under way).
     fn serving(&self, tag: &str) -> Option<u16> {
-        let asking = self
-            .nodes
-            .iter()
-            .find(|n| n.child.is_some())
-            .expect("a running node")
-            .port;
+        let asking = self.running_port();
         let slot: u16 = cli(asking, &["cluster", "keyslot", tag])
             .trim()
             .parse()
@@ -224,9 +217,7 @@ impl RedisCluster {
             .expect("a node of this cluster");
         assert!(self.nodes[i].child.is_none(), "node :{port} is running");
         self.spawn(i);
-        wait_until(&format!("redis node :{port} answers"), Duration::from_secs(20), || {
-            cli(port, &["ping"]).trim() == "PONG"
-        });
+        wait_answers(port);
     }
 
     /// Waits until a master other than `port` serves `tag` (the failover happened).
@@ -237,12 +228,7 @@ impl RedisCluster {
                 Some(promoted) if promoted != port => return promoted,
                 _ => {}
             }
-            let asking = self
-                .nodes
-                .iter()
-                .find(|n| n.child.is_some())
-                .expect("a running node")
-                .port;
+            let asking = self.running_port();
             assert!(
                 start.elapsed() < Duration::from_secs(60),
                 "no replica took over {{{tag}}} from :{port} within 60 s; the cluster as :{asking} sees it:\n{}\n{}",
@@ -252,9 +238,16 @@ impl RedisCluster {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-}
 
-impl RedisCluster {
+    /// A node that is running, to ask about the cluster.
+    fn running_port(&self) -> u16 {
+        self.nodes
+            .iter()
+            .find(|n| n.child.is_some())
+            .expect("a running node")
+            .port
+    }
+
     /// The last lines of every running node's log, for a failure message.
     fn log_tails(&self) -> String {
         let mut out = String::new();

@@ -6,8 +6,9 @@
 //! processes stop when it is dropped and whose database and directory [`CappedStack::remove`]
 //! deletes.
 
+use crate::free_port;
 use crate::http::EchoUpstream;
-use crate::process::{free_port, gateway, GatewayProcess, ServiceProcess};
+use crate::process::{gateway, GatewayProcess, ServiceProcess};
 use crate::{clickhouse, create_topic, kafka, unique};
 
 /// What one `/v1/` request (1 request, 1 compute unit) costs on every plan of the catalogue,

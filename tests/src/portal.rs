@@ -9,8 +9,9 @@
 use serde_json::{json, Value};
 
 use crate::capped::CappedStack;
+use crate::free_port;
 use crate::http::{send, Reply};
-use crate::process::{free_port, GatewayProcess, ServiceProcess};
+use crate::process::{GatewayProcess, ServiceProcess};
 
 pub const ADMIN_TOKEN: &str = "portal-tests-admin-token-0123456789";
 

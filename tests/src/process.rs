@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
+use crate::free_port;
 use crate::http::try_send_with;
 
 /// How long a service may take to become healthy on a loaded 2-core machine.
@@ -21,14 +22,6 @@ pub fn repo() -> PathBuf {
         .parent()
         .expect("repo root")
         .to_path_buf()
-}
-
-/// A loopback port free right now (bound and released: a service given it binds it next).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
 }
 
 pub struct ServiceProcess {
@@ -91,7 +84,7 @@ impl ServiceProcess {
                 panic!(
                     "{} exited while starting ({status}); the end of its log:\n{}",
                     self.name,
-                    log_tail(&self.output())
+                    self.log_tail()
                 );
             }
             assert!(
@@ -99,7 +92,7 @@ impl ServiceProcess {
                 "{} not healthy at {} within {START_DEADLINE:?}; the end of its log:\n{}",
                 self.name,
                 self.health,
-                log_tail(&self.output())
+                self.log_tail()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -146,6 +139,11 @@ impl ServiceProcess {
     /// Everything the process wrote to stderr so far, over all its starts.
     pub fn output(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The last lines of its log, enough to show why it stopped or stalled.
+    pub fn log_tail(&self) -> String {
+        log_tail(&self.output())
     }
 }
 

@@ -20,8 +20,9 @@ use base64::Engine as _;
 use hmac::{KeyInit as _, Mac as _};
 use serde_json::{json, Value};
 use tollgate_tests::capped::{CappedStack, REQUEST_COST};
+use tollgate_tests::free_port;
 use tollgate_tests::http::{send, Reply};
-use tollgate_tests::process::{free_port, repo, GatewayProcess, ServiceProcess};
+use tollgate_tests::process::{repo, GatewayProcess, ServiceProcess};
 use tollgate_tests::webhook_receiver::{Attempt, WebhookReceiver};
 use tollgate_tests::{clickhouse, eventually, kafka, stripe, unique};
 

@@ -11,8 +11,9 @@
 
 use std::time::Duration;
 
+use tollgate_tests::free_port;
 use tollgate_tests::meter::Env;
-use tollgate_tests::process::{free_port, ServiceProcess};
+use tollgate_tests::process::ServiceProcess;
 use tollgate_tests::service::{binary, run_with_settings};
 use tollgate_tests::{clickhouse, stripe, unique, CLICKHOUSE_SECRETS_PASSWORD, CLICKHOUSE_SECRETS_USER};
 
@@ -106,12 +107,8 @@ async fn the_right_password_is_used_and_never_printed() {
     );
     process.start().await;
     // Healthy means it created its database and tables, as that user.
-    let client = tollgate_runtime::clickhouse::ClickhouseSettings {
-        url: clickhouse(),
-        database: meter.database.clone(),
-        user: "default".to_owned(),
-    }
-    .server_client();
+    let client =
+        tollgate_runtime::clickhouse::ClickhouseSettings::new(clickhouse(), meter.database.clone()).server_client();
     let tables: Vec<String> = client
         .query("SELECT name FROM system.tables WHERE database = ?")
         .bind(&meter.database)

@@ -15,8 +15,9 @@ use std::time::Duration;
 
 use serde_json::json;
 use tollgate_tests::billing::{assert_consistent_identifiers, Fault, Proxy};
+use tollgate_tests::free_port;
 use tollgate_tests::http::{send, EchoUpstream};
-use tollgate_tests::process::{free_port, gateway_on, repo, ServiceProcess};
+use tollgate_tests::process::{gateway_on, repo, ServiceProcess};
 use tollgate_tests::service::{binary, run_with_settings};
 use tollgate_tests::{clickhouse, create_topic, eventually, kafka, unique};
 

@@ -10,6 +10,8 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use tollgate_tests::free_port;
+
 const TOKEN: &str = "no-secrets-admin-token-5f1e2d3c4b5a";
 
 fn kafka() -> String {
@@ -19,14 +21,6 @@ fn kafka() -> String {
         "Kafka is not reachable at {brokers}: start it with `scripts/stack up --infra`"
     );
     brokers
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// One HTTP/1.1 request over a fresh connection; returns status and body.

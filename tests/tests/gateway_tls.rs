@@ -20,8 +20,9 @@ use serde_json::json;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tollgate_gateway::tls::local_ca;
+use tollgate_tests::free_port;
 use tollgate_tests::gateway::{create_keys_topic, ADMIN_TOKEN};
-use tollgate_tests::process::{free_port, ServiceProcess};
+use tollgate_tests::process::ServiceProcess;
 
 /// A TLS connection to `port` trusting `ca`, offering `alpn`.
 async fn connect(port: u16, ca: &Path, alpn: &[u8]) -> TlsStream<TcpStream> {

@@ -14,9 +14,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tollgate_tests::eventually;
+use tollgate_tests::free_port;
 use tollgate_tests::http::try_send_with;
 use tollgate_tests::meter::{assert_exact, produce, producer, raw_counts, wait_for_rows, Env, Workload};
-use tollgate_tests::process::{free_port, ServiceProcess};
+use tollgate_tests::process::ServiceProcess;
 
 /// The goal: rows flow again within 10 s of a restart.
 const RECOVERY: Duration = Duration::from_secs(10);

@@ -24,10 +24,11 @@ use std::time::Duration;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use tollgate_tests::billing::{assert_consistent_identifiers, Fault, Proxy};
+use tollgate_tests::free_port;
 use tollgate_tests::http::{try_send_with, EchoUpstream};
 use tollgate_tests::meter::CuttableProxy;
 use tollgate_tests::private_kafka::PrivateKafka;
-use tollgate_tests::process::{free_port, repo, ServiceProcess};
+use tollgate_tests::process::{repo, ServiceProcess};
 use tollgate_tests::service::binary;
 use tollgate_tests::{
     clickhouse, create_topic, eventually, unique, CLICKHOUSE_SECRETS_PASSWORD, CLICKHOUSE_SECRETS_USER,
@@ -286,31 +287,39 @@ async fn every_billable_answer_is_counted_and_billed_once_through_crashes() {
         }
     };
     let second = Duration::from_secs(1);
+    // How many answers there were as each fault began, to place a missing answer in its phase.
+    let mut phases: Vec<(&str, usize)> = Vec::new();
+    let mut mark = |phase| phases.push((phase, answers.lock().unwrap().len()));
 
     // 1. Traffic, then Kafka goes away: the gateway keeps answering and spools the events.
     flow(3 * second).await;
+    mark("kafka killed");
     kafka.kill();
     flow(3 * second).await;
     // 2. kill -9 of the gateway with those events unshipped (traffic paused so no answer is
     //    in flight at the kill), then Kafka and the gateway come back: the spool drains.
     paused.store(true, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(500)).await;
+    mark("gateway killed");
     gateway.process.kill();
     kafka.restart();
     gateway.process.start().await;
     paused.store(false, Ordering::SeqCst);
     flow(3 * second).await;
     // 3. kill -9 of the meter-consumer mid-stream, restarted.
+    mark("meter-consumer killed");
     meter.kill();
     flow(2 * second).await;
     meter.start().await;
     flow(2 * second).await;
     // 4. ClickHouse cut off from the meter-consumer and billing-sync for a while.
+    mark("clickhouse cut");
     ch.cut();
     flow(5 * second).await;
     ch.restore();
     flow(2 * second).await;
     // 5. kill -9 of billing-sync, restarted.
+    mark("billing-sync killed");
     billing.kill();
     flow(2 * second).await;
     billing.start().await;
@@ -354,20 +363,39 @@ async fn every_billable_answer_is_counted_and_billed_once_through_crashes() {
         .with_url(clickhouse())
         .with_validation(false)
         .with_database(&database);
-    let answered_ids: HashSet<&str> = answers.iter().map(|a| a.request_id.as_str()).collect();
-    let rows: Vec<EventRow> = eventually("every answered request has its event", GENEROUS, || {
-        let (client, answered_ids) = (client.clone(), answered_ids.clone());
-        async move {
-            let rows: Vec<EventRow> = client
-                .query("SELECT request_id, billable, status FROM usage_events")
-                .fetch_all()
-                .await
-                .ok()?;
-            let seen: HashSet<&str> = rows.iter().map(|r| r.request_id.as_str()).collect();
-            answered_ids.iter().all(|id| seen.contains(id)).then_some(rows)
+    // Waited for by hand rather than with `eventually`: a failure says which answers are
+    // missing (by their place in the run, so the phase shows) and what the services logged.
+    let started = std::time::Instant::now();
+    let rows: Vec<EventRow> = loop {
+        let rows: Vec<EventRow> = client
+            .query("SELECT request_id, billable, status FROM usage_events")
+            .fetch_all()
+            .await
+            .unwrap_or_default();
+        let seen: HashSet<&str> = rows.iter().map(|r| r.request_id.as_str()).collect();
+        let missing: Vec<usize> = (0..answers.len())
+            .filter(|&i| !seen.contains(answers[i].request_id.as_str()))
+            .collect();
+        if missing.is_empty() {
+            break rows;
         }
-    })
-    .await;
+        if started.elapsed() > GENEROUS {
+            panic!(
+                "every answered request has its event: {} of {} answers missing after {GENEROUS:?} \
+                 (answers #{}..=#{}, {} rows in usage_events; answers when each fault began: {phases:?})\n\
+                 gateway:\n{}\nmeter-consumer:\n{}\nbilling-sync:\n{}",
+                missing.len(),
+                answers.len(),
+                missing[0],
+                missing[missing.len() - 1],
+                rows.len(),
+                gateway.process.log_tail(),
+                meter.log_tail(),
+                billing.log_tail()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     let mut per_request: HashMap<&str, Vec<&EventRow>> = HashMap::new();
     for row in &rows {
         per_request.entry(row.request_id.as_str()).or_default().push(row);

@@ -15,9 +15,9 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use tollgate_tests::eventually;
+use tollgate_tests::free_port;
 use tollgate_tests::http::send;
 use tollgate_tests::portal::{portal_process, Browser, PortalStack};
-use tollgate_tests::process::free_port;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 

@@ -18,9 +18,10 @@ use std::time::Duration;
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
 use tollgate_tests::eventually;
+use tollgate_tests::free_port;
 use tollgate_tests::http::try_send_with;
 use tollgate_tests::portal::PortalStack;
-use tollgate_tests::process::{free_port, repo};
+use tollgate_tests::process::repo;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
