@@ -92,11 +92,7 @@ async fn main() {
 
 async fn run(clickhouse_url: &str, stripe_url: &str, rows: u64) -> Timings {
     let database = format!("bench_history_{rows}_{}", std::process::id());
-    let ch = ClickhouseSettings {
-        url: clickhouse_url.to_owned(),
-        database: database.clone(),
-        user: "default".to_owned(),
-    };
+    let ch = ClickhouseSettings::new(clickhouse_url.to_owned(), database.clone());
     let client = ch
         .connect()
         .await

@@ -70,11 +70,7 @@ async fn main() {
             .expect("clock")
             .as_millis()
     );
-    let ch = ClickhouseSettings {
-        url: clickhouse_url.clone(),
-        database: database.clone(),
-        user: "default".to_owned(),
-    };
+    let ch = ClickhouseSettings::new(clickhouse_url.clone(), database.clone());
     let client = ch
         .connect()
         .await

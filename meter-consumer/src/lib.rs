@@ -66,7 +66,7 @@ pub async fn run(settings: MeterSettings, shutdown: Shutdown) -> Result<(), Mete
     )
     .await?;
     let client = settings.clickhouse.connect().await?;
-    schema::migrate(&client).await?;
+    schema::migrate_on(&client, settings.clickhouse.on_cluster()).await?;
 
     let (ops, recorder) = Ops::new();
     let metrics = metrics::Metrics::new(recorder);

@@ -63,7 +63,10 @@
 //!
 //! `plan_prices` is created here, since the views read it, and written by billing-sync.
 
+use std::borrow::Cow;
+
 use clickhouse::Client;
+use tollgate_runtime::clickhouse::OnCluster;
 
 /// One schema version: statements run in order, each idempotent.
 pub struct Migration {
@@ -388,13 +391,20 @@ struct AppliedRow<'a> {
     applied_by: &'a str,
 }
 
-/// Brings the database to the latest schema version. Idempotent; safe to run from several
-/// instances at once (see the module docs).
+/// Brings the database of one server to the latest schema version. Idempotent; safe to run
+/// from several instances at once (see the module docs).
 pub async fn migrate(client: &Client) -> Result<(), SchemaError> {
+    migrate_on(client, None).await
+}
+
+/// [`migrate`], on every replica of a cluster when `on_cluster` says so: each statement is
+/// rewritten by [`OnCluster::rewrite`], and `schema_migrations` is replicated too, so a version
+/// is applied once for the cluster and known to every replica.
+pub async fn migrate_on(client: &Client, on_cluster: Option<OnCluster<'_>>) -> Result<(), SchemaError> {
     const ATTEMPTS: u32 = 5;
     let mut attempt = 1;
     loop {
-        match migrate_once(client).await {
+        match migrate_once(client, on_cluster).await {
             Err(err @ SchemaError::Statement { .. }) if attempt < ATTEMPTS => {
                 tracing::warn!(error = %err, attempt, "schema migration interleaved with another instance's; again");
                 tokio::time::sleep(std::time::Duration::from_millis(200 * u64::from(attempt))).await;
@@ -405,16 +415,37 @@ pub async fn migrate(client: &Client) -> Result<(), SchemaError> {
     }
 }
 
-async fn migrate_once(client: &Client) -> Result<(), SchemaError> {
-    client
-        .query(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (
+const SCHEMA_MIGRATIONS: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (
                 version UInt32,
                 name String,
                 applied_at DateTime('UTC'),
                 applied_by String
-            ) ENGINE = ReplacingMergeTree ORDER BY version",
-        )
+            ) ENGINE = ReplacingMergeTree ORDER BY version";
+
+/// The tables and views the migrations create: what a view's body may name.
+fn objects() -> Vec<&'static str> {
+    let created = MIGRATIONS
+        .iter()
+        .flat_map(|m| m.statements.iter())
+        .chain([&SCHEMA_MIGRATIONS]);
+    created
+        .filter_map(|s| {
+            let rest = s
+                .strip_prefix("CREATE TABLE IF NOT EXISTS ")
+                .or_else(|| s.strip_prefix("CREATE VIEW IF NOT EXISTS "))?;
+            rest.split(|c: char| c.is_whitespace() || c == '(').next()
+        })
+        .collect()
+}
+
+async fn migrate_once(client: &Client, on_cluster: Option<OnCluster<'_>>) -> Result<(), SchemaError> {
+    let objects = objects();
+    let statement = |sql: &'static str| match on_cluster {
+        Some(cluster) => Cow::Owned(cluster.rewrite(sql, &objects)),
+        None => Cow::Borrowed(sql),
+    };
+    client
+        .query(&statement(SCHEMA_MIGRATIONS))
         .execute()
         .await
         .or_else(already_exists)
@@ -426,9 +457,9 @@ async fn migrate_once(client: &Client) -> Result<(), SchemaError> {
         .map_err(SchemaError::Ledger)?;
     let applied_by = format!("tollgate-meter-consumer {}", env!("CARGO_PKG_VERSION"));
     for migration in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
-        for (index, statement) in migration.statements.iter().enumerate() {
+        for (index, sql) in migration.statements.iter().enumerate() {
             client
-                .query(statement)
+                .query(&statement(sql))
                 .execute()
                 .await
                 .or_else(already_exists)
@@ -486,6 +517,21 @@ fn unix_now() -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_created_table_and_view_is_known_to_the_cluster_rewrite() {
+        let objects = objects();
+        for name in [
+            "usage_events",
+            "usage_meter_day",
+            "invoice_preview",
+            "plan_prices",
+            "schema_migrations",
+        ] {
+            assert!(objects.contains(&name), "{name} in {objects:?}");
+        }
+        assert!(objects.iter().all(|o| !o.is_empty() && !o.contains(' ')), "{objects:?}");
+    }
 
     #[test]
     fn versions_are_increasing_and_unique() {

@@ -6,7 +6,8 @@
 # ---------------------------------------------------------------------------------------
 # Kafka: one node, broker + controller, on $KAFKA_PORT (controller $KAFKA_CONTROLLER_PORT)
 
-# Topics Tollgate expects: "name partitions config..." (replication factor 1).
+# Topics Tollgate expects: "name partitions config...", each on KAFKA_REPLICATION nodes.
+KAFKA_REPLICATION=1
 KAFKA_TOPICS=(
     "tollgate.keys 1 cleanup.policy=compact"
     "tollgate.usage.v1 6 retention.ms=604800000"
@@ -28,7 +29,7 @@ prepare_kafka() {
     dir=$(kafka_dir)
     log=$(logfile_of kafka)
     check_java
-    ensure_kafka_libs
+    ensure_libs kafka
     mkdir -p "$dir/data"
     render "$STACK_SCRIPTS/kafka/server.properties.in" "$dir/server.properties" \
         "BROKER_PORT=$KAFKA_PORT" "CONTROLLER_PORT=$KAFKA_CONTROLLER_PORT" "DATA_DIR=$dir/data"
@@ -59,23 +60,27 @@ start_kafka() {
         -cp "$dir/libs/*" kafka.Kafka "$dir/server.properties"
 }
 
-# Healthy when the broker answers an ApiVersions request (v0) on its port: the response starts
-# with a 4-byte size, our correlation id (7) and error code 0.
-health_kafka() {
+health_kafka() { kafka_answers "$KAFKA_PORT"; }
+
+# kafka_answers PORT: the broker on PORT answers an ApiVersions request (v0): the response
+# starts with a 4-byte size, our correlation id (7) and error code 0.
+kafka_answers() {
     local reply
     reply=$(timeout 3 bash -c '
         exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 1
         printf "\x00\x00\x00\x0c\x00\x12\x00\x00\x00\x00\x00\x07\x00\x02tg" >&3
-        head -c 10 <&3' _ "$KAFKA_PORT" 2>/dev/null | od -An -tx1 | tr -d ' \n') || true
+        head -c 10 <&3' _ "$1" 2>/dev/null | od -An -tx1 | tr -d ' \n') || true
     [[ ${#reply} -eq 20 && ${reply:8:12} == 000000070000 ]]
 }
+
+# Where the topic list last applied is recorded: beside the data it was applied to.
+topics_stamp() { printf '%s/topics.stamp\n' "$(kafka_dir)"; }
 
 # Creates the missing Tollgate topics. Skipped while the topic list is unchanged since the
 # last success against this data directory (the stamp goes with the data on --purge).
 after_kafka() {
-    local dir stamp spec existing entry topic partitions topic_configs kv
-    dir=$(kafka_dir)
-    stamp="$dir/topics.stamp"
+    local stamp spec existing entry topic partitions topic_configs kv
+    stamp=$(topics_stamp)
     spec=$(printf '%s\n' "${KAFKA_TOPICS[@]}")
     [[ -f $stamp && $(<"$stamp") == "$spec" ]] && return 0
     existing=$(kafka_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$KAFKA_ADDRESS" --list) ||
@@ -94,7 +99,7 @@ after_kafka() {
             for kv in $topic_configs; do create_args+=(--config "$kv"); done
             kafka_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$KAFKA_ADDRESS" \
                 --create --if-not-exists --topic "$topic" --partitions "$partitions" \
-                --replication-factor 1 "${create_args[@]}" >/dev/null ||
+                --replication-factor "$KAFKA_REPLICATION" "${create_args[@]}" >/dev/null ||
                 fail_part kafka "could not create topic $topic"
             log "kafka topic $topic created ($partitions partitions, $topic_configs)"
         fi

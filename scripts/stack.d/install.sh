@@ -86,37 +86,32 @@ check_java() {
     ((major >= 17)) || die "$java is Java $version; Kafka 4 needs Java 17 or newer (set JAVA_HOME)"
 }
 
-kafka_version() {
-    sed -n 's|.*<kafka.version>\(.*\)</kafka.version>.*|\1|p' "$STACK_SCRIPTS/kafka/pom.xml" | head -n 1
-}
-
-# The libs folder is current when its stamp names this Kafka version and this pom.
-kafka_libs_stamp() {
-    printf 'kafka %s pom %s\n' "$(kafka_version)" "$(sha256sum "$STACK_SCRIPTS/kafka/pom.xml" | cut -c1-16)"
-}
-
-ensure_kafka_libs() {
-    local dir=$STACK_DIR/kafka stamp
-    stamp=$(kafka_libs_stamp)
+# ensure_libs NAME: the jars of scripts/NAME/pom.xml (Kafka's broker and tools, ZooKeeper's
+# server), resolved by Maven into <state dir>/NAME/libs. Current, and skipped, while the
+# folder's stamp names the pom's NAME.version and the pom itself.
+ensure_libs() {
+    local name=$1 pom=$STACK_SCRIPTS/$1/pom.xml dir=$STACK_DIR/$1 version stamp
+    version=$(sed -n "s|.*<$name.version>\(.*\)</$name.version>.*|\1|p" "$pom" | head -n 1)
+    stamp="$name $version pom $(sha256sum "$pom" | cut -c1-16)"
     if [[ -f $dir/libs/.stamp && $(<"$dir/libs/.stamp") == "$stamp" ]]; then
         return 0
     fi
     command -v mvn >/dev/null 2>&1 || die "no mvn on PATH (Debian package maven)"
-    log "resolving Kafka $(kafka_version) jars with Maven (log: $LOG_DIR/maven.log)"
+    log "resolving $name $version jars with Maven (log: $LOG_DIR/maven.log)"
     local started=$SECONDS
     rm -rf "$dir/libs.new" "$dir/mvn-build"
     mkdir -p "$dir/libs.new"
-    if ! mvn -B -ntp -f "$STACK_SCRIPTS/kafka/pom.xml" dependency:copy-dependencies \
-        "-Dkafka.libs.dir=$dir/libs.new" "-Dkafka.build.dir=$dir/mvn-build" \
+    if ! mvn -B -ntp -f "$pom" dependency:copy-dependencies \
+        "-D$name.libs.dir=$dir/libs.new" "-D$name.build.dir=$dir/mvn-build" \
         >"$LOG_DIR/maven.log" 2>&1 9>&-; then
         tail -n 30 "$LOG_DIR/maven.log" >&2
-        die "mvn could not resolve the Kafka jars; full output in $LOG_DIR/maven.log"
+        die "mvn could not resolve the $name jars; full output in $LOG_DIR/maven.log"
     fi
-    compgen -G "$dir/libs.new/kafka_2.13-*.jar" >/dev/null || die "mvn ran but no kafka_2.13 jar in $dir/libs.new"
+    compgen -G "$dir/libs.new/$name*-$version.jar" >/dev/null || die "mvn ran but no $name $version jar in $dir/libs.new"
     printf '%s\n' "$stamp" >"$dir/libs.new/.stamp"
     rm -rf "$dir/libs" "$dir/mvn-build"
     mv "$dir/libs.new" "$dir/libs"
-    log "Kafka jars ready in $((SECONDS - started))s ($(find "$dir/libs" -name '*.jar' | wc -l) jars)"
+    log "$name jars ready in $((SECONDS - started))s ($(find "$dir/libs" -name '*.jar' | wc -l) jars)"
 }
 
 # ---------------------------------------------------------------------------------------

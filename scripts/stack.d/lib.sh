@@ -71,7 +71,20 @@ STOP_TIMEOUT=20
 # the feature, so turning it on rebuilds no service.
 STACK_TEST_FEATURES=tollgate-tests/stack-tests
 
-part_fn() { printf '%s_%s' "$1" "${2//-/_}"; }
+# part_fn VERB NAME: the function for VERB of part NAME. A node of a cluster part, NAME-<n>
+# (kafka-2, redis-5), has one set of functions for all its nodes, VERB_NAME_node, which take
+# the part's name as their argument; every part function is called with it.
+part_fn() {
+    local base=${2%-[0-9]}
+    if [[ $base != "$2" ]] && declare -F "$1_${base//-/_}_node" >/dev/null; then
+        printf '%s_%s_node' "$1" "${base//-/_}"
+    else
+        printf '%s_%s' "$1" "${2//-/_}"
+    fi
+}
+
+# The node number of a cluster part's name: 2 for kafka-2.
+node_of() { printf '%s\n' "${1##*-}"; }
 
 # ---------------------------------------------------------------------------------------
 # Processes. A pidfile holds "<pid> <start time>", the start time being field 22 of
@@ -299,6 +312,7 @@ fail_part() {
 extra_logs_of() {
     case $1 in
     clickhouse) printf '%s\n' "$STACK_DIR/clickhouse/log/clickhouse-server.err.log" ;;
+    clickhouse-[0-9]) printf '%s\n' "$CLUSTER_DIR/$1/log/clickhouse-server.err.log" ;;
     esac
 }
 
@@ -312,7 +326,7 @@ wait_ready() {
     health=$(part_fn health "$name")
     while :; do
         [[ -n $(part_pid "$name") ]] || fail_part "$name" "exited during startup"
-        if "$health"; then
+        if "$health" "$name"; then
             log "$name ready after $((SECONDS - start))s (pid $(part_pid "$name"))"
             return 0
         fi

@@ -31,11 +31,7 @@ pub struct Db {
 
 impl Db {
     pub async fn new(prefix: &str) -> Self {
-        let settings = ClickhouseSettings {
-            url: clickhouse(),
-            database: unique(prefix),
-            user: "default".to_owned(),
-        };
+        let settings = ClickhouseSettings::new(clickhouse(), unique(prefix));
         let client = settings.connect().await.expect("clickhouse answers");
         tollgate_meter_consumer::schema::migrate(&client)
             .await

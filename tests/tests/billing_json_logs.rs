@@ -63,11 +63,7 @@ fn usage_row(time: u32) -> UsageRow {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_log_lines_parse_carry_span_fields_and_no_secret() {
-    let clickhouse = ClickhouseSettings {
-        url: tollgate_tests::clickhouse(),
-        database: tollgate_tests::unique("json_logs"),
-        user: "default".to_owned(),
-    };
+    let clickhouse = ClickhouseSettings::new(tollgate_tests::clickhouse(), tollgate_tests::unique("json_logs"));
     let client = clickhouse
         .connect()
         .await

@@ -63,11 +63,7 @@ const DAY: i64 = 86_400;
 async fn the_services_sql_runs_on_clickhouse_and_the_finance_views_add_up() {
     let server = clickhouse();
     let recorder = Recorder::start(&server).await;
-    let settings = ClickhouseSettings {
-        url: recorder.url(),
-        database: unique("sqlcheck"),
-        user: "default".to_owned(),
-    };
+    let settings = ClickhouseSettings::new(recorder.url(), unique("sqlcheck"));
     let client = settings
         .connect()
         .await

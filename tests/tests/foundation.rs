@@ -163,11 +163,7 @@ struct UsageRow {
 
 #[tokio::test]
 async fn clickhouse_table_created_rows_inserted_and_read_back() {
-    let settings = tollgate_runtime::clickhouse::ClickhouseSettings {
-        url: clickhouse(),
-        database: unique("foundation"),
-        user: "default".to_owned(),
-    };
+    let settings = tollgate_runtime::clickhouse::ClickhouseSettings::new(clickhouse(), unique("foundation"));
     let client = settings
         .connect()
         .await

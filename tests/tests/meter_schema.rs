@@ -11,11 +11,7 @@ use tollgate_tests::{clickhouse, unique};
 
 #[tokio::test]
 async fn migrations_are_idempotent_and_safe_concurrently() {
-    let settings = ClickhouseSettings {
-        url: clickhouse(),
-        database: unique("meter_schema"),
-        user: "default".to_owned(),
-    };
+    let settings = ClickhouseSettings::new(clickhouse(), unique("meter_schema"));
     let client = settings.connect().await.expect("clickhouse answers");
     // Two instances starting at once, then a restart.
     let (a, b) = tokio::join!(migrate(&client), migrate(&client));
@@ -81,11 +77,7 @@ const UNALIASED_INVOICE_PREVIEW: &str = "CREATE VIEW invoice_preview AS
 
 #[tokio::test]
 async fn a_server_holding_the_unaliased_invoice_preview_gets_the_aliased_one() {
-    let settings = ClickhouseSettings {
-        url: clickhouse(),
-        database: unique("meter_schema_v3"),
-        user: "default".to_owned(),
-    };
+    let settings = ClickhouseSettings::new(clickhouse(), unique("meter_schema_v3"));
     let client = settings.connect().await.expect("clickhouse answers");
     // The tables and views of versions 1 and 2, with the view as first released.
     for migration in &tollgate_meter_consumer::schema::MIGRATIONS[..2] {
@@ -131,11 +123,7 @@ async fn a_server_holding_the_unaliased_invoice_preview_gets_the_aliased_one() {
 /// carry the amounts, and `invoice_totals` adds the fee.
 #[tokio::test]
 async fn a_version_3_database_gains_the_priced_invoice_views_keeping_its_usage() {
-    let settings = ClickhouseSettings {
-        url: clickhouse(),
-        database: unique("meter_schema_v4"),
-        user: "default".to_owned(),
-    };
+    let settings = ClickhouseSettings::new(clickhouse(), unique("meter_schema_v4"));
     let client = settings.connect().await.expect("clickhouse answers");
     let exec = |sql: &'static str| {
         let client = client.clone();
