@@ -22,6 +22,7 @@ INFRA_PARTS=(zookeeper kafka-1 kafka-2 kafka-3 clickhouse-1 clickhouse-2
 TOLLGATE_PARTS=()
 STOP_ORDER=(stripe-mock redis-6 redis-5 redis-4 redis-3 redis-2 redis-1
     clickhouse-2 clickhouse-1 kafka-3 kafka-2 kafka-1 zookeeper)
+STOP_TOGETHER=(kafka-1 kafka-2 kafka-3)
 
 join_by() {
     local sep=$1 out=$2

@@ -24,6 +24,10 @@ TOLLGATE_PARTS=(demo-upstream gateway meter-consumer billing-sync portal)
 # then the servers, Kafka last.
 STOP_ORDER=(portal gateway meter-consumer billing-sync demo-upstream stripe-mock redis clickhouse kafka)
 
+# Parts that are sent SIGTERM together when `down` begins: the nodes of one KRaft quorum, of
+# which the last one left cannot finish a clean shutdown alone.
+STOP_TOGETHER=()
+
 # Ports and addresses, from stack.d/ports.sh.
 declare -A PART_PORTS=(
     [kafka]="$KAFKA_PORT $KAFKA_CONTROLLER_PORT"
