@@ -9,18 +9,24 @@
 #   clickhouse-1..2      two ClickHouse 18.16 replicas of one shard (cluster `tollgate`)
 #   redis-1..6           a Redis Cluster of 3 masters and 3 replicas
 #   stripe-mock          as in the single-node stack, on its own ports
+#   demo-upstream        as in the single-node stack, on its own ports
+#   gateway-1..2         two gateways: limits on the Redis Cluster, usage to the Kafka nodes
+#   meter-consumer-1..2  two members of one group, each writing to its own ClickHouse replica
+#                        (tables replicated, `clickhouse.cluster = "tollgate"`)
 #
 # Sourced by scripts/stack after the single-node parts, whose tables it replaces; never run.
 
 CLUSTER_DIR=$STACK_DIR/cluster
+# `scripts/stack test --cluster` builds and runs the cluster suite.
+STACK_TEST_FEATURES=tollgate-tests/cluster-tests
 RUN_DIR=$CLUSTER_DIR/run
 LOG_DIR=$CLUSTER_DIR/logs
 mkdir -p "$RUN_DIR" "$LOG_DIR"
 
 INFRA_PARTS=(zookeeper kafka-1 kafka-2 kafka-3 clickhouse-1 clickhouse-2
     redis-1 redis-2 redis-3 redis-4 redis-5 redis-6 stripe-mock)
-TOLLGATE_PARTS=()
-STOP_ORDER=(stripe-mock redis-6 redis-5 redis-4 redis-3 redis-2 redis-1
+TOLLGATE_PARTS=(demo-upstream gateway-1 gateway-2 meter-consumer-1 meter-consumer-2)
+STOP_ORDER=(gateway-2 gateway-1 meter-consumer-2 meter-consumer-1 demo-upstream stripe-mock redis-6 redis-5 redis-4 redis-3 redis-2 redis-1
     clickhouse-2 clickhouse-1 kafka-3 kafka-2 kafka-1 zookeeper)
 STOP_TOGETHER=(kafka-1 kafka-2 kafka-3)
 
@@ -72,6 +78,22 @@ done
 PART_PORTS[stripe-mock]="$STRIPE_MOCK_PORT $STRIPE_MOCK_HTTPS_PORT"
 PART_ADDRESS[stripe-mock]=$STRIPE_MOCK_URL
 PART_READY_TIMEOUT[stripe-mock]=60
+DEMO_UPSTREAM_PORT=$CLUSTER_DEMO_UPSTREAM_PORT
+DEMO_UPSTREAM_TLS_PORT=$CLUSTER_DEMO_UPSTREAM_TLS_PORT
+DEMO_UPSTREAM_URL=http://127.0.0.1:$DEMO_UPSTREAM_PORT
+PART_PORTS[demo-upstream]="$DEMO_UPSTREAM_PORT $DEMO_UPSTREAM_TLS_PORT"
+PART_ADDRESS[demo-upstream]="$DEMO_UPSTREAM_URL tls :$DEMO_UPSTREAM_TLS_PORT"
+PART_READY_TIMEOUT[demo-upstream]=60
+GATEWAY_URLS=$(join_by , "${CLUSTER_GATEWAY_PORTS[@]/#/http://127.0.0.1:}")
+GATEWAY_ADMIN_URLS=$(join_by , "${CLUSTER_GATEWAY_ADMIN_PORTS[@]/#/http://127.0.0.1:}")
+for i in 1 2; do
+    PART_PORTS[gateway-$i]="${CLUSTER_GATEWAY_PORTS[i - 1]} ${CLUSTER_GATEWAY_ADMIN_PORTS[i - 1]}"
+    PART_ADDRESS[gateway-$i]="http://127.0.0.1:${CLUSTER_GATEWAY_PORTS[i - 1]} admin :${CLUSTER_GATEWAY_ADMIN_PORTS[i - 1]}"
+    PART_READY_TIMEOUT[gateway-$i]=120
+    PART_PORTS[meter-consumer-$i]=${CLUSTER_METER_CONSUMER_PORTS[i - 1]}
+    PART_ADDRESS[meter-consumer-$i]="http://127.0.0.1:${CLUSTER_METER_CONSUMER_PORTS[i - 1]} -> clickhouse-$i"
+    PART_READY_TIMEOUT[meter-consumer-$i]=120
+done
 
 # ---------------------------------------------------------------------------------------
 # ZooKeeper
@@ -212,3 +234,53 @@ after_redis_node() {
     done
     log "redis cluster ok: every slot served"
 }
+
+# ---------------------------------------------------------------------------------------
+# Tollgate: the single-node stack's demo upstream on the cluster's ports (its functions read
+# the DEMO_UPSTREAM_* set above), two gateways and two meter-consumers
+
+prepare_gateway_node() {
+    require_tollgate tollgate-gateway config/gateway.toml
+    ensure_local_ca
+    mkdir -p "$CLUSTER_DIR/$1"
+}
+
+# The example settings, pointed at the cluster: each gateway its own id (its Kafka
+# transactional id) and spool; limits on the Redis Cluster, refusing while a slot has no
+# master, so two gateways never admit past an allowance.
+start_gateway_node() {
+    local i token
+    i=$(node_of "$1")
+    token=$(resolve_admin_token)
+    run_tollgate "$1" tollgate-gateway "TOLLGATE_ADMIN_TOKEN=$token" \
+        "TOLLGATE_SERVICE__ID=gw-cluster-$i" \
+        "TOLLGATE_PUBLIC__LISTEN=127.0.0.1:${CLUSTER_GATEWAY_PORTS[i - 1]}" \
+        "TOLLGATE_ADMIN__LISTEN=127.0.0.1:${CLUSTER_GATEWAY_ADMIN_PORTS[i - 1]}" \
+        "TOLLGATE_KAFKA__BROKERS=$KAFKA_ADDRESS" \
+        "TOLLGATE_EVENTS__SPOOL_DIR=$CLUSTER_DIR/$1/spool" \
+        "TOLLGATE_LIMITS__BACKEND=redis_cluster" "TOLLGATE_LIMITS__REDIS_URL=$REDIS_URL" \
+        "TOLLGATE_LIMITS__ON_REDIS_ERROR=closed" \
+        "TOLLGATE_ROUTES__0__UPSTREAM=$DEMO_UPSTREAM_URL" "TOLLGATE_ROUTES__1__UPSTREAM=$DEMO_UPSTREAM_URL" \
+        "TOLLGATE_ROUTES__2__UPSTREAM=https://127.0.0.1:$DEMO_UPSTREAM_TLS_PORT" \
+        "TOLLGATE_ROUTES__2__UPSTREAM_CA_FILE=$(tls_dir)/ca.pem" \
+        -- --config "$REPO/config/gateway.toml"
+}
+
+health_gateway_node() { tollgate_health "http://127.0.0.1:${CLUSTER_GATEWAY_ADMIN_PORTS[$(node_of "$1") - 1]}/readyz"; }
+
+prepare_meter_consumer_node() { require_tollgate tollgate-meter-consumer config/meter-consumer.toml; }
+
+# Member N writes to replica N; both are one group with static membership ids of their own.
+start_meter_consumer_node() {
+    local i
+    i=$(node_of "$1")
+    run_tollgate "$1" tollgate-meter-consumer \
+        "TOLLGATE_KAFKA__BROKERS=$KAFKA_ADDRESS" \
+        "TOLLGATE_TOPICS__INSTANCE_ID=meter-cluster-$i" \
+        "TOLLGATE_CLICKHOUSE__URL=http://127.0.0.1:${CLUSTER_CLICKHOUSE_HTTP_PORTS[i - 1]}" \
+        "TOLLGATE_CLICKHOUSE__CLUSTER=tollgate" \
+        "TOLLGATE_ADMIN__LISTEN=127.0.0.1:${CLUSTER_METER_CONSUMER_PORTS[i - 1]}" \
+        -- --config "$REPO/config/meter-consumer.toml"
+}
+
+health_meter_consumer_node() { tollgate_health "http://127.0.0.1:${CLUSTER_METER_CONSUMER_PORTS[$(node_of "$1") - 1]}/healthz"; }

@@ -589,3 +589,138 @@ fn example_configs_use_the_native_stack_ports() {
         );
     }
 }
+
+/// Names of the services in compose's cluster profile.
+fn cluster_services(compose: &Value) -> BTreeSet<String> {
+    compose["services"]
+        .as_mapping()
+        .unwrap()
+        .iter()
+        .filter(|(_, svc)| {
+            svc["profiles"]
+                .as_sequence()
+                .is_some_and(|p| p.iter().any(|v| v.as_str() == Some("cluster")))
+        })
+        .map(|(name, _)| name.as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The cluster stack's topics as `name partitions config...`, from scripts/stack.d/cluster.sh.
+fn native_cluster_topics() -> BTreeSet<String> {
+    let cluster = read("scripts/stack.d/cluster.sh");
+    let start = cluster.find("KAFKA_TOPICS=(").expect("KAFKA_TOPICS in cluster.sh");
+    let block = &cluster[start..start + cluster[start..].find(')').expect("closed list")];
+    block
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.trim().strip_prefix('"')?.strip_suffix('"').map(str::to_owned))
+        .collect()
+}
+
+#[test]
+fn the_cluster_profile_has_the_cluster_stack_topology() {
+    let compose = compose();
+    let profiled = cluster_services(&compose);
+    let mut expected: BTreeSet<String> = [
+        "zookeeper",
+        "kafka-cluster-init",
+        "clickhouse-1",
+        "clickhouse-2",
+        "redis-cluster-init",
+        "gateway-1",
+        "gateway-2",
+        "meter-consumer-1",
+        "meter-consumer-2",
+    ]
+    .map(str::to_owned)
+    .into();
+    expected.extend((1..=3).map(|i| format!("kafka-{i}")));
+    expected.extend((1..=6).map(|i| format!("redis-{i}")));
+    assert_eq!(profiled, expected, "the cluster profile's services");
+
+    // Three KRaft nodes of one quorum, advertising their own names.
+    let kafka_nodes: Vec<BTreeMap<String, String>> = (1..=3)
+        .map(|i| environment(service(&compose, &format!("kafka-{i}"))))
+        .collect();
+    let voters = "1@kafka-1:9093,2@kafka-2:9093,3@kafka-3:9093";
+    for (i, env) in kafka_nodes.iter().enumerate() {
+        assert_eq!(env["KAFKA_NODE_ID"], (i + 1).to_string());
+        assert_eq!(env["KAFKA_CONTROLLER_QUORUM_VOTERS"], voters);
+        assert_eq!(env["CLUSTER_ID"], kafka_nodes[0]["CLUSTER_ID"], "one cluster id");
+        assert_eq!(env["KAFKA_MIN_INSYNC_REPLICAS"], "2");
+        assert_eq!(env["KAFKA_TRANSACTION_STATE_LOG_MIN_ISR"], "2");
+    }
+    let brokers: Vec<String> = kafka_nodes
+        .iter()
+        .map(|env| env["KAFKA_ADVERTISED_LISTENERS"].trim_start_matches("PLAINTEXT://").to_owned())
+        .collect();
+    let brokers = brokers.join(",");
+
+    // Topics as the native cluster stack makes them, on all three nodes.
+    let script = service(&compose, "kafka-cluster-init")["command"][0].as_str().expect("script");
+    assert!(script.contains("--replication-factor 3"), "{script}");
+    let topics: BTreeSet<String> = script
+        .lines()
+        .filter(|l| l.contains("--topic"))
+        .map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let after = |i: usize| words[i + 1];
+            let mut topic = vec![];
+            for (i, w) in words.iter().enumerate() {
+                match *w {
+                    "--topic" | "--partitions" | "--config" => topic.push(after(i)),
+                    _ => {}
+                }
+            }
+            topic.join(" ")
+        })
+        .collect();
+    assert_eq!(topics, native_cluster_topics(), "compose kafka-cluster-init and cluster.sh");
+
+    // Two gateways on the Redis Cluster's six nodes, each with its own id and spool.
+    let redis_nodes: BTreeSet<String> = (1..=6).map(|i| format!("redis://redis-{i}:6379")).collect();
+    for i in 1..=6 {
+        let command = format!("{:?}", service(&compose, &format!("redis-{i}"))["command"]);
+        assert!(command.contains("--cluster-enabled"), "redis-{i}: {command}");
+    }
+    let mut ids = BTreeSet::new();
+    let mut spools = BTreeSet::new();
+    for i in 1..=2 {
+        let name = format!("gateway-{i}");
+        let gateway: GatewaySettings = settings_of(&compose, &name, "tollgate-gateway");
+        assert_eq!(gateway.limits.backend, tollgate_gateway::limits::Backend::RedisCluster, "{name}");
+        assert_eq!(
+            gateway.limits.redis_nodes().map(str::to_owned).collect::<BTreeSet<_>>(),
+            redis_nodes,
+            "{name}"
+        );
+        assert_eq!(gateway.kafka.brokers, brokers, "{name}");
+        ids.insert(gateway.service.id.clone());
+        let volume = service(&compose, &name)["volumes"][0].as_str().unwrap().to_owned();
+        assert_eq!(volume.split(':').nth(1), Some(gateway.events.spool_dir.as_str()), "{name}");
+        spools.insert(volume.split(':').next().unwrap().to_owned());
+    }
+    assert_eq!((ids.len(), spools.len()), (2, 2), "each gateway its own id and spool: {ids:?} {spools:?}");
+
+    // Two meter-consumers of one group, each on its own replica of the cluster `tollgate`.
+    let replication = read("deploy/clickhouse/cluster.xml");
+    let mut instances = BTreeSet::new();
+    for i in 1..=2 {
+        let name = format!("meter-consumer-{i}");
+        let meter: MeterSettings = settings_of(&compose, &name, "tollgate-meter-consumer");
+        assert_eq!(meter.clickhouse.cluster.as_deref(), Some("tollgate"), "{name}");
+        assert_eq!(host_port_of(&meter.clickhouse.url), format!("clickhouse-{i}:8123"));
+        assert_eq!(meter.kafka.brokers, brokers, "{name}");
+        instances.insert(meter.topics.instance_id.clone().expect("a static member id"));
+        assert_eq!(
+            depends_on(service(&compose, &name), "kafka-cluster-init"),
+            "service_completed_successfully"
+        );
+        let replica = format!("clickhouse-{i}");
+        assert_eq!(environment(service(&compose, &replica))["TOLLGATE_REPLICA"], replica);
+        assert!(replication.contains(&format!("<host>{replica}</host>")), "cluster.xml names {replica}");
+    }
+    assert_eq!(instances.len(), 2, "distinct group.instance.id: {instances:?}");
+    assert!(replication.contains("<host>zookeeper</host>"));
+    assert!(replication.contains("<tollgate>"), "the cluster is named as the services say");
+}
