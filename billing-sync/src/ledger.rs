@@ -11,6 +11,7 @@
 
 use clickhouse::Client;
 use serde::{Deserialize, Serialize};
+use tollgate_runtime::clickhouse::OnCluster;
 
 pub const TABLE: &str = "billing_ledger";
 const MIGRATIONS_TABLE: &str = "billing_migrations";
@@ -82,13 +83,42 @@ fn query_err(what: &'static str) -> impl FnOnce(clickhouse::error::Error) -> Led
     move |error| LedgerError::Query { what, error }
 }
 
-/// Applies the migrations not applied yet. Safe to run from several processes at once.
+/// Applies the migrations not applied yet on one server. Safe to run from several processes
+/// at once.
 pub async fn migrate(client: &Client) -> Result<(), LedgerError> {
+    migrate_on(client, None).await
+}
+
+/// [`migrate`], on every replica of a cluster when `on_cluster` says so (the statements
+/// rewritten by [`OnCluster::rewrite`], the migrations table replicated too): an instance on
+/// any replica then reads the ledger the active one wrote.
+pub async fn migrate_on(client: &Client, on_cluster: Option<OnCluster<'_>>) -> Result<(), LedgerError> {
+    const ATTEMPTS: u64 = 5;
+    let mut attempt = 1;
+    loop {
+        match migrate_once(client, on_cluster).await {
+            // On replicas a quorum insert is refused while another instance's (starting at
+            // the same time) is still being replicated (code 286); it settles by itself.
+            Err(err) if attempt < ATTEMPTS && err.to_string().contains("Code: 286") => {
+                tracing::warn!(error = %err, attempt, "ledger migration met another instance's; again");
+                tokio::time::sleep(std::time::Duration::from_millis(200 * attempt)).await;
+                attempt += 1;
+            }
+            done => return done,
+        }
+    }
+}
+
+async fn migrate_once(client: &Client, on_cluster: Option<OnCluster<'_>>) -> Result<(), LedgerError> {
+    let statement = |sql: &str| match on_cluster {
+        Some(cluster) => cluster.rewrite(sql, &[]),
+        None => sql.to_owned(),
+    };
     client
-        .query(&format!(
+        .query(&statement(&format!(
             "CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} (version UInt32, name String, applied_at DateTime) \
              ENGINE = MergeTree ORDER BY version"
-        ))
+        )))
         .execute()
         .await
         .map_err(|error| LedgerError::Migration {
@@ -106,7 +136,7 @@ pub async fn migrate(client: &Client) -> Result<(), LedgerError> {
             continue;
         }
         let failed = |error| LedgerError::Migration { version, name, error };
-        client.query(sql).execute().await.map_err(failed)?;
+        client.query(&statement(sql)).execute().await.map_err(failed)?;
         client
             .query(&format!(
                 "INSERT INTO {MIGRATIONS_TABLE} (version, name, applied_at) VALUES (?, ?, now())"

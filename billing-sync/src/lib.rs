@@ -35,6 +35,7 @@ pub mod window;
 // Spend and quota alerts: the same prices and usage, compared with budgets and quotas.
 pub mod alerts;
 pub mod gateway_file;
+pub mod lease;
 
 use std::time::Duration;
 
@@ -90,6 +91,10 @@ pub enum BillingError {
     AlertSecret(#[from] alerts::settings::SecretError),
     #[error(transparent)]
     QuotaPlans(#[from] alerts::observe::PlansError),
+    #[error(transparent)]
+    Lease(#[from] lease::LeaseError),
+    #[error(transparent)]
+    LeaseTopic(#[from] tollgate_runtime::kafka::KafkaCheckError),
 }
 
 /// Reads `[catalogue].path` and checks that every priced meter is one billing-sync pushes.
@@ -130,12 +135,22 @@ pub async fn run(settings: BillingSettings, api_key: String, shutdown: Shutdown)
             error,
         })?;
     let client = settings.clickhouse.connect().await?;
-    ledger::migrate(&client).await?;
+    ledger::migrate_on(&client, settings.clickhouse.on_cluster()).await?;
     let api = stripe::client(&settings.stripe, &api_key)?;
     stripe::check_reachable(&settings.stripe, &api).await?;
     let (ops, recorder) = Ops::new();
     let push_metrics = PushMetrics::register(&recorder);
     let service_metrics = ServiceMetrics::register(&recorder);
+    let lease = match &settings.lease {
+        Some(lease) => {
+            tollgate_runtime::kafka::check_topics(&lease.kafka, std::slice::from_ref(&lease.topic)).await?;
+            lease::Lease::join(lease, service_metrics.active.clone(), shutdown.clone())?
+        }
+        None => {
+            service_metrics.active.set(1.0);
+            lease::Lease::sole()
+        }
+    };
     let schedule = schedule::establish(
         &client,
         settings.billing.window_secs,
@@ -176,7 +191,7 @@ pub async fn run(settings: BillingSettings, api_key: String, shutdown: Shutdown)
                 sender: alerts::webhook::WebhookSender::new(alerts, secret, shutdown.clone()),
                 metrics: alerts::AlertMetrics::register(&recorder),
             };
-            Some(tokio::spawn(alerter.run(shutdown.clone())))
+            Some(tokio::spawn(alerter.run(lease.clone(), shutdown.clone())))
         }
         _ => None,
     };
@@ -186,6 +201,14 @@ pub async fn run(settings: BillingSettings, api_key: String, shutdown: Shutdown)
     tracing::info!(admin = %settings.admin.listen, "billing-sync ready");
     let ops_task = tokio::spawn(tollgate_runtime::ops::serve(listener, ops.clone(), shutdown.clone()));
     while !shutdown.is_triggered() {
+        // A standby looks again every second, so a lease handed over is used at once.
+        if !lease.is_active() {
+            tokio::select! {
+                _ = tokio::time::sleep(STANDBY_CHECK) => {}
+                _ = shutdown.wait() => {}
+            }
+            continue;
+        }
         if let Some(catalogue) = &unpublished {
             match prices::publish(&client, catalogue).await {
                 Ok(()) => {
@@ -248,6 +271,8 @@ pub async fn run(settings: BillingSettings, api_key: String, shutdown: Shutdown)
     Ok(())
 }
 
+const STANDBY_CHECK: Duration = Duration::from_secs(1);
+
 /// How often the service reconciles the current month for its gauges: the comparison reads
 /// the month's raw events, so not on every pass.
 const RECONCILE_EVERY: Duration = Duration::from_secs(600);
@@ -261,6 +286,8 @@ pub struct ServiceMetrics {
     pub reconcile_difference_units: metrics::Gauge,
     /// Tenant × meter lines that differ, as of the last reconcile.
     pub reconcile_differing_lines: metrics::Gauge,
+    /// 1 while this instance holds the billing lease (always, without `[lease]`).
+    pub active: metrics::Gauge,
 }
 
 impl ServiceMetrics {
@@ -271,6 +298,10 @@ impl ServiceMetrics {
                 "Units in closed windows of the current month not accounted for in Stripe (ClickHouse - pushed - unbillable), summed as absolute values."
             );
             metrics::describe_gauge!(
+                "billing_sync_active",
+                "1 while this instance holds the billing lease and runs the passes; 0 while it stands by."
+            );
+            metrics::describe_gauge!(
                 "billing_sync_reconcile_differing_lines",
                 "Tenant and meter pairs whose closed windows of the current month differ from the ledger."
             );
@@ -279,6 +310,7 @@ impl ServiceMetrics {
                 passes_failed: metrics::counter!("billing_sync_passes_total", "outcome" => "error"),
                 reconcile_difference_units: metrics::gauge!("billing_sync_reconcile_difference_units"),
                 reconcile_differing_lines: metrics::gauge!("billing_sync_reconcile_differing_lines"),
+                active: metrics::gauge!("billing_sync_active"),
             }
         })
     }
@@ -346,7 +378,7 @@ pub async fn reconcile_invoices(
         return Ok(None);
     }
     let client = settings.clickhouse.connect().await?;
-    ledger::migrate(&client).await?;
+    ledger::migrate_on(&client, settings.clickhouse.on_cluster()).await?;
     let schedule = schedule::load(&client, settings.billing.window_secs).await?;
     let to = schedule.closed_until(now, settings.billing.lateness_secs);
     let api = stripe::client(&settings.stripe, api_key)?;
@@ -362,6 +394,6 @@ pub async fn reconcile_invoices(
 pub async fn reconcile(settings: &BillingSettings, period: &str) -> Result<reconcile::Report, BillingError> {
     let period: reconcile::Period = period.parse()?;
     let client = settings.clickhouse.connect().await?;
-    ledger::migrate(&client).await?;
+    ledger::migrate_on(&client, settings.clickhouse.on_cluster()).await?;
     Ok(reconcile::reconcile(&client, settings, period, sync::unix_now()).await?)
 }

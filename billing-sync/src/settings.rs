@@ -37,6 +37,29 @@ pub struct BillingSettings {
     /// `[provisioning]` (its keys-topic follower brings the budgets and plans).
     #[serde(default)]
     pub alerts: Option<crate::alerts::settings::AlertsSettings>,
+    /// Several instances, one active (`crate::lease`); without it this instance is the only one.
+    #[serde(default)]
+    pub lease: Option<LeaseSettings>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseSettings {
+    pub kafka: KafkaSettings,
+    /// A topic of one partition that nothing writes to: the group hands it to one member.
+    #[serde(default = "default_lease_topic")]
+    pub topic: String,
+    /// The consumer group every instance of the deployment joins.
+    #[serde(default = "default_lease_group")]
+    pub group: String,
+}
+
+fn default_lease_topic() -> String {
+    "tollgate.billing.lease".to_owned()
+}
+
+fn default_lease_group() -> String {
+    "tollgate-billing-sync".to_owned()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -236,6 +259,14 @@ pub struct AdminSettings {
 impl Validate for BillingSettings {
     fn validate(&self) -> Result<(), Invalid> {
         self.clickhouse.validate("clickhouse")?;
+        if let Some(lease) = &self.lease {
+            lease.kafka.validate("lease.kafka")?;
+            for (field, value) in [("lease.topic", &lease.topic), ("lease.group", &lease.group)] {
+                if value.trim().is_empty() || value.contains(char::is_whitespace) {
+                    return Err(Invalid::new(field, value, "a Kafka name without spaces"));
+                }
+            }
+        }
         http_url("stripe.api_base", &self.stripe.api_base)?;
         in_range(
             "stripe.max_requests_per_second",

@@ -405,7 +405,10 @@ pub async fn migrate_on(client: &Client, on_cluster: Option<OnCluster<'_>>) -> R
     let mut attempt = 1;
     loop {
         match migrate_once(client, on_cluster).await {
-            Err(err @ SchemaError::Statement { .. }) if attempt < ATTEMPTS => {
+            // A statement interleaved with another instance's migration, or (on replicas) a
+            // quorum insert into `schema_migrations` refused while another instance's is
+            // still being replicated (code 286): both settle by themselves.
+            Err(err) if attempt < ATTEMPTS && (matches!(err, SchemaError::Statement { .. }) || quorum_busy(&err)) => {
                 tracing::warn!(error = %err, attempt, "schema migration interleaved with another instance's; again");
                 tokio::time::sleep(std::time::Duration::from_millis(200 * u64::from(attempt))).await;
                 attempt += 1;
@@ -491,6 +494,10 @@ async fn migrate_once(client: &Client, on_cluster: Option<OnCluster<'_>>) -> Res
         );
     }
     Ok(())
+}
+
+fn quorum_busy(err: &SchemaError) -> bool {
+    matches!(err, SchemaError::Ledger(clickhouse::error::Error::BadResponse(text)) if text.contains("Code: 286"))
 }
 
 /// The latest schema version this build knows.

@@ -13,6 +13,8 @@
 #   gateway-1..2         two gateways: limits on the Redis Cluster, usage to the Kafka nodes
 #   meter-consumer-1..2  two members of one group, each writing to its own ClickHouse replica
 #                        (tables replicated, `clickhouse.cluster = "tollgate"`)
+#   billing-sync-1..2    two instances, each on its own replica; one active at a time, the
+#                        other standing by (the lease: a consumer group on one partition)
 #
 # Sourced by scripts/stack after the single-node parts, whose tables it replaces; never run.
 
@@ -23,10 +25,13 @@ RUN_DIR=$CLUSTER_DIR/run
 LOG_DIR=$CLUSTER_DIR/logs
 mkdir -p "$RUN_DIR" "$LOG_DIR"
 
+# ZooKeeper is up before any ClickHouse starts: a replica whose tables are replicated does
+# not start without it.
+FIRST_PARTS=(zookeeper)
 INFRA_PARTS=(zookeeper kafka-1 kafka-2 kafka-3 clickhouse-1 clickhouse-2
     redis-1 redis-2 redis-3 redis-4 redis-5 redis-6 stripe-mock)
-TOLLGATE_PARTS=(demo-upstream gateway-1 gateway-2 meter-consumer-1 meter-consumer-2)
-STOP_ORDER=(gateway-2 gateway-1 meter-consumer-2 meter-consumer-1 demo-upstream stripe-mock redis-6 redis-5 redis-4 redis-3 redis-2 redis-1
+TOLLGATE_PARTS=(demo-upstream gateway-1 gateway-2 meter-consumer-1 meter-consumer-2 billing-sync-1 billing-sync-2)
+STOP_ORDER=(gateway-2 gateway-1 meter-consumer-2 meter-consumer-1 billing-sync-2 billing-sync-1 demo-upstream stripe-mock redis-6 redis-5 redis-4 redis-3 redis-2 redis-1
     clickhouse-2 clickhouse-1 kafka-3 kafka-2 kafka-1 zookeeper)
 STOP_TOGETHER=(kafka-1 kafka-2 kafka-3)
 
@@ -46,13 +51,14 @@ STRIPE_MOCK_HTTPS_PORT=$CLUSTER_STRIPE_MOCK_HTTPS_PORT
 STRIPE_MOCK_URL=http://127.0.0.1:$STRIPE_MOCK_PORT
 ZOOKEEPER_ADDRESS=127.0.0.1:$CLUSTER_ZOOKEEPER_PORT
 
-# Topics as in the single-node stack, on all three nodes; a usage or key record is
-# acknowledged once two of them hold it.
+# Topics as in the single-node stack, on all three nodes (a usage or key record is
+# acknowledged once two of them hold it), and the billing-syncs' lease.
 KAFKA_REPLICATION=3
 KAFKA_TOPICS=(
     "tollgate.keys 1 cleanup.policy=compact min.insync.replicas=2"
     "tollgate.usage.v1 6 retention.ms=604800000 min.insync.replicas=2"
     "tollgate.usage.v1.dlq 3 retention.ms=2592000000 min.insync.replicas=2"
+    "tollgate.billing.lease 1 min.insync.replicas=2"
 )
 
 PART_PORTS=() PART_ADDRESS=() PART_READY_TIMEOUT=()
@@ -93,6 +99,9 @@ for i in 1 2; do
     PART_PORTS[meter-consumer-$i]=${CLUSTER_METER_CONSUMER_PORTS[i - 1]}
     PART_ADDRESS[meter-consumer-$i]="http://127.0.0.1:${CLUSTER_METER_CONSUMER_PORTS[i - 1]} -> clickhouse-$i"
     PART_READY_TIMEOUT[meter-consumer-$i]=120
+    PART_PORTS[billing-sync-$i]=${CLUSTER_BILLING_SYNC_PORTS[i - 1]}
+    PART_ADDRESS[billing-sync-$i]="http://127.0.0.1:${CLUSTER_BILLING_SYNC_PORTS[i - 1]} -> clickhouse-$i"
+    PART_READY_TIMEOUT[billing-sync-$i]=120
 done
 
 # ---------------------------------------------------------------------------------------
@@ -114,9 +123,11 @@ start_zookeeper() {
         org.apache.zookeeper.server.ZooKeeperServerMain "$dir/zoo.cfg"
 }
 
+# Healthy once it serves sessions: `srvr` names the mode only then (`ruok` answers `imok` while
+# the server is still loading its data and closing every session).
 health_zookeeper() {
-    [[ $(timeout 3 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1" && printf ruok >&3 && head -c 4 <&3' \
-        _ "$CLUSTER_ZOOKEEPER_PORT" 2>/dev/null) == imok ]]
+    timeout 3 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1" && printf srvr >&3 && cat <&3' \
+        _ "$CLUSTER_ZOOKEEPER_PORT" 2>/dev/null | grep -q '^Mode: '
 }
 
 # ---------------------------------------------------------------------------------------
@@ -284,3 +295,22 @@ start_meter_consumer_node() {
 }
 
 health_meter_consumer_node() { tollgate_health "http://127.0.0.1:${CLUSTER_METER_CONSUMER_PORTS[$(node_of "$1") - 1]}/healthz"; }
+
+prepare_billing_sync_node() { require_tollgate tollgate-billing-sync config/billing-sync.toml; }
+
+# Both join the lease group; the one holding its partition bills, the other stands by.
+start_billing_sync_node() {
+    local i
+    i=$(node_of "$1")
+    run_tollgate "$1" tollgate-billing-sync \
+        "TOLLGATE_STRIPE_API_KEY=${TOLLGATE_STRIPE_API_KEY:-sk_test_123}" \
+        "TOLLGATE_STRIPE__API_BASE=$STRIPE_MOCK_URL/" \
+        "TOLLGATE_CLICKHOUSE__URL=http://127.0.0.1:${CLUSTER_CLICKHOUSE_HTTP_PORTS[i - 1]}" \
+        "TOLLGATE_CLICKHOUSE__CLUSTER=tollgate" \
+        "TOLLGATE_ADMIN__LISTEN=127.0.0.1:${CLUSTER_BILLING_SYNC_PORTS[i - 1]}" \
+        "TOLLGATE_PROVISIONING__KAFKA__BROKERS=$KAFKA_ADDRESS" \
+        "TOLLGATE_LEASE__KAFKA__BROKERS=$KAFKA_ADDRESS" \
+        -- --config "$REPO/config/billing-sync.toml"
+}
+
+health_billing_sync_node() { tollgate_health "http://127.0.0.1:${CLUSTER_BILLING_SYNC_PORTS[$(node_of "$1") - 1]}/healthz"; }

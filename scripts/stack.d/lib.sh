@@ -24,6 +24,9 @@ TOLLGATE_PARTS=(demo-upstream gateway meter-consumer billing-sync portal)
 # then the servers, Kafka last.
 STOP_ORDER=(portal gateway meter-consumer billing-sync demo-upstream stripe-mock redis clickhouse kafka)
 
+# Parts started, and waited for, before the rest of INFRA_PARTS (which start all at once).
+FIRST_PARTS=()
+
 # Parts that are sent SIGTERM together when `down` begins: the nodes of one KRaft quorum, of
 # which the last one left cannot finish a clean shutdown alone.
 STOP_TOGETHER=()

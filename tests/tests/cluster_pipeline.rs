@@ -34,12 +34,16 @@ fn urls(var: &str, default: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_gateways_admit_one_allowance_and_every_answer_is_counted_once_on_both_replicas() {
     let clickhouse = cluster_clickhouse();
-    let publics = urls("TOLLGATE_TEST_CLUSTER_GATEWAYS", "http://127.0.0.1:19080,http://127.0.0.1:19082");
+    let publics = urls(
+        "TOLLGATE_TEST_CLUSTER_GATEWAYS",
+        "http://127.0.0.1:19080,http://127.0.0.1:19082",
+    );
     let admins = urls(
         "TOLLGATE_TEST_CLUSTER_GATEWAY_ADMINS",
         "http://127.0.0.1:19081,http://127.0.0.1:19083",
     );
-    let token = std::env::var("TOLLGATE_ADMIN_TOKEN").expect("TOLLGATE_ADMIN_TOKEN (scripts/stack test --cluster sets it)");
+    let token =
+        std::env::var("TOLLGATE_ADMIN_TOKEN").expect("TOLLGATE_ADMIN_TOKEN (scripts/stack test --cluster sets it)");
     for admin in &admins {
         let ready = try_send_with(false, "GET", &format!("{admin}/readyz"), &[], b"").await;
         assert!(
@@ -129,7 +133,11 @@ async fn two_gateways_admit_one_allowance_and_every_answer_is_counted_once_on_bo
         .await;
         assert_eq!(events.len(), attempts, "no event twice on {url}");
         for event in &events {
-            assert_eq!(answers.get(&event.request_id), Some(&event.status), "{event:?} on {url}");
+            assert_eq!(
+                answers.get(&event.request_id),
+                Some(&event.status),
+                "{event:?} on {url}"
+            );
             assert_eq!(event.billable == 1, event.status == 200, "{event:?} on {url}");
         }
         for table in ["usage_meter_minute", "usage_meter_hour", "usage_meter_day"] {

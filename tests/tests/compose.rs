@@ -652,12 +652,18 @@ fn the_cluster_profile_has_the_cluster_stack_topology() {
     }
     let brokers: Vec<String> = kafka_nodes
         .iter()
-        .map(|env| env["KAFKA_ADVERTISED_LISTENERS"].trim_start_matches("PLAINTEXT://").to_owned())
+        .map(|env| {
+            env["KAFKA_ADVERTISED_LISTENERS"]
+                .trim_start_matches("PLAINTEXT://")
+                .to_owned()
+        })
         .collect();
     let brokers = brokers.join(",");
 
     // Topics as the native cluster stack makes them, on all three nodes.
-    let script = service(&compose, "kafka-cluster-init")["command"][0].as_str().expect("script");
+    let script = service(&compose, "kafka-cluster-init")["command"][0]
+        .as_str()
+        .expect("script");
     assert!(script.contains("--replication-factor 3"), "{script}");
     let topics: BTreeSet<String> = script
         .lines()
@@ -675,7 +681,11 @@ fn the_cluster_profile_has_the_cluster_stack_topology() {
             topic.join(" ")
         })
         .collect();
-    assert_eq!(topics, native_cluster_topics(), "compose kafka-cluster-init and cluster.sh");
+    assert_eq!(
+        topics,
+        native_cluster_topics(),
+        "compose kafka-cluster-init and cluster.sh"
+    );
 
     // Two gateways on the Redis Cluster's six nodes, each with its own id and spool.
     let redis_nodes: BTreeSet<String> = (1..=6).map(|i| format!("redis://redis-{i}:6379")).collect();
@@ -688,7 +698,11 @@ fn the_cluster_profile_has_the_cluster_stack_topology() {
     for i in 1..=2 {
         let name = format!("gateway-{i}");
         let gateway: GatewaySettings = settings_of(&compose, &name, "tollgate-gateway");
-        assert_eq!(gateway.limits.backend, tollgate_gateway::limits::Backend::RedisCluster, "{name}");
+        assert_eq!(
+            gateway.limits.backend,
+            tollgate_gateway::limits::Backend::RedisCluster,
+            "{name}"
+        );
         assert_eq!(
             gateway.limits.redis_nodes().map(str::to_owned).collect::<BTreeSet<_>>(),
             redis_nodes,
@@ -697,10 +711,18 @@ fn the_cluster_profile_has_the_cluster_stack_topology() {
         assert_eq!(gateway.kafka.brokers, brokers, "{name}");
         ids.insert(gateway.service.id.clone());
         let volume = service(&compose, &name)["volumes"][0].as_str().unwrap().to_owned();
-        assert_eq!(volume.split(':').nth(1), Some(gateway.events.spool_dir.as_str()), "{name}");
+        assert_eq!(
+            volume.split(':').nth(1),
+            Some(gateway.events.spool_dir.as_str()),
+            "{name}"
+        );
         spools.insert(volume.split(':').next().unwrap().to_owned());
     }
-    assert_eq!((ids.len(), spools.len()), (2, 2), "each gateway its own id and spool: {ids:?} {spools:?}");
+    assert_eq!(
+        (ids.len(), spools.len()),
+        (2, 2),
+        "each gateway its own id and spool: {ids:?} {spools:?}"
+    );
 
     // Two meter-consumers of one group, each on its own replica of the cluster `tollgate`.
     let replication = read("deploy/clickhouse/cluster.xml");
@@ -718,9 +740,15 @@ fn the_cluster_profile_has_the_cluster_stack_topology() {
         );
         let replica = format!("clickhouse-{i}");
         assert_eq!(environment(service(&compose, &replica))["TOLLGATE_REPLICA"], replica);
-        assert!(replication.contains(&format!("<host>{replica}</host>")), "cluster.xml names {replica}");
+        assert!(
+            replication.contains(&format!("<host>{replica}</host>")),
+            "cluster.xml names {replica}"
+        );
     }
     assert_eq!(instances.len(), 2, "distinct group.instance.id: {instances:?}");
     assert!(replication.contains("<host>zookeeper</host>"));
-    assert!(replication.contains("<tollgate>"), "the cluster is named as the services say");
+    assert!(
+        replication.contains("<tollgate>"),
+        "the cluster is named as the services say"
+    );
 }

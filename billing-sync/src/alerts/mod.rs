@@ -193,10 +193,16 @@ impl Alerter {
 
     /// Checks every `check_interval_secs` until `shutdown`; a failed check is logged and
     /// retried at the next interval (what it recorded stays pending).
-    pub async fn run(self, shutdown: Shutdown) {
+    /// Checks every interval while `lease` is held (a standby instance sends nothing).
+    pub async fn run(self, lease: crate::lease::Lease, shutdown: Shutdown) {
         let interval = Duration::from_secs(self.settings.check_interval_secs);
         while !shutdown.is_triggered() {
-            match self.check(unix_now()).await {
+            let checked = if lease.is_active() {
+                self.check(unix_now()).await
+            } else {
+                Ok(CheckReport::default())
+            };
+            match checked {
                 Ok(report) if report != CheckReport::default() => tracing::info!(
                     raised = report.raised,
                     delivered = report.delivered,
